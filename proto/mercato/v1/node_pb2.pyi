@@ -1,0 +1,97 @@
+from mercato.v1 import common_pb2 as _common_pb2
+from mercato.v1 import market_pb2 as _market_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("offer",)
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    offer: _market_pb2.SignedOffer
+    def __init__(self, offer: _Optional[_Union[_market_pb2.SignedOffer, _Mapping]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("node_id", "session_token", "heartbeat_interval_ms", "liveness_timeout_ms", "coordinator_public_key")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    session_token: str
+    heartbeat_interval_ms: int
+    liveness_timeout_ms: int
+    coordinator_public_key: bytes
+    def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., liveness_timeout_ms: _Optional[int] = ..., coordinator_public_key: _Optional[bytes] = ...) -> None: ...
+
+class NodeLoad(_message.Message):
+    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage_permille", "output_tokens_per_s")
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_PERMILLE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    running_requests: int
+    waiting_requests: int
+    kv_cache_usage_permille: int
+    output_tokens_per_s: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage_permille: _Optional[int] = ..., output_tokens_per_s: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("sequence", "load")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    load: NodeLoad
+    def __init__(self, sequence: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("sequence",)
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    def __init__(self, sequence: _Optional[int] = ...) -> None: ...
+
+class WorkerGenerateRequest(_message.Message):
+    __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "resume_token_ids", "segment_index", "lease_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    chat: _common_pb2.ChatInput
+    prompt: str
+    sampling: _common_pb2.SamplingParams
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    segment_index: int
+    lease_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., segment_index: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class WorkerFinal(_message.Message):
+    __slots__ = ("finish_reason", "input_tokens", "output_tokens", "receipt")
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    finish_reason: _common_pb2.FinishReason
+    input_tokens: int
+    output_tokens: int
+    receipt: _market_pb2.SignedReceipt
+    def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., receipt: _Optional[_Union[_market_pb2.SignedReceipt, _Mapping]] = ...) -> None: ...
+
+class WorkerGenerateResponse(_message.Message):
+    __slots__ = ("delta", "final", "error")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    delta: _common_pb2.TextDelta
+    final: WorkerFinal
+    error: _common_pb2.StreamError
+    def __init__(self, delta: _Optional[_Union[_common_pb2.TextDelta, _Mapping]] = ..., final: _Optional[_Union[WorkerFinal, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ...) -> None: ...
