@@ -1,9 +1,88 @@
-"""`mercato chat` commands."""
+"""`mercato chat "question"`: stream an answer from a coordinator to the terminal."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Adds this module's commands to the root app."""
+    """Adds ``chat`` to the root app."""
+    app.command("chat")(chat)
+
+
+def chat(
+    question: str = typer.Argument(..., help="What to ask."),
+    coordinator: str = typer.Option("127.0.0.1:7700", help="Coordinator gRPC address."),
+    model: str = typer.Option("", help="Model name; empty: the first model listed."),
+    system: str = typer.Option("", help="Optional system message."),
+    max_tokens: int = typer.Option(256, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.7, help="0 for greedy decoding."),
+    seed: int | None = typer.Option(None, help="Sampler seed, for reproducible output."),
+    region: list[str] = typer.Option([], help="Allowed region (repeatable); a hard constraint."),
+    timeout_s: float = typer.Option(120.0, help="Deadline of the whole request, seconds."),
+) -> None:
+    """Ask a question and stream the answer as it is generated."""
+    import grpc
+    from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+    api_key = os.environ.get("MERCATO_API_KEY", "")
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    messages = [common_pb2.ChatMessage(role="system", content=system)] if system else []
+    messages.append(common_pb2.ChatMessage(role="user", content=question))
+    with grpc.insecure_channel(coordinator) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        try:
+            if not model:
+                listed = stub.ListModels(
+                    inference_pb2.ListModelsRequest(), timeout=10, metadata=metadata
+                )
+                if not listed.models:
+                    _fail("no model is served right now; start a node (mercato node start)")
+                model = listed.models[0].model
+            sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature)
+            if seed is not None:
+                sampling.seed = seed
+            request = inference_pb2.GenerateRequest(
+                model=model,
+                chat=common_pb2.ChatInput(messages=messages),
+                sampling=sampling,
+                routing=inference_pb2.RoutingPreferences(regions=region),
+            )
+            for response in stub.Generate(request, timeout=timeout_s, metadata=metadata):
+                kind = response.WhichOneof("chunk")
+                if kind == "delta":
+                    sys.stdout.write(response.delta.text)
+                    sys.stdout.flush()
+                elif kind == "final":
+                    final = response.final
+                    sys.stdout.write("\n")
+                    sys.stderr.write(
+                        f"[{final.input_tokens} in, {final.output_tokens} out, "
+                        f"{final.finish_reason and _finish_name(final.finish_reason)}, "
+                        f"node {final.node_id[:16]}… in {final.region}"
+                        + (
+                            f", cost {final.cost_micro_usd} micro-USD"
+                            if final.cost_micro_usd
+                            else ""
+                        )
+                        + "]\n"
+                    )
+                elif kind == "error":
+                    _fail(response.error.message)
+        except grpc.RpcError as exc:
+            _fail(f"{exc.code().name}: {exc.details()}")
+
+
+def _finish_name(value: int) -> str:
+    from mercato.v1 import common_pb2
+
+    return common_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
+def _fail(message: str) -> None:
+    sys.stdout.write("\n")
+    sys.stderr.write(f"error: {message}\n")
+    raise typer.Exit(code=1)

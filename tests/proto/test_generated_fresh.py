@@ -37,8 +37,10 @@ def test_every_field_and_enum_value_has_a_comment() -> None:
         lines = proto.read_text().splitlines()
         for number, line in enumerate(lines):
             stripped = line.strip()
-            is_member = stripped.endswith(";") and "=" in stripped and not stripped.startswith(
-                ("syntax", "package", "import", "option", "//")
+            is_member = (
+                stripped.endswith(";")
+                and "=" in stripped
+                and not stripped.startswith(("syntax", "package", "import", "option", "//"))
             )
             if is_member and not lines[number - 1].strip().startswith("//"):
                 missing.append(f"{proto.name}:{number + 1}: {stripped}")
