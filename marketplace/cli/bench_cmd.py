@@ -15,12 +15,18 @@ app = typer.Typer(no_args_is_help=True)
 
 # name -> (module, help). Modules are imported only when their benchmark runs.
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "e2e": ("marketplace.cli.bench_e2e", "Engine in-process vs routed through coordinator and node."),
+    "e2e": (
+        "marketplace.cli.bench_e2e",
+        "Engine in-process vs routed through coordinator and node.",
+    ),
     "overhead": ("coordinator.benchmarks.overhead", "Latency the coordinator adds (fake engine)."),
     "relay": ("coordinator.benchmarks.relay", "Tokens/s one coordinator relays per core."),
     "matching": ("coordinator.benchmarks.matching", "One routing decision over 1k..100k nodes."),
     "spread": ("coordinator.benchmarks.spread", "Queue spread of a burst over 1,000 nodes."),
-    "ledger": ("marketplace.ledger.bench", "Settlements/s and durability delay, SQLite and PostgreSQL."),
+    "ledger": (
+        "marketplace.ledger.bench",
+        "Settlements/s and durability delay, SQLite and PostgreSQL.",
+    ),
 }
 
 
