@@ -24,33 +24,42 @@ _sym_db = _symbol_database.Default()
 
 from mercato.v1 import common_pb2 as mercato_dot_v1_dot_common__pb2
 from mercato.v1 import market_pb2 as mercato_dot_v1_dot_market__pb2
+from mercato.v1 import node_pb2 as mercato_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amercato/v1/inference.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\x1a\x17mercato/v1/market.proto\"\xd7\x02\n\x12RoutingPreferences\x12\x0f\n\x07regions\x18\x01 \x03(\t\x12/\n\"max_price_input_micro_usd_per_mtok\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x30\n#max_price_output_micro_usd_per_mtok\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\"\n\x04sort\x18\x04 \x01(\x0e\x32\x14.mercato.v1.SortMode\x12\x1c\n\x0f\x61llow_fallbacks\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12\x12\n\nonly_nodes\x18\x06 \x03(\t\x12\x14\n\x0cignore_nodes\x18\x07 \x03(\tB%\n#_max_price_input_micro_usd_per_mtokB&\n$_max_price_output_micro_usd_per_mtokB\x12\n\x10_allow_fallbacks\"\xe7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.mercato.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.mercato.v1.SamplingParams\x12/\n\x07routing\x18\x06 \x01(\x0b\x32\x1e.mercato.v1.RoutingPreferences\x12\x10\n\x08lease_id\x18\x07 \x01(\tB\x07\n\x05input\"\xae\x01\n\rServedSegment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12&\n\x1eprice_input_micro_usd_per_mtok\x18\x03 \x01(\x04\x12\'\n\x1fprice_output_micro_usd_per_mtok\x18\x04 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\r\x12\x15\n\routput_tokens\x18\x06 \x01(\r\"\x94\x02\n\rGenerateFinal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.mercato.v1.FinishReason\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\r\x12\x15\n\routput_tokens\x18\x04 \x01(\r\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12+\n\x08segments\x18\x07 \x03(\x0b\x32\x19.mercato.v1.ServedSegment\x12\x16\n\x0e\x63ost_micro_usd\x18\x08 \x01(\x04\x12+\n\x08receipts\x18\t \x03(\x0b\x32\x19.mercato.v1.SignedReceipt\"\x99\x01\n\x10GenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.mercato.v1.TextDeltaH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.mercato.v1.GenerateFinalH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.mercato.v1.StreamErrorH\x00\x42\x07\n\x05\x63hunk\"\x13\n\x11ListModelsRequest\"\xab\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x0f\n\x07regions\x18\x03 \x03(\t\x12*\n\"min_price_input_micro_usd_per_mtok\x18\x04 \x01(\x04\x12+\n#min_price_output_micro_usd_per_mtok\x18\x05 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.mercato.v1.ModelInfo*\x83\x01\n\x08SortMode\x12\x19\n\x15SORT_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SORT_MODE_BALANCED\x10\x01\x12\x13\n\x0fSORT_MODE_PRICE\x10\x02\x12\x15\n\x11SORT_MODE_LATENCY\x10\x03\x12\x18\n\x14SORT_MODE_THROUGHPUT\x10\x04\x32\xa8\x01\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.mercato.v1.GenerateRequest\x1a\x1c.mercato.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.mercato.v1.ListModelsRequest\x1a\x1e.mercato.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amercato/v1/inference.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\x1a\x17mercato/v1/market.proto\x1a\x15mercato/v1/node.proto\"\xd7\x02\n\x12RoutingPreferences\x12\x0f\n\x07regions\x18\x01 \x03(\t\x12/\n\"max_price_input_micro_usd_per_mtok\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x30\n#max_price_output_micro_usd_per_mtok\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\"\n\x04sort\x18\x04 \x01(\x0e\x32\x14.mercato.v1.SortMode\x12\x1c\n\x0f\x61llow_fallbacks\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12\x12\n\nonly_nodes\x18\x06 \x03(\t\x12\x14\n\x0cignore_nodes\x18\x07 \x03(\tB%\n#_max_price_input_micro_usd_per_mtokB&\n$_max_price_output_micro_usd_per_mtokB\x12\n\x10_allow_fallbacks\"\xe7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.mercato.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.mercato.v1.SamplingParams\x12/\n\x07routing\x18\x06 \x01(\x0b\x32\x1e.mercato.v1.RoutingPreferences\x12\x10\n\x08lease_id\x18\x07 \x01(\tB\x07\n\x05input\"\xae\x01\n\rServedSegment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12&\n\x1eprice_input_micro_usd_per_mtok\x18\x03 \x01(\x04\x12\'\n\x1fprice_output_micro_usd_per_mtok\x18\x04 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\r\x12\x15\n\routput_tokens\x18\x06 \x01(\r\"\x94\x02\n\rGenerateFinal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.mercato.v1.FinishReason\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\r\x12\x15\n\routput_tokens\x18\x04 \x01(\r\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12+\n\x08segments\x18\x07 \x03(\x0b\x32\x19.mercato.v1.ServedSegment\x12\x16\n\x0e\x63ost_micro_usd\x18\x08 \x01(\x04\x12+\n\x08receipts\x18\t \x03(\x0b\x32\x19.mercato.v1.SignedReceipt\"\x99\x01\n\x10GenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.mercato.v1.TextDeltaH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.mercato.v1.GenerateFinalH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.mercato.v1.StreamErrorH\x00\x42\x07\n\x05\x63hunk\"\x13\n\x11ListModelsRequest\"\xab\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x0f\n\x07regions\x18\x03 \x03(\t\x12*\n\"min_price_input_micro_usd_per_mtok\x18\x04 \x01(\x04\x12+\n#min_price_output_micro_usd_per_mtok\x18\x05 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.mercato.v1.ModelInfo\"!\n\x10ListNodesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"q\n\x10NodeMeasurements\x12\x0e\n\x06rtt_us\x18\x01 \x01(\r\x12\x0f\n\x07ttft_us\x18\x02 \x01(\r\x12\x0f\n\x07tpot_us\x18\x03 \x01(\r\x12\x17\n\x0frecent_failures\x18\x04 \x01(\r\x12\x12\n\nbacked_off\x18\x05 \x01(\x08\"\xb5\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x05offer\x18\x02 \x01(\x0b\x32\x15.mercato.v1.NodeOffer\x12\"\n\x04load\x18\x03 \x01(\x0b\x32\x14.mercato.v1.NodeLoad\x12\x32\n\x0cmeasurements\x18\x04 \x01(\x0b\x32\x1c.mercato.v1.NodeMeasurements\x12\x1a\n\x12in_flight_requests\x18\x05 \x01(\r\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.mercato.v1.NodeInfo*\x83\x01\n\x08SortMode\x12\x19\n\x15SORT_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SORT_MODE_BALANCED\x10\x01\x12\x13\n\x0fSORT_MODE_PRICE\x10\x02\x12\x15\n\x11SORT_MODE_LATENCY\x10\x03\x12\x18\n\x14SORT_MODE_THROUGHPUT\x10\x04\x32\xf2\x01\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.mercato.v1.GenerateRequest\x1a\x1c.mercato.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.mercato.v1.ListModelsRequest\x1a\x1e.mercato.v1.ListModelsResponse\x12H\n\tListNodes\x12\x1c.mercato.v1.ListNodesRequest\x1a\x1d.mercato.v1.ListNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mercato.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SORTMODE']._serialized_start=1541
-  _globals['_SORTMODE']._serialized_end=1672
-  _globals['_ROUTINGPREFERENCES']._serialized_start=93
-  _globals['_ROUTINGPREFERENCES']._serialized_end=436
-  _globals['_GENERATEREQUEST']._serialized_start=439
-  _globals['_GENERATEREQUEST']._serialized_end=670
-  _globals['_SERVEDSEGMENT']._serialized_start=673
-  _globals['_SERVEDSEGMENT']._serialized_end=847
-  _globals['_GENERATEFINAL']._serialized_start=850
-  _globals['_GENERATEFINAL']._serialized_end=1126
-  _globals['_GENERATERESPONSE']._serialized_start=1129
-  _globals['_GENERATERESPONSE']._serialized_end=1282
-  _globals['_LISTMODELSREQUEST']._serialized_start=1284
-  _globals['_LISTMODELSREQUEST']._serialized_end=1303
-  _globals['_MODELINFO']._serialized_start=1306
-  _globals['_MODELINFO']._serialized_end=1477
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1479
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1538
-  _globals['_INFERENCESERVICE']._serialized_start=1675
-  _globals['_INFERENCESERVICE']._serialized_end=1843
+  _globals['_SORTMODE']._serialized_start=1956
+  _globals['_SORTMODE']._serialized_end=2087
+  _globals['_ROUTINGPREFERENCES']._serialized_start=116
+  _globals['_ROUTINGPREFERENCES']._serialized_end=459
+  _globals['_GENERATEREQUEST']._serialized_start=462
+  _globals['_GENERATEREQUEST']._serialized_end=693
+  _globals['_SERVEDSEGMENT']._serialized_start=696
+  _globals['_SERVEDSEGMENT']._serialized_end=870
+  _globals['_GENERATEFINAL']._serialized_start=873
+  _globals['_GENERATEFINAL']._serialized_end=1149
+  _globals['_GENERATERESPONSE']._serialized_start=1152
+  _globals['_GENERATERESPONSE']._serialized_end=1305
+  _globals['_LISTMODELSREQUEST']._serialized_start=1307
+  _globals['_LISTMODELSREQUEST']._serialized_end=1326
+  _globals['_MODELINFO']._serialized_start=1329
+  _globals['_MODELINFO']._serialized_end=1500
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1502
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1561
+  _globals['_LISTNODESREQUEST']._serialized_start=1563
+  _globals['_LISTNODESREQUEST']._serialized_end=1596
+  _globals['_NODEMEASUREMENTS']._serialized_start=1598
+  _globals['_NODEMEASUREMENTS']._serialized_end=1711
+  _globals['_NODEINFO']._serialized_start=1714
+  _globals['_NODEINFO']._serialized_end=1895
+  _globals['_LISTNODESRESPONSE']._serialized_start=1897
+  _globals['_LISTNODESRESPONSE']._serialized_end=1953
+  _globals['_INFERENCESERVICE']._serialized_start=2090
+  _globals['_INFERENCESERVICE']._serialized_end=2332
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 from mercato.v1 import common_pb2 as _common_pb2
 from mercato.v1 import market_pb2 as _market_pb2
+from mercato.v1 import node_pb2 as _node_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -131,3 +132,43 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class NodeMeasurements(_message.Message):
+    __slots__ = ("rtt_us", "ttft_us", "tpot_us", "recent_failures", "backed_off")
+    RTT_US_FIELD_NUMBER: _ClassVar[int]
+    TTFT_US_FIELD_NUMBER: _ClassVar[int]
+    TPOT_US_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BACKED_OFF_FIELD_NUMBER: _ClassVar[int]
+    rtt_us: int
+    ttft_us: int
+    tpot_us: int
+    recent_failures: int
+    backed_off: bool
+    def __init__(self, rtt_us: _Optional[int] = ..., ttft_us: _Optional[int] = ..., tpot_us: _Optional[int] = ..., recent_failures: _Optional[int] = ..., backed_off: _Optional[bool] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "offer", "load", "measurements", "in_flight_requests")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    offer: _market_pb2.NodeOffer
+    load: _node_pb2.NodeLoad
+    measurements: NodeMeasurements
+    in_flight_requests: int
+    def __init__(self, node_id: _Optional[str] = ..., offer: _Optional[_Union[_market_pb2.NodeOffer, _Mapping]] = ..., load: _Optional[_Union[_node_pb2.NodeLoad, _Mapping]] = ..., measurements: _Optional[_Union[NodeMeasurements, _Mapping]] = ..., in_flight_requests: _Optional[int] = ...) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...

@@ -46,6 +46,11 @@ class InferenceServiceStub:
                 request_serializer=mercato_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=mercato_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/mercato.v1.InferenceService/ListNodes',
+                request_serializer=mercato_dot_v1_dot_inference__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=mercato_dot_v1_dot_inference__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -67,6 +72,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """Lists the live nodes with their offers, load and the coordinator's measurements.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +91,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=mercato_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=mercato_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=mercato_dot_v1_dot_inference__pb2.ListNodesRequest.FromString,
+                    response_serializer=mercato_dot_v1_dot_inference__pb2.ListNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +154,33 @@ class InferenceService:
             '/mercato.v1.InferenceService/ListModels',
             mercato_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             mercato_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mercato.v1.InferenceService/ListNodes',
+            mercato_dot_v1_dot_inference__pb2.ListNodesRequest.SerializeToString,
+            mercato_dot_v1_dot_inference__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
