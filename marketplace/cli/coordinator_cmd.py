@@ -2,6 +2,52 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("start")
+def start(
+    host: str | None = typer.Option(
+        None, "--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 for all)."
+    ),
+    port: int | None = typer.Option(
+        None, "--port", help="gRPC port (default 7700; 0 picks a free port)."
+    ),
+    home: Path | None = typer.Option(
+        None, "--home", help="Mercato data directory (default $MERCATO_HOME or ~/.mercato)."
+    ),
+    identity_path: Path | None = typer.Option(
+        None, "--identity", help="Coordinator key file (default HOME/coordinator/identity.key)."
+    ),
+    liveness_timeout_ms: int | None = typer.Option(
+        None, "--liveness-timeout-ms", help="Drop a node silent this long (default 3000)."
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+) -> None:
+    """Run a coordinator until Ctrl-C / SIGTERM. Prints MERCATO_COORDINATOR_READY {json}
+    when it listens. Every option can also be set as MERCATO_COORDINATOR_<NAME>."""
+    from pydantic import ValidationError
+
+    from coordinator.server import main
+    from coordinator.settings import CoordinatorSettings
+
+    overrides = {
+        "listen_host": host,
+        "port": port,
+        "home": home,
+        "identity_path": identity_path,
+        "liveness_timeout_ms": liveness_timeout_ms,
+    }
+    try:
+        settings = CoordinatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    main(settings)

@@ -1,0 +1,299 @@
+"""The live registry of nodes: who is in the market now, with what offer and load.
+
+A node enters with a verified SignedOffer (:func:`coordinator.offers.verify_offer`) and
+gets a session token; it stays while its heartbeat stream is open and it is never silent
+for longer than ``liveness_timeout_ms`` (a reaper task checks). A node whose stream ends
+(a killed process resets its connection) is dropped at once. Each live node has one
+reused grpc.aio channel to its worker, closed when the node is dropped.
+
+Routing reads :meth:`NodeRegistry.snapshot`, an immutable :class:`MarketSnapshot`
+rebuilt only when something changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import grpc.aio
+from mercato.v1 import market_pb2, node_pb2
+
+from coordinator.errors import CapacityExhausted, HeartbeatInvalid, OfferInvalid, SessionInvalid
+from coordinator.market import MarketSnapshot, NodeLoadView, NodeView
+from coordinator.offers import VerifiedOffer, verify_offer
+from coordinator.settings import CoordinatorSettings
+
+log = logging.getLogger(__name__)
+
+KV_CACHE_PERMILLE_MAX = 1000
+# Options of the channel to each node's worker: large enough for any delta or final.
+_WORKER_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.enable_retries", 0),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What a node gets back when its offer is accepted."""
+
+    node_id: str
+    session_token: str
+
+
+class _Entry:
+    """Mutable state of one live node; only the registry touches it."""
+
+    __slots__ = ("channel", "last_seen_monotonic_s", "session_token", "view")
+
+    def __init__(self, view: NodeView, session_token: str, channel: grpc.aio.Channel) -> None:
+        self.view = view
+        self.session_token = session_token
+        self.channel = channel
+        self.last_seen_monotonic_s = time.monotonic()
+
+    def __repr__(self) -> str:  # never show the session token
+        return f"_Entry(node_id={self.view.node_id!r})"
+
+
+class NodeRegistry:
+    """Live nodes, their offers, loads, sessions and worker channels."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        *,
+        wall_clock_unix_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self._settings = settings
+        self._wall_clock_unix_ms = wall_clock_unix_ms
+        self._entries: dict[str, _Entry] = {}
+        # Highest offer sequence accepted per node id, kept after a node is dropped so an
+        # old signed offer cannot be replayed.
+        self._last_sequence: dict[str, int] = {}
+        self._known_models: set[str] = set()
+        self._version = 0
+        self._snapshot: MarketSnapshot | None = None
+        self._closing_channels: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- joining and leaving -------------------------------------------------------
+
+    def register(self, signed: market_pb2.SignedOffer) -> Registration:
+        """Verify ``signed`` and (re)admit its node; raises OfferInvalid/CapacityExhausted."""
+        offer = verify_offer(
+            signed,
+            now_unix_ms=self._wall_clock_unix_ms(),
+            max_age_s=self._settings.offer_max_age_s,
+        )
+        return self.admit(offer)
+
+    def admit(self, offer: VerifiedOffer) -> Registration:
+        """Admit an already verified offer (a new session for a known node replaces the old)."""
+        node_id = offer.node_id
+        last = self._last_sequence.get(node_id)
+        if last is not None and offer.sequence <= last:
+            raise OfferInvalid(
+                f"sequence: {offer.sequence} is not above {last}, the last accepted from this "
+                "node; sign a new offer with a higher sequence (e.g. Unix milliseconds)"
+            )
+        previous = self._entries.get(node_id)
+        if previous is None and len(self._entries) >= self._settings.max_nodes:
+            raise CapacityExhausted(
+                f"this coordinator holds its limit of {self._settings.max_nodes} nodes; "
+                "try another coordinator or later"
+            )
+        self._last_sequence[node_id] = offer.sequence
+        if previous is not None and previous.view.offer.worker_address == offer.worker_address:
+            channel = previous.channel
+            in_flight = previous.view.in_flight
+            load = previous.view.load
+        else:
+            if previous is not None:
+                self._close_channel_later(previous.channel)
+            channel = grpc.aio.insecure_channel(
+                offer.worker_address, options=_WORKER_CHANNEL_OPTIONS
+            )
+            in_flight = 0
+            load = NodeLoadView()
+        view = NodeView(node_id=node_id, offer=offer, load=load, in_flight=in_flight)
+        token = secrets.token_urlsafe(32)
+        self._entries[node_id] = _Entry(view, token, channel)
+        self._known_models.update(terms.model for terms in offer.models)
+        self._changed()
+        log.info(
+            "node %s registered: region=%s worker=%s models=%s",
+            node_id,
+            offer.region,
+            offer.worker_address,
+            ",".join(t.model for t in offer.models),
+        )
+        return Registration(node_id=node_id, session_token=token)
+
+    def drop(self, node_id: str, reason: str) -> bool:
+        """Remove a node now; its channel closes after a grace period. False if absent."""
+        entry = self._entries.pop(node_id, None)
+        if entry is None:
+            return False
+        self._close_channel_later(entry.channel)
+        self._changed()
+        log.info("node %s dropped: %s", node_id, reason)
+        return True
+
+    def end_session(self, node_id: str, session_token: str, reason: str) -> None:
+        """The heartbeat stream of this session ended: drop the node unless it has
+        registered again since (a newer session owns it then)."""
+        entry = self._entries.get(node_id)
+        if entry is not None and hmac.compare_digest(entry.session_token, session_token):
+            self.drop(node_id, reason)
+
+    # --- sessions and heartbeats ---------------------------------------------------
+
+    def authenticate(self, node_id: str, session_token: str) -> None:
+        """Raise SessionInvalid unless ``session_token`` is the node's current session."""
+        entry = self._entries.get(node_id)
+        if entry is None:
+            raise SessionInvalid(
+                f"node {node_id[:64]!r} is not registered (or was dropped); call Register again"
+            )
+        if not hmac.compare_digest(entry.session_token, session_token):
+            raise SessionInvalid(
+                "x-mercato-session does not match this node's current registration; "
+                "use the session_token of the latest RegisterResponse"
+            )
+
+    def record_heartbeat(self, node_id: str, session_token: str, load: node_pb2.NodeLoad) -> None:
+        """Note a heartbeat: the node is alive, with this load."""
+        self.authenticate(node_id, session_token)
+        if load.kv_cache_usage_permille > KV_CACHE_PERMILLE_MAX:
+            raise HeartbeatInvalid(
+                f"load.kv_cache_usage_permille: {load.kv_cache_usage_permille} is above "
+                f"{KV_CACHE_PERMILLE_MAX}"
+            )
+        entry = self._entries[node_id]
+        entry.last_seen_monotonic_s = time.monotonic()
+        old = entry.view.load
+        if (
+            old.running_requests != load.running_requests
+            or old.waiting_requests != load.waiting_requests
+            or old.kv_cache_usage_permille != load.kv_cache_usage_permille
+            or old.output_tokens_per_s != load.output_tokens_per_s
+        ):
+            entry.view = replace(
+                entry.view,
+                load=NodeLoadView(
+                    running_requests=load.running_requests,
+                    waiting_requests=load.waiting_requests,
+                    kv_cache_usage_permille=load.kv_cache_usage_permille,
+                    output_tokens_per_s=load.output_tokens_per_s,
+                ),
+            )
+            self._changed()
+
+    def reap(self, now_monotonic_s: float | None = None) -> list[str]:
+        """Drop every node silent for longer than the liveness timeout; their ids."""
+        now = time.monotonic() if now_monotonic_s is None else now_monotonic_s
+        limit_s = self._settings.liveness_timeout_ms / 1000
+        silent = [
+            node_id
+            for node_id, entry in self._entries.items()
+            if now - entry.last_seen_monotonic_s > limit_s
+        ]
+        for node_id in silent:
+            self.drop(node_id, f"silent for more than {self._settings.liveness_timeout_ms} ms")
+        return silent
+
+    # --- requests --------------------------------------------------------------------
+
+    def channel(self, node_id: str) -> grpc.aio.Channel | None:
+        """The worker channel of a live node, or None if it is gone."""
+        entry = self._entries.get(node_id)
+        return None if entry is None else entry.channel
+
+    def begin_request(self, node_id: str) -> None:
+        entry = self._entries.get(node_id)
+        if entry is not None:
+            entry.view = replace(entry.view, in_flight=entry.view.in_flight + 1)
+            self._changed()
+
+    def end_request(self, node_id: str) -> None:
+        entry = self._entries.get(node_id)
+        if entry is not None and entry.view.in_flight > 0:
+            entry.view = replace(entry.view, in_flight=entry.view.in_flight - 1)
+            self._changed()
+
+    # --- reading -------------------------------------------------------------------
+
+    def snapshot(self) -> MarketSnapshot:
+        """The live market now (immutable; rebuilt only after a change)."""
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.version != self._version:
+            snapshot = MarketSnapshot.build(
+                self._version,
+                tuple(entry.view for entry in self._entries.values()),
+                frozenset(self._known_models),
+            )
+            self._snapshot = snapshot
+        return snapshot
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._entries
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the reaper task (needs a running loop)."""
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(
+                self._reap_forever(), name="mercato-registry-reaper"
+            )
+
+    async def close(self) -> None:
+        """Stop the reaper, drop every node and close every channel."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        for node_id in list(self._entries):
+            self.drop(node_id, "coordinator shutting down")
+        closing = list(self._closing_channels)
+        for task in closing:
+            task.cancel()
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    async def _reap_forever(self) -> None:
+        period_s = min(self._settings.liveness_timeout_ms / 4, 500) / 1000
+        while True:
+            await asyncio.sleep(period_s)
+            self.reap()
+
+    def _close_channel_later(self, channel: grpc.aio.Channel) -> None:
+        grace_s = self._settings.liveness_timeout_ms / 1000
+
+        async def close() -> None:
+            try:
+                await channel.close(grace=grace_s)
+            except asyncio.CancelledError:
+                await channel.close(grace=None)
+                raise
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (pure unit tests): nothing was ever connected
+        task = loop.create_task(close(), name="mercato-close-worker-channel")
+        self._closing_channels.add(task)
+        task.add_done_callback(self._closing_channels.discard)
+
+    def _changed(self) -> None:
+        self._version += 1

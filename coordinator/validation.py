@@ -1,0 +1,173 @@
+"""Checks of a client's GenerateRequest, before anything else happens to it.
+
+Every rule failure raises :class:`RequestInvalid` whose message starts with the field's
+path (``sampling.top_p: ...``), so a person sees what to change. A request that passes
+becomes a :class:`ValidRequest`, with defaults filled in and the worker request built.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass
+
+from mercato.v1 import common_pb2, inference_pb2, node_pb2
+
+from coordinator.errors import LeaseNotFound, RequestInvalid
+from coordinator.offers import MODEL_NAME_PATTERN, REGION_PATTERN
+from coordinator.settings import CoordinatorSettings
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ROLES = frozenset({"system", "user", "assistant"})
+STOP_SEQUENCES_MAX = 8
+STOP_SEQUENCE_CHARS_MAX = 128
+ROUTING_LIST_MAX = 256
+NODE_ID_CHARS_MAX = 128
+LEASE_ID_CHARS_MAX = 128
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRequest:
+    """A request that passed every check, ready to send to a node."""
+
+    request_id: str
+    model: str
+    routing: inference_pb2.RoutingPreferences
+    # The work for the first node (segment 0, nothing to resume); copy before changing.
+    worker_request: node_pb2.WorkerGenerateRequest
+
+
+def validate_request(
+    request: inference_pb2.GenerateRequest, settings: CoordinatorSettings
+) -> ValidRequest:
+    """Check every field of ``request``; raise RequestInvalid naming the first bad one."""
+    request_id = request.request_id
+    if request_id:
+        if not REQUEST_ID_PATTERN.match(request_id):
+            raise RequestInvalid(
+                f"request_id: {request_id[:40]!r} must be 1..128 characters of "
+                "[A-Za-z0-9._:-], or empty to let the coordinator assign one"
+            )
+    else:
+        request_id = uuid.uuid4().hex
+    if not request.model:
+        raise RequestInvalid("model: required; ListModels lists the models served")
+    if not MODEL_NAME_PATTERN.match(request.model):
+        raise RequestInvalid(
+            f"model: {request.model[:40]!r} is not a model name; ListModels lists the models served"
+        )
+    worker = node_pb2.WorkerGenerateRequest(request_id=request_id, model=request.model)
+    _check_input(request, worker, settings)
+    _check_sampling(request, worker, settings)
+    _check_routing(request.routing)
+    if request.lease_id:
+        if len(request.lease_id) > LEASE_ID_CHARS_MAX:
+            raise RequestInvalid(f"lease_id: more than {LEASE_ID_CHARS_MAX} characters")
+        raise LeaseNotFound(
+            f"lease_id: lease {request.lease_id!r} does not exist (this coordinator has no "
+            "dedicated leases yet); leave lease_id empty for serverless"
+        )
+    return ValidRequest(
+        request_id=request_id, model=request.model, routing=request.routing, worker_request=worker
+    )
+
+
+def _check_input(
+    request: inference_pb2.GenerateRequest,
+    worker: node_pb2.WorkerGenerateRequest,
+    settings: CoordinatorSettings,
+) -> None:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise RequestInvalid("input: set either chat (a conversation) or prompt (raw text)")
+    limit = settings.max_prompt_chars
+    if kind == "prompt":
+        if not request.prompt:
+            raise RequestInvalid("prompt: empty; send the text to complete")
+        if len(request.prompt) > limit:
+            raise RequestInvalid(
+                f"prompt: {len(request.prompt)} characters, more than the limit of {limit}"
+            )
+        worker.prompt = request.prompt
+        return
+    messages = request.chat.messages
+    if not messages:
+        raise RequestInvalid("chat.messages: empty; send at least one message")
+    if len(messages) > settings.max_messages:
+        raise RequestInvalid(
+            f"chat.messages: {len(messages)} messages, more than the limit of {settings.max_messages}"
+        )
+    total = 0
+    for index, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise RequestInvalid(
+                f"chat.messages[{index}].role: {message.role[:20]!r} is not one of "
+                "system, user, assistant"
+            )
+        if not message.content:
+            raise RequestInvalid(f"chat.messages[{index}].content: empty")
+        total += len(message.content)
+    if total > limit:
+        raise RequestInvalid(
+            f"chat.messages: {total} characters of content, more than the limit of {limit}"
+        )
+    worker.chat.CopyFrom(request.chat)
+
+
+def _check_sampling(
+    request: inference_pb2.GenerateRequest,
+    worker: node_pb2.WorkerGenerateRequest,
+    settings: CoordinatorSettings,
+) -> None:
+    sampling = request.sampling
+    out: common_pb2.SamplingParams = worker.sampling
+    out.CopyFrom(sampling)
+    if sampling.HasField("max_tokens"):
+        if not 1 <= sampling.max_tokens <= settings.max_tokens_limit:
+            raise RequestInvalid(
+                f"sampling.max_tokens: {sampling.max_tokens} is outside 1..{settings.max_tokens_limit}"
+            )
+    else:
+        out.max_tokens = settings.default_max_tokens
+    if sampling.HasField("temperature") and not (
+        math.isfinite(sampling.temperature) and sampling.temperature >= 0
+    ):
+        raise RequestInvalid(
+            f"sampling.temperature: {sampling.temperature} must be a number >= 0 (0 is greedy)"
+        )
+    if sampling.HasField("top_p") and not 0 < sampling.top_p <= 1:
+        raise RequestInvalid(f"sampling.top_p: {sampling.top_p} must be in (0, 1]")
+    if len(sampling.stop) > STOP_SEQUENCES_MAX:
+        raise RequestInvalid(
+            f"sampling.stop: {len(sampling.stop)} strings, more than {STOP_SEQUENCES_MAX}"
+        )
+    for index, stop in enumerate(sampling.stop):
+        if not 1 <= len(stop) <= STOP_SEQUENCE_CHARS_MAX:
+            raise RequestInvalid(
+                f"sampling.stop[{index}]: {len(stop)} characters; each stop string has "
+                f"1..{STOP_SEQUENCE_CHARS_MAX}"
+            )
+
+
+def _check_routing(routing: inference_pb2.RoutingPreferences) -> None:
+    for name in ("regions", "only_nodes", "ignore_nodes"):
+        values = getattr(routing, name)
+        if len(values) > ROUTING_LIST_MAX:
+            raise RequestInvalid(
+                f"routing.{name}: {len(values)} entries, more than {ROUTING_LIST_MAX}"
+            )
+    for index, region in enumerate(routing.regions):
+        if not REGION_PATTERN.match(region):
+            raise RequestInvalid(
+                f"routing.regions[{index}]: {region[:40]!r} is not a region code "
+                "(lowercase letters, digits, '-')"
+            )
+    for name in ("only_nodes", "ignore_nodes"):
+        for index, node_id in enumerate(getattr(routing, name)):
+            if not 1 <= len(node_id) <= NODE_ID_CHARS_MAX:
+                raise RequestInvalid(
+                    f"routing.{name}[{index}]: a node id has 1..{NODE_ID_CHARS_MAX} characters"
+                )
+    if routing.sort not in inference_pb2.SortMode.values():
+        raise RequestInvalid(f"routing.sort: {routing.sort} is not a known SortMode")

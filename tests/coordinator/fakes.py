@@ -1,0 +1,247 @@
+"""Fakes for the coordinator's tests: a scripted NodeWorkerService and a node that
+registers and heartbeats like a real one (the real node package is not imported)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
+
+from marketplace.identity import Identity
+
+MODEL = "tiny-model"
+OFFER_DOMAIN = "mercato.v1.NodeOffer"
+
+
+def now_unix_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def make_offer(
+    identity: Identity,
+    *,
+    worker_address: str = "127.0.0.1:7800",
+    models: tuple[str, ...] = (MODEL,),
+    region: str = "eu-west",
+    price_input: int = 100_000,
+    price_output: int = 200_000,
+    context_length: int = 2048,
+    max_concurrency: int = 8,
+    issued_at_unix_ms: int | None = None,
+    sequence: int = 1,
+) -> market_pb2.NodeOffer:
+    return market_pb2.NodeOffer(
+        node_public_key=identity.public_key,
+        worker_address=worker_address,
+        models=[
+            market_pb2.ModelOffer(
+                model=name,
+                price_input_micro_usd_per_mtok=price_input,
+                price_output_micro_usd_per_mtok=price_output,
+                context_length=context_length,
+            )
+            for name in models
+        ],
+        region=region,
+        hardware=market_pb2.Hardware(
+            accelerator=market_pb2.ACCELERATOR_KIND_CPU,
+            cpu_cores=2,
+            memory_bytes=24 * 2**30,
+            cpu_model="Test CPU",
+        ),
+        max_concurrency=max_concurrency,
+        price_micro_usd_per_gpu_hour=1_000_000,
+        issued_at_unix_ms=now_unix_ms() if issued_at_unix_ms is None else issued_at_unix_ms,
+        sequence=sequence,
+    )
+
+
+def sign_offer(identity: Identity, offer: market_pb2.NodeOffer) -> market_pb2.SignedOffer:
+    raw = offer.SerializeToString()
+    return market_pb2.SignedOffer(offer=raw, signature=identity.sign(OFFER_DOMAIN, raw))
+
+
+@dataclass
+class Behaviour:
+    """What the fake worker does with the next Generate calls."""
+
+    # Text of each delta; each delta covers one token id (its index + 1000).
+    deltas: list[str] = field(default_factory=lambda: ["Hello", ",", " world"])
+    delay_s: float = 0.0
+    # Abort before any output with this status (and message).
+    refuse: tuple[grpc.StatusCode, str] | None = None
+    # Send a StreamError chunk before any output instead of a delta.
+    stream_error: tuple[int, str] | None = None
+    # Never answer; wait to be cancelled.
+    hang: bool = False
+    # Abort with UNAVAILABLE after this many deltas.
+    fail_after: int | None = None
+    finish_reason: int = common_pb2.FINISH_REASON_STOP
+    input_tokens: int = 7
+
+
+class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
+    """A scripted NodeWorkerService that records what it was asked."""
+
+    def __init__(self) -> None:
+        self.behaviour = Behaviour()
+        self.requests: list[node_pb2.WorkerGenerateRequest] = []
+        self.time_remaining_s: list[float | None] = []
+        self.cancelled = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def Generate(
+        self, request: node_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.WorkerGenerateResponse]:
+        self.requests.append(request)
+        self.time_remaining_s.append(context.time_remaining())
+        self.started.set()
+        b = self.behaviour
+        try:
+            if b.refuse is not None:
+                await context.abort(b.refuse[0], b.refuse[1])
+            if b.stream_error is not None:
+                yield node_pb2.WorkerGenerateResponse(
+                    error=common_pb2.StreamError(code=b.stream_error[0], message=b.stream_error[1])
+                )
+                return
+            if b.hang:
+                await asyncio.sleep(3600)
+            for index, text in enumerate(b.deltas):
+                if b.fail_after is not None and index == b.fail_after:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died")
+                if b.delay_s:
+                    await asyncio.sleep(b.delay_s)
+                yield node_pb2.WorkerGenerateResponse(
+                    delta=common_pb2.TextDelta(text=text, token_ids=[1000 + index])
+                )
+            yield node_pb2.WorkerGenerateResponse(
+                final=node_pb2.WorkerFinal(
+                    finish_reason=b.finish_reason,
+                    input_tokens=b.input_tokens,
+                    output_tokens=len(b.deltas),
+                )
+            )
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+class FakeNode:
+    """A worker server plus the agent side: Register, then a heartbeat stream."""
+
+    def __init__(
+        self,
+        coordinator_address: str,
+        *,
+        region: str = "eu-west",
+        models: tuple[str, ...] = (MODEL,),
+        seed: bytes | None = None,
+        price_output: int = 200_000,
+    ) -> None:
+        self.identity = Identity.from_seed(seed) if seed else Identity.generate()
+        self.coordinator_address = coordinator_address
+        self.region = region
+        self.models = models
+        self.price_output = price_output
+        self.worker = FakeWorker()
+        self.server: grpc.aio.Server | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.worker_address = ""
+        self.node_id = ""
+        self.session_token = ""
+        self.sequence = 0
+        self.heartbeats_answered = 0
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._silent = asyncio.Event()
+
+    async def start(self, *, register: bool = True, heartbeat: bool = True) -> FakeNode:
+        self.server = grpc.aio.server()
+        node_pb2_grpc.add_NodeWorkerServiceServicer_to_server(self.worker, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        self.worker_address = f"127.0.0.1:{port}"
+        self.channel = grpc.aio.insecure_channel(self.coordinator_address)
+        if register:
+            await self.register()
+        if heartbeat:
+            self.start_heartbeats()
+        return self
+
+    def signed_offer(self, **overrides: object) -> market_pb2.SignedOffer:
+        self.sequence += 1
+        offer = make_offer(
+            self.identity,
+            worker_address=self.worker_address,
+            models=self.models,
+            region=self.region,
+            price_output=self.price_output,
+            sequence=self.sequence,
+        )
+        for name, value in overrides.items():
+            setattr(offer, name, value)
+        return sign_offer(self.identity, offer)
+
+    async def register(self) -> node_pb2.RegisterResponse:
+        assert self.channel is not None
+        stub = node_pb2_grpc.NodeControlServiceStub(self.channel)
+        response = await stub.Register(
+            node_pb2.RegisterRequest(offer=self.signed_offer()), timeout=5
+        )
+        self.node_id = response.node_id
+        self.session_token = response.session_token
+        return response
+
+    def start_heartbeats(self, interval_s: float = 0.05) -> None:
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat(interval_s))
+
+    async def _heartbeat(self, interval_s: float) -> None:
+        assert self.channel is not None
+        stub = node_pb2_grpc.NodeControlServiceStub(self.channel)
+
+        async def beats() -> AsyncIterator[node_pb2.HeartbeatRequest]:
+            sequence = 0
+            while True:
+                if self._silent.is_set():
+                    await asyncio.sleep(3600)  # keep the stream open, send nothing
+                yield node_pb2.HeartbeatRequest(
+                    sequence=sequence, load=node_pb2.NodeLoad(running_requests=0)
+                )
+                sequence += 1
+                await asyncio.sleep(interval_s)
+
+        call = stub.Heartbeat(
+            beats(),
+            metadata=(
+                ("x-mercato-node-id", self.node_id),
+                ("x-mercato-session", self.session_token),
+            ),
+        )
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for _ in call:
+                self.heartbeats_answered += 1
+
+    def go_silent(self) -> None:
+        """Stop beating but keep the heartbeat stream open."""
+        self._silent.set()
+
+    async def stop_heartbeats(self) -> None:
+        """End the heartbeat stream (what a killed node's broken connection does)."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+
+    async def stop(self) -> None:
+        await self.stop_heartbeats()
+        if self.channel is not None:
+            await self.channel.close()
+        if self.server is not None:
+            await self.server.stop(None)
