@@ -95,7 +95,7 @@ def verify_offer(
             f'"{OFFER_DOMAIN}\\x00" + offer bytes'
         )
     _check_issued_at(offer.issued_at_unix_ms, now_unix_ms, max_age_s)
-    if not REGION_PATTERN.match(offer.region):
+    if not REGION_PATTERN.fullmatch(offer.region):
         raise OfferInvalid(
             f"region: {offer.region[:40]!r} must match {REGION_PATTERN.pattern} "
             "(lowercase letters, digits, '-'; at most 32)"
@@ -148,7 +148,7 @@ def _check_models(offer: market_pb2.NodeOffer) -> tuple[ModelTerms, ...]:
     terms: list[ModelTerms] = []
     for index, model in enumerate(offer.models):
         where = f"models[{index}]"
-        if not MODEL_NAME_PATTERN.match(model.model):
+        if not MODEL_NAME_PATTERN.fullmatch(model.model):
             raise OfferInvalid(
                 f"{where}.model: {model.model[:40]!r} must be 1..128 characters of "
                 "letters, digits and ._:/+- starting with a letter or digit"
@@ -181,7 +181,12 @@ def _check_worker_address(address: str) -> str:
     """``host:port`` with a DNS name, an IPv4 address or a bracketed IPv6 address."""
     problem = f"worker_address: {address[:80]!r} must be host:port (e.g. 10.0.0.5:7800)"
     host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or len(port_text) > 5:
+    if (
+        not sep
+        or not host
+        or not (port_text.isascii() and port_text.isdigit())
+        or len(port_text) > 5
+    ):
         raise OfferInvalid(problem)
     port = int(port_text)
     if not 1 <= port <= 65535:
@@ -195,7 +200,7 @@ def _check_worker_address(address: str) -> str:
         try:
             ip = ipaddress.IPv4Address(host)
         except ValueError:
-            if len(host) > 253 or not all(_HOSTNAME_LABEL.match(p) for p in host.split(".")):
+            if len(host) > 253 or not all(_HOSTNAME_LABEL.fullmatch(p) for p in host.split(".")):
                 raise OfferInvalid(problem) from None
             return address
     if ip.is_unspecified or ip.is_multicast:

@@ -52,11 +52,13 @@ class _Entry:
 
     __slots__ = ("channel", "last_seen_monotonic_s", "session_token", "view")
 
-    def __init__(self, view: NodeView, session_token: str, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, view: NodeView, session_token: str, channel: grpc.aio.Channel, now_s: float
+    ) -> None:
         self.view = view
         self.session_token = session_token
         self.channel = channel
-        self.last_seen_monotonic_s = time.monotonic()
+        self.last_seen_monotonic_s = now_s
 
     def __repr__(self) -> str:  # never show the session token
         return f"_Entry(node_id={self.view.node_id!r})"
@@ -70,8 +72,10 @@ class NodeRegistry:
         settings: CoordinatorSettings,
         *,
         wall_clock_unix_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        monotonic_s: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
+        self._monotonic_s = monotonic_s
         self._wall_clock_unix_ms = wall_clock_unix_ms
         self._entries: dict[str, _Entry] = {}
         # Highest offer sequence accepted per node id, kept after a node is dropped so an
@@ -124,7 +128,7 @@ class NodeRegistry:
             load = NodeLoadView()
         view = NodeView(node_id=node_id, offer=offer, load=load, in_flight=in_flight)
         token = secrets.token_urlsafe(32)
-        self._entries[node_id] = _Entry(view, token, channel)
+        self._entries[node_id] = _Entry(view, token, channel, self._monotonic_s())
         self._known_models.update(terms.model for terms in offer.models)
         self._changed()
         log.info(
@@ -177,7 +181,7 @@ class NodeRegistry:
                 f"{KV_CACHE_PERMILLE_MAX}"
             )
         entry = self._entries[node_id]
-        entry.last_seen_monotonic_s = time.monotonic()
+        entry.last_seen_monotonic_s = self._monotonic_s()
         old = entry.view.load
         if (
             old.running_requests != load.running_requests
@@ -196,9 +200,9 @@ class NodeRegistry:
             )
             self._changed()
 
-    def reap(self, now_monotonic_s: float | None = None) -> list[str]:
+    def reap(self) -> list[str]:
         """Drop every node silent for longer than the liveness timeout; their ids."""
-        now = time.monotonic() if now_monotonic_s is None else now_monotonic_s
+        now = self._monotonic_s()
         limit_s = self._settings.liveness_timeout_ms / 1000
         silent = [
             node_id

@@ -44,16 +44,16 @@ def validate_request(
     """Check every field of ``request``; raise RequestInvalid naming the first bad one."""
     request_id = request.request_id
     if request_id:
-        if not REQUEST_ID_PATTERN.match(request_id):
+        if not REQUEST_ID_PATTERN.fullmatch(request_id):
             raise RequestInvalid(
                 f"request_id: {request_id[:40]!r} must be 1..128 characters of "
                 "[A-Za-z0-9._:-], or empty to let the coordinator assign one"
             )
     else:
-        request_id = uuid.uuid4().hex
+        request_id = str(uuid.uuid4())
     if not request.model:
         raise RequestInvalid("model: required; ListModels lists the models served")
-    if not MODEL_NAME_PATTERN.match(request.model):
+    if not MODEL_NAME_PATTERN.fullmatch(request.model):
         raise RequestInvalid(
             f"model: {request.model[:40]!r} is not a model name; ListModels lists the models served"
         )
@@ -158,7 +158,7 @@ def _check_routing(routing: inference_pb2.RoutingPreferences) -> None:
                 f"routing.{name}: {len(values)} entries, more than {ROUTING_LIST_MAX}"
             )
     for index, region in enumerate(routing.regions):
-        if not REGION_PATTERN.match(region):
+        if not REGION_PATTERN.fullmatch(region):
             raise RequestInvalid(
                 f"routing.regions[{index}]: {region[:40]!r} is not a region code "
                 "(lowercase letters, digits, '-')"

@@ -1,0 +1,97 @@
+"""Request checks as a pure function (the gRPC tests cover each bad field end to end)."""
+
+from __future__ import annotations
+
+import pytest
+from mercato.v1 import common_pb2, inference_pb2
+
+from coordinator.errors import LeaseNotFound, RequestInvalid
+from coordinator.settings import CoordinatorSettings
+from coordinator.validation import validate_request
+
+SETTINGS = CoordinatorSettings(
+    max_prompt_chars=100, max_messages=3, max_tokens_limit=50, default_max_tokens=20
+)
+
+
+def request(**kwargs) -> inference_pb2.GenerateRequest:
+    base = inference_pb2.GenerateRequest(model="m", prompt="hello")
+    for name, value in kwargs.items():
+        if name == "chat":
+            base.chat.CopyFrom(value)
+        else:
+            setattr(base, name, value)
+    return base
+
+
+def chat(*pairs: tuple[str, str]) -> common_pb2.ChatInput:
+    return common_pb2.ChatInput(
+        messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in pairs]
+    )
+
+
+def test_valid_request_builds_the_worker_request() -> None:
+    r = request(chat=chat(("system", "be brief"), ("user", "hi")))
+    r.sampling.temperature = 0.0
+    r.sampling.seed = 7
+    valid = validate_request(r, SETTINGS)
+    assert len(valid.request_id) == 36  # a uuid
+    worker = valid.worker_request
+    assert worker.request_id == valid.request_id
+    assert worker.WhichOneof("input") == "chat"
+    assert [m.role for m in worker.chat.messages] == ["system", "user"]
+    assert worker.sampling.max_tokens == 20
+    assert worker.sampling.HasField("temperature") and worker.sampling.seed == 7
+    assert not worker.sampling.HasField("top_p")
+
+
+def test_limits_from_settings() -> None:
+    with pytest.raises(RequestInvalid, match="^prompt"):
+        validate_request(request(prompt="x" * 101), SETTINGS)
+    validate_request(request(prompt="x" * 100), SETTINGS)
+    with pytest.raises(RequestInvalid, match=r"^chat\.messages: 4 messages"):
+        validate_request(request(chat=chat(*[("user", "a")] * 4)), SETTINGS)
+    with pytest.raises(RequestInvalid, match=r"^chat\.messages: 101 characters"):
+        validate_request(request(chat=chat(("user", "a" * 51), ("user", "b" * 50))), SETTINGS)
+    r = request()
+    r.sampling.max_tokens = 51
+    with pytest.raises(RequestInvalid, match=r"^sampling\.max_tokens"):
+        validate_request(r, SETTINGS)
+
+
+@pytest.mark.parametrize("request_id", ["a", "A-z_0.9:x".replace("_", "-"), "x" * 128])
+def test_good_request_ids(request_id: str) -> None:
+    assert validate_request(request(request_id=request_id), SETTINGS).request_id == request_id
+
+
+@pytest.mark.parametrize("request_id", ["a b", "x" * 129, "ä", "a\n", "a/b"])
+def test_bad_request_ids(request_id: str) -> None:
+    with pytest.raises(RequestInvalid, match="^request_id"):
+        validate_request(request(request_id=request_id), SETTINGS)
+
+
+def test_routing_fields() -> None:
+    r = request()
+    r.routing.sort = 99
+    with pytest.raises(RequestInvalid, match=r"^routing\.sort"):
+        validate_request(r, SETTINGS)
+    r = request()
+    r.routing.only_nodes.append("")
+    with pytest.raises(RequestInvalid, match=r"^routing\.only_nodes\[0\]"):
+        validate_request(r, SETTINGS)
+    r = request()
+    r.routing.ignore_nodes.extend(["n"] * 257)
+    with pytest.raises(RequestInvalid, match=r"^routing\.ignore_nodes"):
+        validate_request(r, SETTINGS)
+
+
+def test_stop_strings() -> None:
+    r = request()
+    r.sampling.stop.append("x" * 129)
+    with pytest.raises(RequestInvalid, match=r"^sampling\.stop\[0\]"):
+        validate_request(r, SETTINGS)
+
+
+def test_lease_is_not_found() -> None:
+    with pytest.raises(LeaseNotFound, match="^lease_id"):
+        validate_request(request(lease_id="l-1"), SETTINGS)
