@@ -1,0 +1,168 @@
+"""``mercato ledger verify``: recompute the hash chain and every balance from the journal.
+
+Checks, in one pass over the journal in sequence order:
+
+* each entry's ``prev_hash`` is the previous entry's hash and its ``hash`` is recomputed
+  from its fields (so no entry was altered, removed, inserted or reordered);
+* every post / void / expire resolves a pending transfer that exists and is still open,
+  and a post never exceeds its pending amount;
+* the balances recomputed from the entries equal the stored balances, all accounts sum
+  to zero, and no account that must not overdraw is below zero;
+* the journal head names the last entry; the open-holds index equals the pending
+  transfers left unresolved.
+
+The report names the first entry that does not match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from marketplace.ledger.applier import (
+    T_ACCOUNTS,
+    T_BALANCES,
+    T_HEAD,
+    T_HOLDS,
+    T_TRANSFERS,
+)
+from marketplace.ledger.journal import GENESIS_HASH, entry_hash
+from marketplace.ledger.models import TransferPhase
+
+
+@dataclass
+class AuditReport:
+    ok: bool = True
+    entries: int = 0
+    accounts: int = 0
+    first_bad_seq: int | None = None
+    first_bad_id: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def fail(self, problem: str, entry: dict[str, Any] | None = None) -> None:
+        self.ok = False
+        if entry is not None and self.first_bad_seq is None:
+            self.first_bad_seq = entry["seq"]
+            self.first_bad_id = entry["id"]
+        if len(self.problems) < 50:
+            self.problems.append(problem)
+
+
+def verify_ledger(engine: Engine, *, chunk_rows: int = 10_000) -> AuditReport:
+    report = AuditReport()
+    sums: dict[str, list[int]] = {}
+    pending: dict[str, tuple[str, str, int]] = {}
+    prev_hash = GENESIS_HASH
+    expected_seq = 1
+    with engine.connect() as conn:
+        accounts = {
+            row.id: bool(row.must_not_overdraw)
+            for row in conn.execute(select(T_ACCOUNTS.c.id, T_ACCOUNTS.c.must_not_overdraw))
+        }
+        report.accounts = len(accounts)
+        rows = conn.execution_options(yield_per=chunk_rows).execute(
+            select(T_TRANSFERS).order_by(T_TRANSFERS.c.seq)
+        )
+        for row in rows:
+            entry = dict(row._mapping)
+            report.entries += 1
+            seq = entry["seq"]
+            if seq != expected_seq:
+                report.fail(f"entry {seq} ({entry['id']}): expected sequence {expected_seq}", entry)
+            expected_seq = seq + 1
+            if bytes(entry["prev_hash"]) != prev_hash:
+                report.fail(
+                    f"entry {seq} ({entry['id']}): prev_hash does not match entry {seq - 1}", entry
+                )
+            recomputed = entry_hash(bytes(entry["prev_hash"]), entry)
+            if recomputed != bytes(entry["hash"]):
+                report.fail(
+                    f"entry {seq} ({entry['id']}): hash does not match its fields (altered)", entry
+                )
+            prev_hash = bytes(entry["hash"])
+            _apply(entry, sums, pending, accounts, report)
+        head = conn.execute(select(T_HEAD.c.seq, T_HEAD.c.hash).where(T_HEAD.c.id == 1)).one()
+        if head.seq != expected_seq - 1 or bytes(head.hash) != prev_hash:
+            report.fail(
+                f"journal head says entry {head.seq} but the journal ends at {expected_seq - 1} "
+                "(or its hash differs)"
+            )
+        stored = {
+            row.account_id: [
+                row.debits_posted,
+                row.credits_posted,
+                row.debits_pending,
+                row.credits_pending,
+            ]
+            for row in conn.execute(select(T_BALANCES))
+        }
+        holds = {row.transfer_id for row in conn.execute(select(T_HOLDS.c.transfer_id))}
+    for account_id in sorted(set(stored) | set(sums)):
+        want = sums.get(account_id, [0, 0, 0, 0])
+        have = stored.get(account_id, [0, 0, 0, 0])
+        if want != have:
+            report.fail(
+                f"account {account_id}: stored balance {have} != recomputed {want} "
+                "(debits posted, credits posted, debits pending, credits pending)"
+            )
+        if accounts.get(account_id) and want[0] + want[2] > want[1]:
+            report.fail(f"account {account_id} is overdrawn: {want}")
+    total_posted = sum(s[1] - s[0] for s in sums.values())
+    total_pending = sum(s[3] - s[2] for s in sums.values())
+    if total_posted or total_pending:
+        report.fail(f"balances do not sum to zero: posted {total_posted}, pending {total_pending}")
+    if holds != set(pending):
+        report.fail(
+            f"open holds index differs from the journal: {len(holds - set(pending))} stale, "
+            f"{len(set(pending) - holds)} missing"
+        )
+    return report
+
+
+def _apply(
+    entry: dict[str, Any],
+    sums: dict[str, list[int]],
+    pending: dict[str, tuple[str, str, int]],
+    accounts: dict[str, bool],
+    report: AuditReport,
+) -> None:
+    debit_id, credit_id = entry["debit_account_id"], entry["credit_account_id"]
+    for account_id in (debit_id, credit_id):
+        if account_id not in accounts:
+            report.fail(
+                f"entry {entry['seq']} ({entry['id']}): unknown account {account_id}", entry
+            )
+    debit = sums.setdefault(debit_id, [0, 0, 0, 0])
+    credit = sums.setdefault(credit_id, [0, 0, 0, 0])
+    amount = entry["amount"]
+    phase = entry["phase"]
+    if amount <= 0:
+        report.fail(f"entry {entry['seq']} ({entry['id']}): amount {amount} is not positive", entry)
+    if phase == TransferPhase.SINGLE.value:
+        debit[0] += amount
+        credit[1] += amount
+    elif phase == TransferPhase.PENDING.value:
+        debit[2] += amount
+        credit[3] += amount
+        pending[entry["id"]] = (debit_id, credit_id, amount)
+    else:
+        resolved = pending.pop(entry["pending_id"] or "", None)
+        if resolved is None or resolved[:2] != (debit_id, credit_id):
+            report.fail(
+                f"entry {entry['seq']} ({entry['id']}): resolves {entry['pending_id']!r}, "
+                "which is not an open pending transfer between the same accounts",
+                entry,
+            )
+            return
+        held = resolved[2]
+        debit[2] -= held
+        credit[3] -= held
+        if phase == TransferPhase.POST.value:
+            if amount > held:
+                report.fail(
+                    f"entry {entry['seq']} ({entry['id']}): posts {amount} of a {held} hold", entry
+                )
+            debit[0] += amount
+            credit[1] += amount

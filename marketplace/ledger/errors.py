@@ -1,0 +1,180 @@
+"""Every way a ledger call can be refused, and the gRPC status each one maps to.
+
+```
+LedgerError                      INTERNAL           a bug or a broken invariant
+├── InvalidInput                 INVALID_ARGUMENT   a field is malformed
+│   ├── InvalidAmount            INVALID_ARGUMENT   zero, negative or too large
+│   └── InvalidIdentifier        INVALID_ARGUMENT   an id with characters or length not allowed
+├── NotFound                     NOT_FOUND
+│   ├── UnknownAccount           NOT_FOUND
+│   ├── UnknownKey               NOT_FOUND          (operator commands; auth uses Unauthenticated)
+│   ├── UnknownHold              NOT_FOUND
+│   ├── UnknownLease             NOT_FOUND
+│   └── UnknownReceipt           NOT_FOUND
+├── IdConflict                   ALREADY_EXISTS     an id reused with different content
+├── FailedPrecondition           FAILED_PRECONDITION
+│   ├── InsufficientBalance      FAILED_PRECONDITION "insufficient balance: need X, have Y"
+│   ├── WrongAccountKind         FAILED_PRECONDITION e.g. a deposit into a platform account
+│   └── LeaseNotActive           FAILED_PRECONDITION
+├── Unauthenticated              UNAUTHENTICATED
+│   ├── MalformedKey             UNAUTHENTICATED    not "mk_<id>_<secret>"
+│   ├── InvalidKey               UNAUTHENTICATED    unknown id or wrong secret (not told apart)
+│   └── RevokedKey               UNAUTHENTICATED
+├── PermissionDenied             PERMISSION_DENIED  a valid key that may not do this
+├── LimitExceeded                RESOURCE_EXHAUSTED
+│   ├── RateLimited              RESOURCE_EXHAUSTED the key's requests per minute
+│   └── SpendLimitExceeded       RESOURCE_EXHAUSTED the key's spend limit
+├── BadReceipt                   INVALID_ARGUMENT   a usage receipt refused (and recorded)
+│   ├── MalformedReceipt         INVALID_ARGUMENT   bytes that do not parse, missing fields
+│   ├── MiscountedReceipt        INVALID_ARGUMENT   counts/prices/ids differ from what was relayed
+│   ├── ForgedReceipt            PERMISSION_DENIED  a signature that does not verify
+│   └── ReplayedReceipt          ALREADY_EXISTS     a receipt already settled for another request
+└── LedgerUnavailable            UNAVAILABLE        the writer is stopped or the database is down
+```
+
+Each class carries ``grpc_status`` (a ``grpc.StatusCode``) and a short ``code`` for JSON
+output. Messages are written for a person: they say what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LedgerError(Exception):
+    """Base of every ledger error."""
+
+    grpc_status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "internal"
+
+
+class InvalidInput(LedgerError):
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    code = "invalid_argument"
+
+
+class InvalidAmount(InvalidInput):
+    code = "invalid_amount"
+
+
+class InvalidIdentifier(InvalidInput):
+    code = "invalid_identifier"
+
+
+class NotFound(LedgerError):
+    grpc_status = grpc.StatusCode.NOT_FOUND
+    code = "not_found"
+
+
+class UnknownAccount(NotFound):
+    code = "unknown_account"
+
+
+class UnknownKey(NotFound):
+    code = "unknown_key"
+
+
+class UnknownHold(NotFound):
+    code = "unknown_hold"
+
+
+class UnknownLease(NotFound):
+    code = "unknown_lease"
+
+
+class UnknownReceipt(NotFound):
+    code = "unknown_receipt"
+
+
+class IdConflict(LedgerError):
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+    code = "id_conflict"
+
+
+class FailedPrecondition(LedgerError):
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    code = "failed_precondition"
+
+
+class InsufficientBalance(FailedPrecondition):
+    code = "insufficient_balance"
+
+    def __init__(self, need_micro_usd: int, have_micro_usd: int, account_id: str = "") -> None:
+        self.need_micro_usd = need_micro_usd
+        self.have_micro_usd = have_micro_usd
+        self.account_id = account_id
+        super().__init__(
+            f"insufficient balance: need {need_micro_usd}, have {have_micro_usd}"
+            " (micro-USD; deposit credits or lower max_tokens)"
+        )
+
+
+class WrongAccountKind(FailedPrecondition):
+    code = "wrong_account_kind"
+
+
+class LeaseNotActive(FailedPrecondition):
+    code = "lease_not_active"
+
+
+class Unauthenticated(LedgerError):
+    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+    code = "unauthenticated"
+
+
+class MalformedKey(Unauthenticated):
+    code = "malformed_key"
+
+
+class InvalidKey(Unauthenticated):
+    code = "invalid_key"
+
+
+class RevokedKey(Unauthenticated):
+    code = "revoked_key"
+
+
+class PermissionDenied(LedgerError):
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+    code = "permission_denied"
+
+
+class LimitExceeded(LedgerError):
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "resource_exhausted"
+
+
+class RateLimited(LimitExceeded):
+    code = "rate_limited"
+
+
+class SpendLimitExceeded(LimitExceeded):
+    code = "spend_limit_exceeded"
+
+
+class BadReceipt(LedgerError):
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    code = "bad_receipt"
+
+
+class MalformedReceipt(BadReceipt):
+    code = "malformed_receipt"
+
+
+class MiscountedReceipt(BadReceipt):
+    code = "miscounted_receipt"
+
+
+class ForgedReceipt(BadReceipt):
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+    code = "forged_receipt"
+
+
+class ReplayedReceipt(BadReceipt):
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+    code = "replayed_receipt"
+
+
+class LedgerUnavailable(LedgerError):
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+    code = "unavailable"

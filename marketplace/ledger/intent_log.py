@@ -1,0 +1,137 @@
+"""The settlement intent log: a settlement is on disk before ``settle`` returns.
+
+A coordinator answers the client as soon as a request is settled in memory; the database
+commit follows within a batch. To lose nothing if the process is killed in between, each
+settlement is first appended to this log with one ``write`` (in the operating system's
+page cache, so it survives a killed process; with ``fsync`` it also survives a power
+cut). On start, ``Ledger.recover_unsettled`` replays every record through the same
+idempotent settlement (already settled ones answer "settled before"), then deletes the
+log. While running, the log rotates into segments and a segment is deleted once every
+settlement in it is durable in the database.
+
+Record: 4-byte big-endian length, 4-byte CRC-32, then a JSON payload. A torn last record
+(length or checksum wrong) is one that was never acknowledged and is skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from marketplace.ledger.operations import Settle, SettleSegment
+
+_HEADER = struct.Struct(">II")
+_SEGMENT_BYTES_MAX = 4 * 1024 * 1024
+_BYTES_FIELDS = (
+    "receipt",
+    "node_public_key",
+    "node_signature",
+    "coordinator_public_key",
+    "coordinator_signature",
+)
+
+
+def encode_settle(op: Settle) -> bytes:
+    data: dict[str, Any] = asdict(op)
+    for segment in data["segments"]:
+        for name in _BYTES_FIELDS:
+            segment[name] = base64.b64encode(segment[name]).decode()
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def decode_settle(payload: bytes) -> Settle:
+    data = json.loads(payload)
+    segments = []
+    for segment in data.pop("segments"):
+        for name in _BYTES_FIELDS:
+            segment[name] = base64.b64decode(segment[name])
+        segments.append(SettleSegment(**segment))
+    return Settle(segments=tuple(segments), **data)
+
+
+class IntentLog:
+    """Append-only segments of settlement records in one folder (one writer)."""
+
+    def __init__(self, directory: Path, *, fsync: bool = False) -> None:
+        self.directory = directory
+        self._fsync = fsync
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = self.segments()
+        self._number = (int(existing[-1].stem.split("-")[1]) + 1) if existing else 1
+        self._fd: int | None = None
+        self._size = 0
+        self._outstanding: dict[int, int] = {}
+
+    def segments(self) -> list[Path]:
+        return sorted(self.directory.glob("intents-*.log"))
+
+    def previous_segments(self) -> list[Path]:
+        """Segments left by an earlier process (everything but the one being written)."""
+        current = self._path(self._number)
+        return [path for path in self.segments() if path != current]
+
+    def _path(self, number: int) -> Path:
+        return self.directory / f"intents-{number:010d}.log"
+
+    def append(self, op: Settle) -> int:
+        """Write one record; returns the segment to pass to ``done`` once durable."""
+        if self._fd is None or self._size >= _SEGMENT_BYTES_MAX:
+            self._rotate()
+        payload = encode_settle(op)
+        record = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        assert self._fd is not None
+        os.write(self._fd, record)
+        if self._fsync:
+            os.fsync(self._fd)
+        self._size += len(record)
+        self._outstanding[self._number] = self._outstanding.get(self._number, 0) + 1
+        return self._number
+
+    def done(self, number: int) -> None:
+        """One record of segment ``number`` is durable in the database."""
+        left = self._outstanding.get(number, 0) - 1
+        self._outstanding[number] = left
+        if left <= 0 and number != self._number:
+            del self._outstanding[number]
+            self._path(number).unlink(missing_ok=True)
+
+    def _rotate(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            old = self._number
+            self._number += 1
+            if self._outstanding.get(old, 0) <= 0:
+                self._outstanding.pop(old, None)
+                self._path(old).unlink(missing_ok=True)
+        self._fd = os.open(self._path(self._number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not any(self._outstanding.values()):
+            self._path(self._number).unlink(missing_ok=True)
+
+
+def read_segments(paths: list[Path]) -> list[Settle]:
+    """Every complete record in ``paths``, in order."""
+    ops = []
+    for path in paths:
+        data = path.read_bytes()
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, crc = _HEADER.unpack_from(data, offset)
+            start = offset + _HEADER.size
+            payload = data[start : start + length]
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                break  # torn tail: never acknowledged
+            ops.append(decode_settle(payload))
+            offset = start + length
+    return ops

@@ -1,0 +1,40 @@
+"""The hash chain of the journal.
+
+Entry ``n`` stores ``prev_hash`` (entry ``n-1``'s hash; 32 zero bytes before the first)
+and ``hash = SHA-256(prev_hash || canonical(entry))``. The canonical encoding is the
+fields below, in this order, as UTF-8 text joined by newlines (no field may contain a
+newline: ids are checked, numbers are decimal, absent values are empty). Altering,
+removing, reordering or inserting any entry changes every later hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+GENESIS_HASH = bytes(32)
+
+CHAINED_FIELDS = (
+    "seq",
+    "id",
+    "kind",
+    "phase",
+    "debit_account_id",
+    "credit_account_id",
+    "amount",
+    "pending_id",
+    "request_id",
+    "expires_at_unix_ms",
+    "created_at_unix_ms",
+)
+
+
+def canonical(entry: Mapping[str, Any]) -> bytes:
+    return "\n".join(
+        "" if entry[name] is None else str(entry[name]) for name in CHAINED_FIELDS
+    ).encode()
+
+
+def entry_hash(prev_hash: bytes, entry: Mapping[str, Any]) -> bytes:
+    return hashlib.sha256(prev_hash + canonical(entry)).digest()
