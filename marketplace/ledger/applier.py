@@ -12,13 +12,14 @@ behind (its answer is the exception). The batch is committed once.
 
 from __future__ import annotations
 
+import operator
 import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from marketplace.ledger import money
 from marketplace.ledger.errors import (
@@ -76,6 +77,10 @@ PAYOUTS = "platform.payouts"
 PLATFORM_ACCOUNTS = (FEES, CLEARING, LEASE_ESCROW, DEPOSITS, PAYOUTS)
 
 _IN_CHUNK = 900
+_SINGLE = TransferPhase.SINGLE.value
+_PENDING = TransferPhase.PENDING.value
+_POST = TransferPhase.POST.value
+_VALUE: dict[Any, str] = {m: m.value for m in (*TransferKind, *TransferPhase)}
 
 T_TRANSFERS = Transfer.__table__  # type: ignore[attr-defined]
 T_BALANCES = Balance.__table__  # type: ignore[attr-defined]
@@ -202,33 +207,22 @@ class _Batch:
                     account_ids.add(row.id)
         self._load_accounts(account_ids)
         if request_ids:
-            for chunk in _chunks(request_ids):
-                for row in conn.execute(select(T_HOLDS).where(T_HOLDS.c.request_id.in_(chunk))):
-                    self.open_holds[row.request_id] = dict(row._mapping)
-                for row in conn.execute(
-                    select(T_SETTLEMENTS).where(T_SETTLEMENTS.c.request_id.in_(chunk))
-                ):
-                    self.settlements[row.request_id] = _settlement_record(row._mapping, False)
+            hold_cols = [c.name for c in T_HOLDS.columns]
+            for row in _select_in(conn, T_HOLDS, hold_cols, "request_id", request_ids):
+                self.open_holds[row[1]] = dict(zip(hold_cols, row, strict=True))
+            settle_cols = [c.name for c in T_SETTLEMENTS.columns]
+            for row in _select_in(conn, T_SETTLEMENTS, settle_cols, "request_id", request_ids):
+                mapping = dict(zip(settle_cols, row, strict=True))
+                self.settlements[row[0]] = _settlement_record(mapping, False)
         if transfer_ids:
-            cols = (
-                T_TRANSFERS.c.id,
-                T_TRANSFERS.c.kind,
-                T_TRANSFERS.c.phase,
-                T_TRANSFERS.c.debit_account_id,
-                T_TRANSFERS.c.credit_account_id,
-                T_TRANSFERS.c.amount,
-            )
-            for chunk in _chunks(transfer_ids):
-                for row in conn.execute(select(*cols).where(T_TRANSFERS.c.id.in_(chunk))):
-                    self.transfers[row.id] = dict(row._mapping)
+            cols = ["id", "kind", "phase", "debit_account_id", "credit_account_id", "amount"]
+            for row in _select_in(conn, T_TRANSFERS, cols, "id", transfer_ids):
+                self.transfers[row[0]] = dict(zip(cols, row, strict=True))
         if worker_ids:
-            for chunk in _chunks(worker_ids):
-                for row in conn.execute(
-                    select(T_RECEIPTS.c.worker_request_id, T_RECEIPTS.c.request_id).where(
-                        T_RECEIPTS.c.worker_request_id.in_(chunk)
-                    )
-                ):
-                    self.receipt_owner[row.worker_request_id] = row.request_id
+            for row in _select_in(
+                conn, T_RECEIPTS, ["worker_request_id", "request_id"], "worker_request_id", worker_ids
+            ):
+                self.receipt_owner[row[0]] = row[1]
 
     def _load_accounts(self, account_ids: set[str]) -> None:
         for chunk in _chunks(account_ids):
@@ -325,61 +319,69 @@ class _Batch:
 
     def post(self, entries: list[dict[str, Any]]) -> None:
         """Apply an operation's transfers: all of them, or (on a refused limit) none."""
+        accounts = self.accounts
         touched: dict[str, list[int]] = {}
         for entry in entries:
-            for account_id in (entry["debit_account_id"], entry["credit_account_id"]):
-                if account_id not in touched:
-                    touched[account_id] = list(self.account(account_id).sums)
-        for entry in entries:
-            debit = touched[entry["debit_account_id"]]
-            credit = touched[entry["credit_account_id"]]
+            debit_id = entry["debit_account_id"]
+            credit_id = entry["credit_account_id"]
+            debit = touched.get(debit_id)
+            if debit is None:
+                state = accounts.get(debit_id) or self.account(debit_id)
+                debit = touched[debit_id] = list(state.sums)
+            credit = touched.get(credit_id)
+            if credit is None:
+                state = accounts.get(credit_id) or self.account(credit_id)
+                credit = touched[credit_id] = list(state.sums)
             amount = entry["amount"]
             phase = entry["phase"]
-            if phase == TransferPhase.SINGLE.value:
+            if phase == _SINGLE:
                 debit[0] += amount
                 credit[1] += amount
-            elif phase == TransferPhase.PENDING.value:
+            elif phase == _PENDING:
                 debit[2] += amount
                 credit[3] += amount
             else:
                 pending_amount = entry.pop("_pending_amount")
                 debit[2] -= pending_amount
                 credit[3] -= pending_amount
-                if phase == TransferPhase.POST.value:
+                if phase == _POST:
                     debit[0] += amount
                     credit[1] += amount
         for account_id, sums in touched.items():
-            state = self.accounts[account_id]
+            state = accounts[account_id]
             if state.must_not_overdraw and sums[0] + sums[2] > sums[1]:
                 need = sum(
                     e["amount"]
                     for e in entries
-                    if e["debit_account_id"] == account_id and e["phase"] != "post"
+                    if e["debit_account_id"] == account_id and e["phase"] != _POST
                 )
                 raise InsufficientBalance(need, state.available, account_id)
         for account_id, sums in touched.items():
-            self.accounts[account_id].sums = sums
-            self.dirty.add(account_id)
+            accounts[account_id].sums = sums
+        self.dirty.update(touched)
+        now_ms = self.now_ms
+        head_hash = self.head_hash
+        seq = self.head_seq
         for entry in entries:
-            self.head_seq += 1
-            entry["seq"] = self.head_seq
-            entry.setdefault("pending_id", None)
-            entry.setdefault("request_id", None)
-            entry.setdefault("expires_at_unix_ms", None)
-            entry["created_at_unix_ms"] = self.now_ms
-            entry["prev_hash"] = self.head_hash
-            entry["hash"] = self.head_hash = entry_hash(self.head_hash, entry)
+            seq += 1
+            entry["seq"] = seq
+            entry["created_at_unix_ms"] = now_ms
+            entry["prev_hash"] = head_hash
+            entry["hash"] = head_hash = entry_hash(head_hash, entry)
             self.transfers[entry["id"]] = entry
-            self.new_transfers.append(entry)
+        self.new_transfers.extend(entries)
+        self.head_seq = seq
+        self.head_hash = head_hash
 
     # ---------------------------------------------------------------- writing
 
     def flush(self) -> None:
         conn = self.conn
         if self.new_accounts:
-            conn.execute(T_ACCOUNTS.insert(), self.new_accounts)
-            conn.execute(
-                T_BALANCES.insert(),
+            _insert(conn, T_ACCOUNTS, self.new_accounts)
+            _insert(
+                conn,
+                T_BALANCES,
                 [
                     {
                         "account_id": a["id"],
@@ -392,23 +394,28 @@ class _Batch:
                 ],
             )
         if self.new_transfers:
-            conn.execute(T_TRANSFERS.insert(), self.new_transfers)
-        if self.closed_holds:
-            conn.execute(
-                delete(T_HOLDS).where(T_HOLDS.c.transfer_id == bindparam("b_id")),
-                [{"b_id": tid} for tid in self.closed_holds],
+            _insert(conn, T_TRANSFERS, self.new_transfers)
+        if self.closed_holds and conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(
+                f"DELETE FROM {T_HOLDS.name} WHERE transfer_id = ANY(%s)", (self.closed_holds,)
+            )
+        elif self.closed_holds:
+            _execute_many(
+                conn,
+                f"DELETE FROM {T_HOLDS.name} WHERE transfer_id = {_mark(conn)}",
+                [(tid,) for tid in self.closed_holds],
             )
         if self.new_holds:
-            conn.execute(T_HOLDS.insert(), list(self.new_holds.values()))
+            _insert(conn, T_HOLDS, list(self.new_holds.values()))
         if self.new_settlements:
-            conn.execute(T_SETTLEMENTS.insert(), self.new_settlements)
+            _insert(conn, T_SETTLEMENTS, self.new_settlements)
         if self.new_receipts:
-            conn.execute(T_RECEIPTS.insert(), self.new_receipts)
+            _insert(conn, T_RECEIPTS, self.new_receipts)
         if self.new_rejections:
             conn.execute(T_REJECTIONS.insert(), self.new_rejections)
         new_lease_ids = {lease["id"] for lease in self.new_leases}
         if self.new_leases:
-            conn.execute(T_LEASES.insert(), self.new_leases)
+            _insert(conn, T_LEASES, self.new_leases)
         changed = [
             {"b_id": lid, **{k: self.leases[lid][k] for k in _LEASE_MUTABLE}}
             for lid in self.dirty_leases - new_lease_ids
@@ -421,35 +428,61 @@ class _Batch:
                 changed,
             )
         if self.new_payout_batches:
-            conn.execute(T_PAYOUT_BATCHES.insert(), self.new_payout_batches)
+            _insert(conn, T_PAYOUT_BATCHES, self.new_payout_batches)
         if self.dirty:
-            conn.execute(
-                update(T_BALANCES)
-                .where(T_BALANCES.c.account_id == bindparam("b_id"))
-                .values(
-                    debits_posted=bindparam("b_dp"),
-                    credits_posted=bindparam("b_cp"),
-                    debits_pending=bindparam("b_dq"),
-                    credits_pending=bindparam("b_cq"),
-                ),
-                [
-                    {
-                        "b_id": account_id,
-                        "b_dp": s[0],
-                        "b_cp": s[1],
-                        "b_dq": s[2],
-                        "b_cq": s[3],
-                    }
-                    for account_id in sorted(self.dirty)
-                    for s in (self.accounts[account_id].sums,)
-                ],
+            mark = _mark(conn)
+            _execute_many(
+                conn,
+                f"UPDATE {T_BALANCES.name} SET debits_posted = {mark}, credits_posted = {mark}, "
+                f"debits_pending = {mark}, credits_pending = {mark} WHERE account_id = {mark}",
+                [(*self.accounts[a].sums, a) for a in sorted(self.dirty)],
             )
         if self.new_transfers:
             conn.execute(
-                update(T_HEAD)
-                .where(T_HEAD.c.id == 1)
-                .values(seq=self.head_seq, hash=self.head_hash)
+                update(T_HEAD).where(T_HEAD.c.id == 1).values(seq=self.head_seq, hash=self.head_hash)
             )
+
+
+def _select_in(
+    conn: Connection, table: Any, columns: list[str], key: str, values: Iterable[str]
+) -> Iterable[tuple[Any, ...]]:
+    """Rows of ``table`` whose ``key`` is one of ``values`` (in chunks), on the driver."""
+    head = f"SELECT {', '.join(columns)} FROM {table.name} WHERE {key}"
+    if conn.dialect.name == "postgresql":
+        yield from conn.exec_driver_sql(f"{head} = ANY(%s)", (list(set(values)),)).all()
+        return
+    mark = _mark(conn)
+    head += " IN "
+    for chunk in _chunks(values):
+        sql = head + "(" + ", ".join([mark] * len(chunk)) + ")"
+        yield from conn.exec_driver_sql(sql, tuple(chunk)).all()
+
+
+def _mark(conn: Connection) -> str:
+    return "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+
+def _execute_many(conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """executemany straight on the driver: the hot path skips SQLAlchemy's per-row work."""
+    conn.exec_driver_sql(sql, rows)
+
+
+def _insert(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    columns = [c.name for c in table.columns]
+    mark = _mark(conn)
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "
+        f"VALUES ({', '.join([mark] * len(columns))})"
+    )
+    getter = operator.itemgetter(*columns)
+    if conn.dialect.name == "postgresql":
+        # COPY: one round trip for the whole batch (executemany costs one per row).
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(getter(row))
+        return
+    _execute_many(conn, sql, [getter(row) for row in rows])
 
 
 _LEASE_MUTABLE = ("periods_charged", "charged_micro_usd", "status", "ended_at_unix_ms")
@@ -497,17 +530,26 @@ def _entry(
     debit: str,
     credit: str,
     amount: int,
-    **extra: Any,
+    *,
+    pending_id: str | None = None,
+    request_id: str | None = None,
+    expires_at_unix_ms: int | None = None,
+    _pending_amount: int | None = None,
 ) -> dict[str, Any]:
-    return {
+    entry = {
         "id": transfer_id,
-        "kind": kind.value,
-        "phase": phase.value,
+        "kind": _VALUE[kind],
+        "phase": _VALUE[phase],
         "debit_account_id": debit,
         "credit_account_id": credit,
         "amount": amount,
-        **extra,
+        "pending_id": pending_id,
+        "request_id": request_id,
+        "expires_at_unix_ms": expires_at_unix_ms,
     }
+    if _pending_amount is not None:
+        entry["_pending_amount"] = _pending_amount
+    return entry
 
 
 # -------------------------------------------------------------------- operations

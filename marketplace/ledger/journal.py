@@ -30,9 +30,17 @@ CHAINED_FIELDS = (
 )
 
 
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
 def canonical(entry: Mapping[str, Any]) -> bytes:
-    return "\n".join(
-        "" if entry[name] is None else str(entry[name]) for name in CHAINED_FIELDS
+    """The fields of CHAINED_FIELDS, in order, joined by newlines, UTF-8."""
+    return (
+        f"{entry['seq']}\n{entry['id']}\n{entry['kind']}\n{entry['phase']}\n"
+        f"{entry['debit_account_id']}\n{entry['credit_account_id']}\n{entry['amount']}\n"
+        f"{_text(entry['pending_id'])}\n{_text(entry['request_id'])}\n"
+        f"{_text(entry['expires_at_unix_ms'])}\n{entry['created_at_unix_ms']}"
     ).encode()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from sqlalchemy import BigInteger, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -100,9 +100,12 @@ class Transfer(SQLModel, table=True):
     """One journal entry. Append-only; ``hash`` commits to ``prev_hash`` and every field."""
 
     __tablename__ = "transfers"
-    __table_args__ = (Index("ix_transfers_request_id", "request_id"),)
 
-    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    seq: int = Field(
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False
+        )
+    )
     id: str = Field(max_length=160, unique=True)
     kind: str = Field(max_length=16)
     phase: str = Field(max_length=8)
@@ -131,6 +134,7 @@ class OpenHold(SQLModel, table=True):
     """Pending holds not yet resolved (an index of the journal, for expiry and recovery)."""
 
     __tablename__ = "open_holds"
+    __table_args__ = {"sqlite_with_rowid": False}
 
     transfer_id: str = Field(primary_key=True, max_length=160)
     request_id: str = Field(max_length=128, unique=True)
@@ -145,7 +149,10 @@ class Settlement(SQLModel, table=True):
     """What one request was charged; the idempotency record of settlement."""
 
     __tablename__ = "settlements"
-    __table_args__ = (Index("ix_settlements_account_created", "account_id", "created_at_unix_ms"),)
+    __table_args__ = (
+        Index("ix_settlements_account_created", "account_id", "created_at_unix_ms"),
+        {"sqlite_with_rowid": False},
+    )
 
     request_id: str = Field(primary_key=True, max_length=128)
     account_id: str = Field(max_length=128)
@@ -166,10 +173,13 @@ class Receipt(SQLModel, table=True):
     a receipt can be settled once."""
 
     __tablename__ = "receipts"
-    __table_args__ = (UniqueConstraint("request_id", "segment_index"),)
+    __table_args__ = (
+        UniqueConstraint("request_id", "segment_index"),
+        {"sqlite_with_rowid": False},
+    )
 
     worker_request_id: str = Field(primary_key=True, max_length=128)
-    request_id: str = Field(max_length=128, index=True)
+    request_id: str = Field(max_length=128)  # indexed by the unique (request, segment)
     segment_index: int
     node_id: str = Field(max_length=128)
     model: str = Field(max_length=256)

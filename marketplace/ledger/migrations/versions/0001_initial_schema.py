@@ -23,6 +23,7 @@ PLATFORM_ACCOUNTS = [
     ("platform.deposits", False),
     ("platform.payouts", False),
 ]
+SEQ_TYPE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 BALANCE_COLUMNS = (
     "account_id",
     "debits_posted",
@@ -96,6 +97,7 @@ def upgrade() -> None:
         sa.Column("owner", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
         sa.PrimaryKeyConstraint("transfer_id"),
         sa.UniqueConstraint("request_id"),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "payout_batches",
@@ -141,9 +143,8 @@ def upgrade() -> None:
         sa.Column("created_at_unix_ms", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("worker_request_id"),
         sa.UniqueConstraint("request_id", "segment_index"),
+        sqlite_with_rowid=False,
     )
-    with op.batch_alter_table("receipts", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_receipts_request_id"), ["request_id"], unique=False)
 
     op.create_table(
         "settlements",
@@ -160,6 +161,7 @@ def upgrade() -> None:
         sa.Column("capped_micro_usd", sa.BigInteger(), nullable=False),
         sa.Column("created_at_unix_ms", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("request_id"),
+        sqlite_with_rowid=False,
     )
     with op.batch_alter_table("settlements", schema=None) as batch_op:
         batch_op.create_index(
@@ -168,7 +170,8 @@ def upgrade() -> None:
 
     op.create_table(
         "transfers",
-        sa.Column("seq", sa.BigInteger(), autoincrement=False, nullable=False),
+        # INTEGER on SQLite: the primary key is then the rowid (one B-tree, not two).
+        sa.Column("seq", SEQ_TYPE, autoincrement=False, nullable=False),
         sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=160), nullable=False),
         sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
         sa.Column("phase", sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
@@ -186,8 +189,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
         sa.UniqueConstraint("id"),
     )
-    with op.batch_alter_table("transfers", schema=None) as batch_op:
-        batch_op.create_index("ix_transfers_request_id", ["request_id"], unique=False)
 
     op.create_table(
         "api_keys",
@@ -265,16 +266,12 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_api_keys_account_id"))
 
     op.drop_table("api_keys")
-    with op.batch_alter_table("transfers", schema=None) as batch_op:
-        batch_op.drop_index("ix_transfers_request_id")
 
     op.drop_table("transfers")
     with op.batch_alter_table("settlements", schema=None) as batch_op:
         batch_op.drop_index("ix_settlements_account_created")
 
     op.drop_table("settlements")
-    with op.batch_alter_table("receipts", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_receipts_request_id"))
 
     op.drop_table("receipts")
     with op.batch_alter_table("receipt_rejections", schema=None) as batch_op:

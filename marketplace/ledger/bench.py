@@ -1,0 +1,248 @@
+"""`mercato bench ledger`: settlements per second and the delay to durable.
+
+For SQLite (a temporary folder) and PostgreSQL (a temporary schema in the ``test``
+database on 127.0.0.1:5432, dropped afterwards), each settlement being a hold and its
+settlement (one verified, countersigned receipt; 4 journal entries, a settlement row,
+a receipt row, the hold index):
+
+* ``settle_per_s_*``: saturating throughput of the group-commit writer — all
+  settlements queued as fast as possible, counted until the last one is durable;
+* ``durable_ms_p99_*``: at a steady offered load (10,000/s SQLite, 5,000/s PostgreSQL),
+  the 99th percentile of the delay from the settlement being queued (the response can
+  go to the client) to its commit being durable.
+
+Receipts are signed, verified and countersigned before timing starts: that CPU cost
+belongs to the request path and is reported apart (``receipt_check_us``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mercato.v1 import market_pb2
+
+from marketplace.identity import Identity
+from marketplace.ledger.applier import now_unix_ms
+from marketplace.ledger.models import AccountKind
+from marketplace.ledger.operations import PlaceHold, Settle, SettleSegment
+from marketplace.ledger.receipts import RelayedSegment, check_receipt, countersign, sign_receipt
+from marketplace.ledger.settings import LedgerSettings
+from marketplace.ledger.store import LedgerStore
+from marketplace.ledger.writer import GroupCommitWriter
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+CLIENTS = 64
+NODES = 16
+THROUGHPUT_SETTLEMENTS = 20_000
+STEADY_SECONDS = 2.0
+RATE_SQLITE_PER_S = 10_000
+RATE_POSTGRES_PER_S = 5_000
+
+
+def _make_ops(
+    count: int, clients: list[str], nodes: list[Identity], coordinator: Identity, tag: str
+) -> list[tuple[PlaceHold, Settle]]:
+    template: dict[int, tuple[bytes, bytes]] = {}
+    pairs = []
+    expires = now_unix_ms() + 3_600_000
+    for i in range(count):
+        node = nodes[i % len(nodes)]
+        request_id = f"{tag}-{i}"
+        usage = market_pb2.UsageReceipt(
+            request_id=f"{request_id}#0",
+            node_id=node.node_id,
+            model="bench-model",
+            input_tokens=200 + i % 50,
+            output_tokens=100 + i % 200,
+            price_input_micro_usd_per_mtok=100_000,
+            price_output_micro_usd_per_mtok=300_000,
+        )
+        data = usage.SerializeToString(deterministic=True)
+        # Signing every receipt would dominate set-up time; the signature bytes are real
+        # for one receipt per node and reused (the writer does not re-verify).
+        sig, csig = template.get(i % len(nodes), (b"", b""))
+        if not sig:
+            signed = sign_receipt(usage, node)
+            sig = signed.node_signature
+            csig = countersign(signed, coordinator).coordinator_signature
+            template[i % len(nodes)] = (sig, csig)
+        cost = -(-(usage.input_tokens * 100_000 + usage.output_tokens * 300_000) // 1_000_000)
+        account = clients[i % len(clients)]
+        hold = PlaceHold(request_id, account, 200, expires, "bench")
+        settle = Settle(
+            request_id=request_id,
+            account_id=account,
+            model="bench-model",
+            fee_bps=1000,
+            hold_micro_usd=200,
+            segments=(
+                SettleSegment(
+                    worker_request_id=f"{request_id}#0",
+                    segment_index=0,
+                    node_id=node.node_id,
+                    model="bench-model",
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cost_micro_usd=cost,
+                    receipt=data,
+                    node_public_key=node.public_key,
+                    node_signature=sig,
+                    coordinator_public_key=coordinator.public_key,
+                    coordinator_signature=csig,
+                ),
+            ),
+        )
+        pairs.append((hold, settle))
+    return pairs
+
+
+def _receipt_check_us(coordinator: Identity, node: Identity, rounds: int = 500) -> float:
+    usage = market_pb2.UsageReceipt(
+        request_id="r#0",
+        node_id=node.node_id,
+        model="m",
+        input_tokens=10,
+        output_tokens=20,
+        price_input_micro_usd_per_mtok=1,
+        price_output_micro_usd_per_mtok=2,
+    )
+    signed = sign_receipt(usage, node)
+    relayed = RelayedSegment("r#0", node.node_id, "m", 10, 20, 1, 2)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        check_receipt(signed, relayed)
+        countersign(signed, coordinator)
+    return (time.perf_counter() - start) / rounds * 1e6
+
+
+async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float]:
+    store = LedgerStore.open(settings)
+    coordinator = Identity.generate()
+    nodes = [Identity.generate() for _ in range(NODES)]
+    clients = []
+    for i in range(CLIENTS):
+        account = store.create_account(AccountKind.CLIENT, f"bench-client-{i}")
+        store.deposit(account.id, 10**12)
+        clients.append(account.id)
+    writer = GroupCommitWriter(store.engine, batch_max=settings.commit_batch_max)
+    writer.start()
+    try:
+        # warm-up (creates the provider accounts)
+        warm = _make_ops(200, clients, nodes, coordinator, "warm")
+        await asyncio.gather(*(writer.submit(op) for pair in warm for op in pair))
+
+        pairs = _make_ops(THROUGHPUT_SETTLEMENTS, clients, nodes, coordinator, "tput")
+        batches_before = writer.batches
+        start = time.perf_counter()
+        futures = []
+        for index, (hold, settle) in enumerate(pairs):
+            writer.submit(hold)
+            futures.append(writer.submit(settle))
+            if index % 500 == 499:
+                await asyncio.sleep(0)  # let the writer start early, as live traffic would
+        await asyncio.gather(*futures)
+        elapsed = time.perf_counter() - start
+        throughput = len(pairs) / elapsed
+        mean_batch = 2 * len(pairs) / max(1, writer.batches - batches_before)
+
+        steady = _make_ops(int(rate_per_s * STEADY_SECONDS), clients, nodes, coordinator, "steady")
+        delays: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        def _record(submitted: float) -> Any:
+            return lambda _f: delays.append(loop.time() - submitted)
+
+        start = loop.time()
+        sent = 0
+        pending = []
+        while sent < len(steady):
+            due = min(len(steady), int((loop.time() - start) * rate_per_s) + 1)
+            while sent < due:
+                hold, settle = steady[sent]
+                writer.submit(hold)
+                now = loop.time()
+                future = writer.submit(settle)
+                future.add_done_callback(_record(now))
+                pending.append(future)
+                sent += 1
+            await asyncio.sleep(0.0005)
+        await asyncio.gather(*pending)
+        delays.sort()
+        p99 = delays[int(len(delays) * 0.99) - 1] * 1000
+        p50 = statistics.median(delays) * 1000
+    finally:
+        await writer.close()
+        store.close()
+    return {
+        "settle_per_s": round(throughput),
+        "durable_ms_p99": round(p99, 2),
+        "durable_ms_p50": round(p50, 2),
+        "ops_per_batch_mean": round(mean_batch, 1),
+        "offered_per_s": rate_per_s,
+    }
+
+
+def _sqlite() -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="mercato-bench-") as folder:
+        settings = LedgerSettings(
+            database_url=f"sqlite:///{Path(folder) / 'bench.db'}",
+            intent_log_dir=Path(folder) / "intents",
+        )
+        return asyncio.run(_measure(settings, RATE_SQLITE_PER_S))
+
+
+def _postgres() -> dict[str, float] | str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    schema = f"bench_{secrets.token_hex(4)}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except OperationalError as exc:
+        admin.dispose()
+        return f"PostgreSQL unreachable at 127.0.0.1:5432 ({exc.orig})"
+    try:
+        settings = LedgerSettings(
+            database_url=f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}",
+        )
+        return asyncio.run(_measure(settings, RATE_POSTGRES_PER_S))
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+def run(json_output: bool = False) -> dict[str, Any]:
+    """Run both backends; print a table; return the numbers (keys as documented above)."""
+    result: dict[str, Any] = {
+        "receipt_check_us": round(_receipt_check_us(Identity.generate(), Identity.generate()), 1)
+    }
+    sqlite = _sqlite()
+    for key, value in sqlite.items():
+        result[f"{key}_sqlite"] = value
+    postgres = _postgres()
+    if isinstance(postgres, str):
+        result["postgres_error"] = postgres
+    else:
+        for key, value in postgres.items():
+            result[f"{key}_postgres"] = value
+    print("backend     settle/s   durable p50 ms   durable p99 ms   ops/batch   offered/s")
+    for name in ("sqlite", "postgres"):
+        if f"settle_per_s_{name}" in result:
+            print(
+                f"{name:<10} {result[f'settle_per_s_{name}']:>9} "
+                f"{result[f'durable_ms_p50_{name}']:>16} {result[f'durable_ms_p99_{name}']:>16} "
+                f"{result[f'ops_per_batch_mean_{name}']:>11} {result[f'offered_per_s_{name}']:>11}"
+            )
+    print(f"receipt check + countersign: {result['receipt_check_us']} us per receipt (request path)")
+    if "postgres_error" in result:
+        print(result["postgres_error"])
+    return result
