@@ -1,0 +1,162 @@
+"""The node's agent: registers its signed offer with a coordinator and keeps it live.
+
+Life of the agent, forever until stopped::
+
+    register (signed offer) ──ok──▶ heartbeat stream: one NodeLoad every interval,
+        ▲                                 each answered by the coordinator
+        └──── backoff (doubling, capped) ◀── any failure: refused, stream ended,
+                                              no answer within the liveness timeout
+
+Every registration signs a new offer with a higher sequence, so a coordinator that
+restarted, or one that dropped the node, takes it back. The session token is a secret:
+it goes only into the heartbeat metadata, never into a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import grpc.aio
+from mercato.v1 import market_pb2, node_pb2, node_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+NODE_ID_METADATA = "x-mercato-node-id"
+SESSION_METADATA = "x-mercato-session"
+REGISTER_TIMEOUT_S = 10.0
+
+OfferSigner = Callable[[int], market_pb2.SignedOffer]
+LoadReader = Callable[[], node_pb2.NodeLoad]
+
+
+class NodeAgent:
+    """Registers with one coordinator and heartbeats; re-registers after any failure."""
+
+    def __init__(
+        self,
+        coordinator_address: str,
+        sign_offer: OfferSigner,
+        read_load: LoadReader,
+        *,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self._address = coordinator_address
+        self._sign_offer = sign_offer
+        self._read_load = read_load
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        # Offers from one node must increase across restarts too: start at the clock.
+        self._sequence = time.time_ns() // 1_000_000
+        self._task: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+        self.registrations = 0
+        self.node_id: str | None = None
+        self.coordinator_public_key: bytes = b""
+        self.heartbeat_round_trip_s: float | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="mercato-node-agent")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run(self) -> None:
+        """Register and heartbeat until cancelled."""
+        backoff_s = self._backoff_initial_s
+        async with grpc.aio.insecure_channel(self._address) as channel:
+            stub = node_pb2_grpc.NodeControlServiceStub(channel)
+            while True:
+                try:
+                    response = await self._register(stub)
+                    backoff_s = self._backoff_initial_s
+                    await self._heartbeat(stub, response)
+                    logger.warning("coordinator %s ended the heartbeat stream", self._address)
+                except asyncio.CancelledError:
+                    raise
+                except grpc.aio.AioRpcError as exc:
+                    logger.warning(
+                        "coordinator %s: %s (%s); registering again in %.1f s",
+                        self._address,
+                        exc.code().name,
+                        exc.details(),
+                        backoff_s,
+                    )
+                except Exception:
+                    logger.exception("agent failure; registering again in %.1f s", backoff_s)
+                self.registered.clear()
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self._backoff_max_s)
+
+    async def _register(
+        self, stub: node_pb2_grpc.NodeControlServiceStub
+    ) -> node_pb2.RegisterResponse:
+        self._sequence += 1
+        offer = self._sign_offer(self._sequence)
+        response: node_pb2.RegisterResponse = await stub.Register(
+            node_pb2.RegisterRequest(offer=offer), timeout=REGISTER_TIMEOUT_S
+        )
+        self.node_id = response.node_id
+        self.coordinator_public_key = response.coordinator_public_key
+        self.registrations += 1
+        self.registered.set()
+        logger.info(
+            "registered with coordinator %s as %s (heartbeat every %d ms)",
+            self._address,
+            response.node_id,
+            response.heartbeat_interval_ms,
+        )
+        return response
+
+    async def _heartbeat(
+        self,
+        stub: node_pb2_grpc.NodeControlServiceStub,
+        registration: node_pb2.RegisterResponse,
+    ) -> None:
+        interval_s = max(registration.heartbeat_interval_ms, 10) / 1000
+        liveness_s = max(registration.liveness_timeout_ms / 1000, 2 * interval_s)
+        sent_at: dict[int, float] = {}
+
+        async def requests() -> AsyncIterator[node_pb2.HeartbeatRequest]:
+            sequence = 0
+            while True:
+                sequence += 1
+                sent_at[sequence] = time.monotonic()
+                if len(sent_at) > 64:
+                    sent_at.pop(min(sent_at))
+                yield node_pb2.HeartbeatRequest(sequence=sequence, load=self._read_load())
+                await asyncio.sleep(interval_s)
+
+        call = stub.Heartbeat(
+            requests(),
+            metadata=(
+                (NODE_ID_METADATA, registration.node_id),
+                (SESSION_METADATA, registration.session_token),
+            ),
+        )
+        try:
+            while True:
+                try:
+                    answer = await asyncio.wait_for(call.read(), timeout=liveness_s)
+                except TimeoutError:
+                    logger.warning(
+                        "coordinator %s answered no heartbeat for %.1f s", self._address, liveness_s
+                    )
+                    return
+                if answer is grpc.aio.EOF:
+                    return
+                sent = sent_at.pop(answer.sequence, None)
+                if sent is not None:
+                    self.heartbeat_round_trip_s = time.monotonic() - sent
+        finally:
+            call.cancel()

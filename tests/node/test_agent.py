@@ -1,0 +1,116 @@
+"""The agent against a tiny in-test NodeControlService: register, heartbeat, come back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from mercato.v1 import market_pb2, node_pb2
+
+from marketplace.identity import Identity
+from node.agent import NODE_ID_METADATA, SESSION_METADATA, NodeAgent
+from node.hardware import HardwareInfo
+from node.offer import build_offer, sign_offer
+from node.settings import NodeSettings
+
+from .control_fake import SESSION_TOKEN, RecordingControl, start_control
+
+
+def _agent(address: str, identity: Identity, tmp_path) -> NodeAgent:  # type: ignore[no-untyped-def]
+    settings = NodeSettings(home=tmp_path)
+    hardware = HardwareInfo(cpu_cores=2, memory_bytes=2**30, cpu_model="x")
+
+    def signed(sequence: int) -> market_pb2.SignedOffer:
+        return sign_offer(
+            identity,
+            build_offer(
+                settings,
+                public_key=identity.public_key,
+                worker_address="127.0.0.1:9",
+                hardware=hardware,
+                context_length=2048,
+                sequence=sequence,
+            ),
+        )
+
+    return NodeAgent(
+        address,
+        signed,
+        lambda: node_pb2.NodeLoad(running_requests=3, output_tokens_per_s=42),
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+
+
+async def _until(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 (polling state owned by grpc tasks)
+            await asyncio.sleep(0.01)
+
+
+async def test_registers_then_heartbeats_with_session_metadata(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    control = RecordingControl()
+    server, port = await start_control(control)
+    identity = Identity.generate()
+    agent = _agent(f"127.0.0.1:{port}", identity, tmp_path)
+    agent.start()
+    try:
+        await _until(lambda: len(control.heartbeats) >= 3)
+        assert agent.registered.is_set()
+        assert agent.node_id == identity.node_id
+        [offer] = control.offers
+        assert offer.node_public_key == identity.public_key
+        metadata, heartbeat = control.heartbeats[0]
+        assert metadata[NODE_ID_METADATA] == identity.node_id
+        assert metadata[SESSION_METADATA] == SESSION_TOKEN
+        assert heartbeat.load.running_requests == 3
+        assert heartbeat.load.output_tokens_per_s == 42
+        assert [hb.sequence for _, hb in control.heartbeats[:3]] == [1, 2, 3]
+        await _until(lambda: agent.heartbeat_round_trip_s is not None)
+    finally:
+        await agent.stop()
+        await server.stop(0)
+    assert SESSION_TOKEN not in caplog.text
+
+
+async def test_re_registers_when_the_stream_ends(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    control = RecordingControl()
+    control.end_streams_after = 2
+    server, port = await start_control(control)
+    agent = _agent(f"127.0.0.1:{port}", Identity.generate(), tmp_path)
+    agent.start()
+    try:
+        await _until(lambda: len(control.offers) >= 3)
+        sequences = [offer.sequence for offer in control.offers]
+        assert sequences == sorted(set(sequences))  # every new offer has a higher sequence
+    finally:
+        await agent.stop()
+        await server.stop(0)
+
+
+async def test_comes_back_after_the_coordinator_restarts(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    first = RecordingControl()
+    server, port = await start_control(first)
+    agent = _agent(f"127.0.0.1:{port}", Identity.generate(), tmp_path)
+    agent.start()
+    try:
+        await _until(lambda: len(first.heartbeats) >= 1)
+        await server.stop(0)
+        await _until(lambda: not agent.registered.is_set())
+        await asyncio.sleep(0.3)  # a few refused attempts while it is down
+        second = RecordingControl()
+        server, _ = await start_control(second, port)
+        await _until(lambda: len(second.heartbeats) >= 2)
+        assert len(second.offers) == 1
+        assert agent.registrations >= 2
+    finally:
+        await agent.stop()
+        await server.stop(0)
+    assert SESSION_TOKEN not in caplog.text

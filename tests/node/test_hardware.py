@@ -1,0 +1,63 @@
+"""The hardware probe: never fails, describes the CPU, and fills the proto."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from mercato.v1 import market_pb2
+
+from node import hardware
+from node.hardware import GpuInfo, HardwareInfo
+
+
+def test_probe_on_this_machine_reports_usable_cores_and_memory() -> None:
+    info = hardware.probe()
+    assert info.cpu_cores == len(os.sched_getaffinity(0))
+    assert info.memory_bytes > 0
+    assert info.cpu_model
+
+
+def test_missing_nvml_means_a_cpu_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynvml
+
+    def no_driver() -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    assert hardware.probe_nvidia_gpus() == ()
+    assert hardware.probe().to_proto().accelerator == market_pb2.ACCELERATOR_KIND_CPU
+
+
+def test_absent_pynvml_module_means_a_cpu_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import raises ImportError
+    assert hardware.probe_nvidia_gpus() == ()
+
+
+def test_gpus_reported_by_nvml_become_the_proto(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynvml
+
+    class Memory:
+        total = 80 * 2**30
+
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 2)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: index)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda handle: b"NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: Memory())
+    gpus = hardware.probe_nvidia_gpus()
+    assert gpus == (GpuInfo("NVIDIA H100 80GB HBM3", 80 * 2**30),) * 2
+    proto = HardwareInfo(cpu_cores=16, memory_bytes=2**37, cpu_model="x", gpus=gpus).to_proto()
+    assert proto.accelerator == market_pb2.ACCELERATOR_KIND_NVIDIA_GPU
+    assert [g.name for g in proto.gpus] == ["NVIDIA H100 80GB HBM3"] * 2
+    assert proto.gpus[0].memory_bytes == 80 * 2**30
+
+
+def test_cpu_model_is_read_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU @ 3.00GHz\nflags\t: avx\n")
+    assert hardware.cpu_model(cpuinfo) == "Example CPU @ 3.00GHz"
+    assert hardware.cpu_model(tmp_path / "missing")  # falls back, never empty

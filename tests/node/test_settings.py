@@ -1,0 +1,54 @@
+"""NodeSettings: defaults derived from home, bounds, and cross-field errors naming the flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from node.settings import EngineBackend, NodeSettings
+
+
+def test_paths_default_under_home(tmp_path: Path) -> None:
+    settings = NodeSettings(home=tmp_path)
+    assert settings.identity_path == tmp_path / "node" / "identity.key"
+    assert settings.models_dir == tmp_path / "models"
+    assert settings.engine is EngineBackend.VLLM
+    assert settings.worker_address(4242) == "127.0.0.1:4242"
+
+
+def test_environment_is_read_with_the_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MERCATO_NODE_REGION", "us-east-2")
+    monkeypatch.setenv("MERCATO_NODE_ENGINE", "fake")
+    monkeypatch.setenv("MERCATO_NODE_PORT", "0")
+    settings = NodeSettings(home=tmp_path)
+    assert (settings.region, settings.engine, settings.port) == ("us-east-2", EngineBackend.FAKE, 0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"region": "EU West"},
+        {"region": "-x"},
+        {"port": 70000},
+        {"max_concurrency": 0},
+        {"price_input_micro_usd_per_mtok": -1},
+        {"engine": "tensorrt"},
+        {"register_backoff_initial_ms": 5000, "register_backoff_max_ms": 100},
+    ],
+)
+def test_out_of_bounds_values_are_refused(tmp_path: Path, overrides: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        NodeSettings(home=tmp_path, **overrides)  # type: ignore[arg-type]
+
+
+def test_a_wildcard_listen_host_needs_an_advertised_address(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="advertise_address"):
+        NodeSettings(home=tmp_path, listen_host="0.0.0.0")
+    settings = NodeSettings(
+        home=tmp_path, listen_host="0.0.0.0", advertise_address="node.example:7701"
+    )
+    assert settings.worker_address(1234) == "node.example:7701"

@@ -1,0 +1,271 @@
+"""The worker's Generate through a real in-process grpc.aio server over the FakeEngine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import grpc.aio
+import pytest
+from mercato.v1 import common_pb2, market_pb2, node_pb2
+
+from marketplace.identity import verify
+from node.receipts import RECEIPT_DOMAIN
+
+from .conftest import MODEL, PRICE_INPUT, PRICE_OUTPUT, WorkerHarness, chat_request, collect
+
+
+async def test_streams_deltas_then_a_final_with_counts(harness: WorkerHarness) -> None:
+    deltas, final = await collect(harness.stub.Generate(chat_request(max_tokens=5)))
+    assert final is not None
+    assert len(deltas) == 5
+    assert all(len(d.token_ids) == 1 and d.text for d in deltas)
+    assert final.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert final.output_tokens == 5
+    prompt_ids = harness.engine.render_chat([("user", "hello")])
+    assert final.input_tokens == len(prompt_ids)
+
+
+async def test_receipt_is_signed_by_the_node_and_matches_the_final(
+    harness: WorkerHarness,
+) -> None:
+    request = chat_request(max_tokens=3, request_id="receipt-1")
+    request.segment_index = 2
+    request.lease_id = "lease-9"
+    _, final = await collect(harness.stub.Generate(request))
+    assert final is not None
+    signed = final.receipt
+    assert signed.node_public_key == harness.identity.public_key
+    assert verify(signed.node_public_key, RECEIPT_DOMAIN, signed.receipt, signed.node_signature)
+    receipt = market_pb2.UsageReceipt.FromString(signed.receipt)
+    assert receipt.request_id == "receipt-1"
+    assert receipt.node_id == harness.identity.node_id
+    assert receipt.model == MODEL
+    assert (receipt.input_tokens, receipt.output_tokens) == (final.input_tokens, 3)
+    assert receipt.price_input_micro_usd_per_mtok == PRICE_INPUT
+    assert receipt.price_output_micro_usd_per_mtok == PRICE_OUTPUT
+    assert receipt.segment_index == 2 and receipt.lease_id == "lease-9"
+    assert receipt.started_at_unix_ms <= receipt.finished_at_unix_ms
+    assert not signed.coordinator_signature
+
+
+async def test_a_tampered_receipt_does_not_verify(harness: WorkerHarness) -> None:
+    _, final = await collect(harness.stub.Generate(chat_request(max_tokens=2)))
+    assert final is not None
+    receipt = market_pb2.UsageReceipt.FromString(final.receipt.receipt)
+    receipt.output_tokens += 1
+    tampered = receipt.SerializeToString()
+    assert not verify(
+        final.receipt.node_public_key, RECEIPT_DOMAIN, tampered, final.receipt.node_signature
+    )
+
+
+async def test_resume_token_ids_count_as_input(harness: WorkerHarness) -> None:
+    plain = chat_request(max_tokens=2)
+    resumed = chat_request(max_tokens=2)
+    resumed.resume_token_ids.extend([260, 261, 262])
+    _, final_plain = await collect(harness.stub.Generate(plain))
+    _, final_resumed = await collect(harness.stub.Generate(resumed))
+    assert final_plain is not None and final_resumed is not None
+    assert final_resumed.input_tokens == final_plain.input_tokens + 3
+
+
+async def test_raw_prompt_and_stop_strings(harness: WorkerHarness) -> None:
+    request = node_pb2.WorkerGenerateRequest(
+        request_id="p", model=MODEL, prompt="abc", sampling=common_pb2.SamplingParams(max_tokens=50)
+    )
+    deltas, final = await collect(harness.stub.Generate(request))
+    assert final is not None and final.input_tokens == 3
+    text = "".join(d.text for d in deltas)
+    stop_word = text.split()[3]
+    request.sampling.stop.append(stop_word)
+    deltas, final = await collect(harness.stub.Generate(request))
+    assert final is not None
+    assert final.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert stop_word not in "".join(d.text for d in deltas)
+
+
+@pytest.mark.parametrize(
+    ("request_factory", "code", "needle"),
+    [
+        (lambda: chat_request(model="other-model"), grpc.StatusCode.NOT_FOUND, "model"),
+        (lambda: chat_request(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (lambda: chat_request(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (lambda: chat_request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (lambda: chat_request(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (lambda: chat_request(stop=["x"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
+        (lambda: chat_request(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop[0]"),
+        (lambda: chat_request(stop=["y" * 129]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]"),
+        (lambda: chat_request(request_id=""), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+        (
+            lambda: node_pb2.WorkerGenerateRequest(request_id="r", model=MODEL),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input",
+        ),
+        (
+            lambda: node_pb2.WorkerGenerateRequest(
+                request_id="r", model=MODEL, chat=common_pb2.ChatInput()
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "chat.messages",
+        ),
+        (
+            lambda: node_pb2.WorkerGenerateRequest(
+                request_id="r",
+                model=MODEL,
+                chat=common_pb2.ChatInput(
+                    messages=[common_pb2.ChatMessage(role="wizard", content="hi")]
+                ),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "chat.messages[0].role",
+        ),
+        (
+            # 256-token context: a 10-token prompt plus 250 new tokens does not fit.
+            lambda: node_pb2.WorkerGenerateRequest(
+                request_id="r",
+                model=MODEL,
+                prompt="0123456789",
+                sampling=common_pb2.SamplingParams(max_tokens=250),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "context length 256",
+        ),
+        (
+            lambda: node_pb2.WorkerGenerateRequest(
+                request_id="r", model=MODEL, prompt="x", resume_token_ids=[10**6]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "resume_token_ids",
+        ),
+    ],
+)
+async def test_invalid_requests_get_a_status_naming_the_field(
+    harness: WorkerHarness, request_factory, code: grpc.StatusCode, needle: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(harness.stub.Generate(request_factory()))
+    assert raised.value.code() == code
+    assert needle in (raised.value.details() or "")
+    assert harness.engine.running_request_ids == frozenset()
+
+
+async def test_the_context_limit_is_inclusive(harness: WorkerHarness) -> None:
+    request = node_pb2.WorkerGenerateRequest(
+        request_id="r",
+        model=MODEL,
+        prompt="0123456789",
+        sampling=common_pb2.SamplingParams(max_tokens=246),
+    )
+    _, final = await collect(harness.stub.Generate(request))
+    assert final is not None and final.output_tokens == 246
+
+
+async def test_client_cancel_aborts_the_engine_request() -> None:
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=50)
+    try:
+        call = harness.stub.Generate(chat_request(max_tokens=200, request_id="to-cancel"))
+        received = 0
+        async for response in call:
+            if response.HasField("delta"):
+                received += 1
+                if received == 2:
+                    break
+        assert harness.engine.running_request_ids == frozenset({"to-cancel"})
+        call.cancel()
+        for _ in range(200):
+            if not harness.engine.running_request_ids:
+                break
+            await asyncio.sleep(0.01)
+        assert harness.engine.running_request_ids == frozenset()
+        assert harness.engine.aborted_request_ids == ["to-cancel"]
+        assert harness.worker.in_flight == 0
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_deadline_aborts_the_engine_request() -> None:
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=50)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await collect(
+                harness.stub.Generate(chat_request(max_tokens=200, request_id="slow"), timeout=0.3)
+            )
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(200):
+            if "slow" in harness.engine.aborted_request_ids:
+                break
+            await asyncio.sleep(0.01)
+        assert harness.engine.aborted_request_ids == ["slow"]
+        assert harness.engine.running_request_ids == frozenset()
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_more_than_max_concurrency_is_resource_exhausted() -> None:
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=20, max_concurrency=2)
+    try:
+        calls = [
+            harness.stub.Generate(chat_request(max_tokens=100, request_id=f"c{i}"))
+            for i in range(2)
+        ]
+        for call in calls:  # both are running once each has produced a token
+            await call.read()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await collect(harness.stub.Generate(chat_request(max_tokens=1, request_id="c3")))
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_concurrency" in (raised.value.details() or "")
+        for call in calls:
+            call.cancel()
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_a_dead_engine_ends_the_stream_with_unavailable() -> None:
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=50)
+    try:
+        call = harness.stub.Generate(chat_request(max_tokens=100, request_id="dies"))
+        first = await call.read()
+        assert first.HasField("delta")
+        harness.engine.kill()
+        responses = []
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                responses.append(response)
+            await call  # the status, which must not be OK
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        errors = [r.error for r in responses if r.HasField("error")]
+        assert errors and errors[0].code == common_pb2.ERROR_CODE_UNAVAILABLE
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_health_and_reflection_are_served(harness: WorkerHarness) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(harness.channel)
+    answer = await stub.Check(health_pb2.HealthCheckRequest(service="mercato.v1.NodeWorkerService"))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
+
+    async def one_request():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    async for response in reflection.ServerReflectionInfo(one_request()):
+        names = {s.name for s in response.list_services_response.service}
+        assert "mercato.v1.NodeWorkerService" in names
+        break
