@@ -223,9 +223,13 @@ class FakeNode:
                 ("x-mercato-session", self.session_token),
             ),
         )
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            async for _ in call:
-                self.heartbeats_answered += 1
+        try:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for _ in call:
+                    self.heartbeats_answered += 1
+        finally:
+            # A task cancelled before the call is set up does not cancel the call itself.
+            call.cancel()
 
     def go_silent(self) -> None:
         """Stop beating but keep the heartbeat stream open."""

@@ -41,7 +41,7 @@ def test_signature_by_another_key_is_unauthenticated(identity: Identity) -> None
     other = Identity.generate()
     raw = offer.SerializeToString()
     signed = market_pb2.SignedOffer(offer=raw, signature=other.sign("mercato.v1.NodeOffer", raw))
-    with pytest.raises(OfferSignatureInvalid, match="^signature"):
+    with pytest.raises(OfferSignatureInvalid, match=r"^signature"):
         check(signed)
 
 
@@ -73,21 +73,21 @@ def test_appended_unknown_field_breaks_the_signature(identity: Identity) -> None
 @pytest.mark.parametrize("skew_s", [-3600, -61, 61, 3600])
 def test_stale_or_future_offer_is_refused(identity: Identity, skew_s: int) -> None:
     offer = make_offer(identity, issued_at_unix_ms=now_unix_ms() - skew_s * 1000)
-    with pytest.raises(OfferInvalid, match="^issued_at_unix_ms"):
+    with pytest.raises(OfferInvalid, match=r"^issued_at_unix_ms"):
         check(sign_offer(identity, offer))
 
 
 def test_not_a_node_offer(identity: Identity) -> None:
-    with pytest.raises(OfferInvalid, match="^offer"):
+    with pytest.raises(OfferInvalid, match=r"^offer"):
         check(market_pb2.SignedOffer(offer=b"\xff\xff\xff", signature=bytes(64)))
-    with pytest.raises(OfferInvalid, match="^offer"):
+    with pytest.raises(OfferInvalid, match=r"^offer"):
         check(market_pb2.SignedOffer())
 
 
 def test_short_public_key(identity: Identity) -> None:
     offer = make_offer(identity)
     offer.node_public_key = b"\x01" * 31
-    with pytest.raises(OfferInvalid, match="^node_public_key"):
+    with pytest.raises(OfferInvalid, match=r"^node_public_key"):
         check(sign_offer(identity, offer))
 
 
@@ -96,7 +96,7 @@ def test_short_public_key(identity: Identity) -> None:
 )
 def test_bad_region(identity: Identity, region: str) -> None:
     offer = make_offer(identity, region=region)
-    with pytest.raises(OfferInvalid, match="^region"):
+    with pytest.raises(OfferInvalid, match=r"^region"):
         check(sign_offer(identity, offer))
 
 
@@ -130,7 +130,7 @@ def test_good_region(identity: Identity, region: str) -> None:
 )
 def test_bad_worker_address(identity: Identity, address: str) -> None:
     offer = make_offer(identity, worker_address=address)
-    with pytest.raises(OfferInvalid, match="^worker_address"):
+    with pytest.raises(OfferInvalid, match=r"^worker_address"):
         check(sign_offer(identity, offer))
 
 
@@ -157,14 +157,14 @@ def test_price_over_the_bound(identity: Identity, field: str, value: int) -> Non
 def test_gpu_hour_price_over_the_bound(identity: Identity) -> None:
     offer = make_offer(identity)
     offer.price_micro_usd_per_gpu_hour = 10**13
-    with pytest.raises(OfferInvalid, match="^price_micro_usd_per_gpu_hour"):
+    with pytest.raises(OfferInvalid, match=r"^price_micro_usd_per_gpu_hour"):
         check(sign_offer(identity, offer))
 
 
 @pytest.mark.parametrize("models", [(), tuple(f"m{i}" for i in range(17)), ("a", "a")])
 def test_bad_model_list(identity: Identity, models: tuple[str, ...]) -> None:
     offer = make_offer(identity, models=models)
-    with pytest.raises(OfferInvalid, match="^models"):
+    with pytest.raises(OfferInvalid, match=r"^models"):
         check(sign_offer(identity, offer))
 
 
@@ -185,7 +185,7 @@ def test_bad_context_length(identity: Identity, context_length: int) -> None:
 @pytest.mark.parametrize("concurrency", [0, 4097])
 def test_bad_max_concurrency(identity: Identity, concurrency: int) -> None:
     offer = make_offer(identity, max_concurrency=concurrency)
-    with pytest.raises(OfferInvalid, match="^max_concurrency"):
+    with pytest.raises(OfferInvalid, match=r"^max_concurrency"):
         check(sign_offer(identity, offer))
 
 
@@ -227,7 +227,7 @@ def _hardware_cases():
 def test_insane_hardware(identity: Identity, change) -> None:
     offer = make_offer(identity)
     change(offer)
-    with pytest.raises(OfferInvalid, match="^hardware"):
+    with pytest.raises(OfferInvalid, match=r"^hardware"):
         check(sign_offer(identity, offer))
 
 

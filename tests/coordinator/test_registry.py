@@ -44,7 +44,7 @@ async def test_sequence_must_increase(registry: NodeRegistry) -> None:
     identity = Identity.generate()
     registry.register(signed(identity, sequence=5))
     for stale in (5, 4):
-        with pytest.raises(OfferInvalid, match="^sequence"):
+        with pytest.raises(OfferInvalid, match=r"^sequence"):
             registry.register(signed(identity, sequence=stale))
     registry.register(signed(identity, sequence=6))
 
@@ -53,7 +53,7 @@ async def test_sequence_is_remembered_after_a_drop(registry: NodeRegistry) -> No
     identity = Identity.generate()
     registry.register(signed(identity, sequence=5))
     registry.drop(identity.node_id, "test")
-    with pytest.raises(OfferInvalid, match="^sequence"):
+    with pytest.raises(OfferInvalid, match=r"^sequence"):
         registry.register(signed(identity, sequence=5))  # a replayed offer
 
 

@@ -214,7 +214,8 @@ async def test_client_deadline_bounds_the_worker_call(client, make_node: NodeFac
         await collect(client, chat_request(), timeout_s=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     [remaining] = node.worker.time_remaining_s
-    assert remaining is not None and 0 < remaining <= 1.0
+    # gRPC rounds the timeout it puts on the wire up a little; no deadline at all is None.
+    assert remaining is not None and 0 < remaining <= 1.1
     await asyncio.wait_for(node.worker.cancelled.wait(), 5)
 
 

@@ -46,7 +46,7 @@ def test_valid_request_builds_the_worker_request() -> None:
 
 
 def test_limits_from_settings() -> None:
-    with pytest.raises(RequestInvalid, match="^prompt"):
+    with pytest.raises(RequestInvalid, match=r"^prompt"):
         validate_request(request(prompt="x" * 101), SETTINGS)
     validate_request(request(prompt="x" * 100), SETTINGS)
     with pytest.raises(RequestInvalid, match=r"^chat\.messages: 4 messages"):
@@ -66,7 +66,7 @@ def test_good_request_ids(request_id: str) -> None:
 
 @pytest.mark.parametrize("request_id", ["a b", "x" * 129, "ä", "a\n", "a/b"])
 def test_bad_request_ids(request_id: str) -> None:
-    with pytest.raises(RequestInvalid, match="^request_id"):
+    with pytest.raises(RequestInvalid, match=r"^request_id"):
         validate_request(request(request_id=request_id), SETTINGS)
 
 
@@ -93,5 +93,5 @@ def test_stop_strings() -> None:
 
 
 def test_lease_is_not_found() -> None:
-    with pytest.raises(LeaseNotFound, match="^lease_id"):
+    with pytest.raises(LeaseNotFound, match=r"^lease_id"):
         validate_request(request(lease_id="l-1"), SETTINGS)
