@@ -220,7 +220,11 @@ class _Batch:
                 self.transfers[row[0]] = dict(zip(cols, row, strict=True))
         if worker_ids:
             for row in _select_in(
-                conn, T_RECEIPTS, ["worker_request_id", "request_id"], "worker_request_id", worker_ids
+                conn,
+                T_RECEIPTS,
+                ["worker_request_id", "request_id"],
+                "worker_request_id",
+                worker_ids,
             ):
                 self.receipt_owner[row[0]] = row[1]
 
@@ -439,7 +443,9 @@ class _Batch:
             )
         if self.new_transfers:
             conn.execute(
-                update(T_HEAD).where(T_HEAD.c.id == 1).values(seq=self.head_seq, hash=self.head_hash)
+                update(T_HEAD)
+                .where(T_HEAD.c.id == 1)
+                .values(seq=self.head_seq, hash=self.head_hash)
             )
 
 

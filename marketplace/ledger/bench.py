@@ -242,7 +242,9 @@ def run(json_output: bool = False) -> dict[str, Any]:
                 f"{result[f'durable_ms_p50_{name}']:>16} {result[f'durable_ms_p99_{name}']:>16} "
                 f"{result[f'ops_per_batch_mean_{name}']:>11} {result[f'offered_per_s_{name}']:>11}"
             )
-    print(f"receipt check + countersign: {result['receipt_check_us']} us per receipt (request path)")
+    print(
+        f"receipt check + countersign: {result['receipt_check_us']} us per receipt (request path)"
+    )
     if "postgres_error" in result:
         print(result["postgres_error"])
     return result
