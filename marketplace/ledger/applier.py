@@ -205,11 +205,14 @@ class _Batch:
                 ):
                     self.provider_by_node[row.node_id] = row.id
                     account_ids.add(row.id)
-        self._load_accounts(account_ids)
         if request_ids:
             hold_cols = [c.name for c in T_HOLDS.columns]
             for row in _select_in(conn, T_HOLDS, hold_cols, "request_id", request_ids):
-                self.open_holds[row[1]] = dict(zip(hold_cols, row, strict=True))
+                hold = dict(zip(hold_cols, row, strict=True))
+                self.open_holds[hold["request_id"]] = hold
+                account_ids.add(hold["account_id"])
+        self._load_accounts(account_ids)
+        if request_ids:
             settle_cols = [c.name for c in T_SETTLEMENTS.columns]
             for row in _select_in(conn, T_SETTLEMENTS, settle_cols, "request_id", request_ids):
                 mapping = dict(zip(settle_cols, row, strict=True))

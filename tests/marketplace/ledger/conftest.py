@@ -1,0 +1,137 @@
+"""Fixtures: every ledger test runs on SQLite and on PostgreSQL (a fresh schema per test
+in the ``test`` database at 127.0.0.1:5432; skipped when the server is unreachable)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from mercato.v1 import market_pb2
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from marketplace.identity import Identity
+from marketplace.ledger import Ledger, LedgerSettings, LedgerStore
+from marketplace.ledger.models import AccountKind
+from marketplace.ledger.receipts import RelayedSegment, sign_receipt
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+_postgres_ok: bool | None = None
+
+
+def postgres_available() -> bool:
+    global _postgres_ok
+    if _postgres_ok is None:
+        engine = create_engine(POSTGRES_URL)
+        try:
+            with engine.connect():
+                _postgres_ok = True
+        except OperationalError:
+            _postgres_ok = False
+        finally:
+            engine.dispose()
+    return _postgres_ok
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    schema = f"t_{secrets.token_hex(6)}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> LedgerSettings:
+    return LedgerSettings(
+        database_url=database_url,
+        intent_log_dir=tmp_path / "intents",
+        hold_sweep_interval_s=3600,
+        platform_fee_bps=1000,
+    )
+
+
+@pytest.fixture
+def store(settings: LedgerSettings) -> Iterator[LedgerStore]:
+    opened = LedgerStore.open(settings)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+async def ledger(settings: LedgerSettings, store: LedgerStore) -> AsyncIterator[Ledger]:
+    instance = Ledger(settings, coordinator=Identity.from_seed(b"c" * 32))
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
+def node() -> Identity:
+    return Identity.from_seed(b"n" * 32)
+
+
+def make_client(store: LedgerStore, name: str = "alice", deposit: int = 1_000_000) -> str:
+    account = store.create_account(AccountKind.CLIENT, name)
+    if deposit:
+        store.deposit(account.id, deposit)
+    return account.id
+
+
+def receipt_for(
+    node: Identity,
+    worker_request_id: str,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    price_in: int = 100_000,
+    price_out: int = 300_000,
+    model: str = "smol",
+    segment_index: int = 0,
+    lease_id: str = "",
+) -> tuple[market_pb2.SignedReceipt, RelayedSegment]:
+    """A node's signed receipt and the matching relayed segment."""
+    usage = market_pb2.UsageReceipt(
+        request_id=worker_request_id,
+        node_id=node.node_id,
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        price_input_micro_usd_per_mtok=price_in,
+        price_output_micro_usd_per_mtok=price_out,
+        started_at_unix_ms=1,
+        finished_at_unix_ms=2,
+        segment_index=segment_index,
+        lease_id=lease_id,
+    )
+    relayed = RelayedSegment(
+        worker_request_id=worker_request_id,
+        node_id=node.node_id,
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        price_input_micro_usd_per_mtok=price_in,
+        price_output_micro_usd_per_mtok=price_out,
+        segment_index=segment_index,
+        lease_id=lease_id,
+    )
+    return sign_receipt(usage, node), relayed
+
+
+def row_counts(store: LedgerStore) -> dict[str, int]:
+    tables = ["transfers", "settlements", "receipts", "open_holds", "balances", "accounts"]
+    with store.engine.connect() as conn:
+        return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in tables}

@@ -1,0 +1,389 @@
+"""The request lifecycle through the async facade, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from marketplace.identity import Identity
+from marketplace.ledger import (
+    IdConflict,
+    InsufficientBalance,
+    InvalidAmount,
+    Ledger,
+    LedgerSettings,
+    LedgerStore,
+    verify_ledger,
+)
+from marketplace.ledger.errors import (
+    ForgedReceipt,
+    InvalidKey,
+    MalformedKey,
+    MiscountedReceipt,
+    PermissionDenied,
+    RateLimited,
+    ReplayedReceipt,
+    RevokedKey,
+    SpendLimitExceeded,
+    UnknownAccount,
+    WrongAccountKind,
+)
+from marketplace.ledger.models import AccountKind
+from tests.marketplace.ledger.conftest import make_client, receipt_for, row_counts
+
+
+async def test_hold_settle_pays_provider_and_fee_and_releases_rest(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store, deposit=1_000_000)
+    key = store.issue_key(client)
+    principal = await ledger.authenticate(key.secret_key)
+    hold = await ledger.place_hold("req-1", principal, 10_000)
+    assert (await hold.durable).created
+    assert store.account(client).available_micro_usd == 990_000
+    signed, relayed = receipt_for(node, "req-1#0", 1000, 2000)  # 100000+600000 -> 700 µUSD
+    outcome = await ledger.settle("req-1", [signed], [relayed])
+    assert outcome.record.cost_micro_usd == 700
+    assert outcome.record.fee_micro_usd == 70
+    durable = await outcome.durable
+    assert durable == outcome.record
+    assert store.account(client).available_micro_usd == 999_300
+    assert store.account(client).pending_debits_micro_usd == 0
+    assert store.account(node.node_id).available_micro_usd == 630
+    assert store.account("platform.fees").available_micro_usd == 70
+    assert store.account("platform.clearing").posted_micro_usd == 0
+    assert verify_ledger(store.engine).ok
+    assert outcome.receipts[0].coordinator_signature
+    usage = store.usage(client)
+    assert [(u.model, u.requests, u.cost_micro_usd, u.api_key_id) for u in usage] == [
+        ("smol", 1, 700, key.key.id)
+    ]
+
+
+async def test_settle_twice_charges_once(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store)
+    await ledger.place_hold("req-1", client, 5_000)
+    signed, relayed = receipt_for(node, "req-1#0", 100, 100)
+    first = await ledger.settle("req-1", [signed], [relayed])
+    await first.durable
+    second = await ledger.settle("req-1", [signed], [relayed])
+    assert second.record.cost_micro_usd == first.record.cost_micro_usd
+    # A fresh ledger (no memory of the first) also answers from the database.
+    await ledger.flush()
+    other = Ledger(ledger.settings, coordinator=ledger.coordinator)
+    await other.start(recover=False, sweep=False)
+    try:
+        third = await other.settle("req-1", [signed], [relayed], account_id=client)
+        assert not third.record.created
+        assert third.record.cost_micro_usd == first.record.cost_micro_usd
+    finally:
+        await other.close()
+    assert store.account(client).available_micro_usd == 1_000_000 - first.record.cost_micro_usd
+    assert verify_ledger(store.engine).ok
+
+
+async def test_insufficient_balance_message(ledger: Ledger, store: LedgerStore) -> None:
+    client = make_client(store, deposit=1_000)
+    with pytest.raises(InsufficientBalance, match="insufficient balance: need 5000, have 1000"):
+        await ledger.place_hold("req-1", client, 5_000)
+    before = row_counts(store)
+    await ledger.flush()
+    assert row_counts(store) == before
+
+
+async def test_concurrent_holds_never_overspend(ledger: Ledger, store: LedgerStore) -> None:
+    client = make_client(store, deposit=10_000)
+    results = await asyncio.gather(
+        *(ledger.place_hold(f"r{i}", client, 1_000) for i in range(25)), return_exceptions=True
+    )
+    placed = [r for r in results if not isinstance(r, BaseException)]
+    assert len(placed) == 10
+    assert all(isinstance(r, InsufficientBalance) for r in results if r not in placed)
+    await ledger.flush()
+    assert store.account(client).available_micro_usd == 0
+    for hold in placed:
+        await ledger.release_hold(hold.request_id)
+    assert store.account(client).available_micro_usd == 10_000
+    assert verify_ledger(store.engine).ok
+
+
+async def test_deposit_from_another_process_is_seen(ledger: Ledger, store: LedgerStore) -> None:
+    client = make_client(store, deposit=1_000)
+    await (await ledger.place_hold("r1", client, 1_000)).durable
+    store.deposit(client, 5_000)  # the operator's CLI, behind the ledger's back
+    hold = await ledger.place_hold("r2", client, 5_000)
+    assert (await hold.durable).created
+
+
+async def test_release_and_expiry_return_the_money(ledger: Ledger, store: LedgerStore) -> None:
+    client = make_client(store, deposit=10_000)
+    await (await ledger.place_hold("r1", client, 4_000)).durable
+    released = await ledger.release_hold("r1")
+    assert released.status == "released"
+    assert (await ledger.release_hold("r1")).status == "already_released"
+    await (await ledger.place_hold("r2", client, 4_000, expires_in_s=0.001)).durable
+    await asyncio.sleep(0.01)
+    assert await ledger.expire_holds() == 1
+    assert store.account(client).available_micro_usd == 10_000
+    assert store.open_holds() == []
+    assert verify_ledger(store.engine).ok
+
+
+async def test_hold_then_settle_is_capped_at_the_hold(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store)
+    await ledger.place_hold("r1", client, 100)
+    signed, relayed = receipt_for(node, "r1#0", 1000, 1000)  # costs 400
+    outcome = await ledger.settle("r1", [signed], [relayed])
+    assert outcome.record.cost_micro_usd == 100
+    assert outcome.record.capped_micro_usd == 300
+    assert (await outcome.durable).cost_micro_usd == 100
+    assert store.account(client).available_micro_usd == 1_000_000 - 100
+
+
+async def test_two_segments_pay_two_providers(ledger: Ledger, store: LedgerStore) -> None:
+    a, b = Identity.from_seed(b"a" * 32), Identity.from_seed(b"b" * 32)
+    client = make_client(store)
+    await ledger.place_hold("r1", client, 10_000)
+    s1, r1 = receipt_for(a, "r1#0", 1000, 1000)
+    s2, r2 = receipt_for(b, "r1#1", 2000, 1000, segment_index=1)
+    outcome = await ledger.settle("r1", [s1, s2], [r1, r2])
+    await outcome.durable
+    assert outcome.record.cost_micro_usd == 400 + 500
+    assert store.account(a.node_id).available_micro_usd == 360
+    assert store.account(b.node_id).available_micro_usd == 450
+    assert verify_ledger(store.engine).ok
+
+
+@pytest.mark.parametrize("attack", ["forged", "miscounted"])
+async def test_bad_receipt_is_refused_recorded_and_charges_nothing(
+    ledger: Ledger, store: LedgerStore, node: Identity, attack: str
+) -> None:
+    client = make_client(store)
+    await (await ledger.place_hold("r1", client, 10_000)).durable
+    signed, relayed = receipt_for(node, "r1#0", 100, 100)
+    if attack == "forged":
+        signed.node_signature = Identity.from_seed(b"x" * 32).sign(
+            "mercato.v1.UsageReceipt", signed.receipt
+        )
+        expected: type[Exception] = ForgedReceipt
+    else:
+        _, relayed = receipt_for(node, "r1#0", 100, 99)  # the coordinator counted 99
+        expected = MiscountedReceipt
+    before = row_counts(store)
+    with pytest.raises(expected):
+        await ledger.settle("r1", [signed], [relayed])
+    await ledger.flush()
+    assert row_counts(store) == before
+    [rejection] = store.rejections("r1")
+    assert rejection["reason"] == expected.code
+    assert store.account(client).available_micro_usd == 990_000  # the hold stays until released
+    assert (await ledger.release_hold("r1")).status == "released"
+
+
+async def test_replayed_receipt_is_refused(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store)
+    await ledger.place_hold("r1", client, 10_000)
+    signed, relayed = receipt_for(node, "r1#0", 100, 100)
+    await (await ledger.settle("r1", [signed], [relayed])).durable
+    await ledger.place_hold("r2", client, 10_000)
+    _, relayed2 = receipt_for(node, "r2#0", 100, 100)
+    with pytest.raises(ReplayedReceipt):
+        await ledger.settle("r2", [signed], [relayed2])
+    await ledger.flush()
+    assert store.rejections("r2")[0]["reason"] == "replayed_receipt"
+    assert store.settlement("r2") is None
+
+
+async def test_keys_revoked_malformed_wrong_and_permissions(
+    ledger: Ledger, store: LedgerStore
+) -> None:
+    client = make_client(store)
+    key = store.issue_key(client)
+    assert (await ledger.authenticate(key.secret_key)).account_id == client
+    with pytest.raises(MalformedKey):
+        await ledger.authenticate("hello")
+    with pytest.raises(InvalidKey):
+        await ledger.authenticate(key.secret_key[:-4] + "AAAA")
+    store.revoke_key(key.key.id)  # another process: the operator's CLI
+    with pytest.raises(RevokedKey):
+        await ledger.authenticate(key.secret_key)
+    provider = store.create_account(AccountKind.PROVIDER, "gpu-1", node_id="12D3KooWtest")
+    pkey = store.issue_key(provider.id)
+    principal = await ledger.authenticate(pkey.secret_key)
+    with pytest.raises(PermissionDenied):
+        await ledger.place_hold("r1", principal, 10)
+    assert RevokedKey.grpc_status.name == "UNAUTHENTICATED"
+    assert PermissionDenied.grpc_status.name == "PERMISSION_DENIED"
+
+
+async def test_rate_and_spend_limits(ledger: Ledger, store: LedgerStore, node: Identity) -> None:
+    client = make_client(store)
+    limited = store.issue_key(client, "limited", rate_limit_per_minute=2)
+    await ledger.authenticate(limited.secret_key)
+    await ledger.authenticate(limited.secret_key)
+    with pytest.raises(RateLimited):
+        await ledger.authenticate(limited.secret_key)
+    assert RateLimited.grpc_status.name == "RESOURCE_EXHAUSTED"
+    capped = store.issue_key(client, "capped", spend_limit_micro_usd=1_000)
+    principal = await ledger.authenticate(capped.secret_key)
+    await ledger.place_hold("r1", principal, 800)
+    with pytest.raises(SpendLimitExceeded):
+        await ledger.place_hold("r2", principal, 300)
+    signed, relayed = receipt_for(node, "r1#0", 1000, 0)  # costs 100
+    await (await ledger.settle("r1", [signed], [relayed])).durable
+    await ledger.place_hold("r2", principal, 900)  # spent 100 of 1000
+    with pytest.raises(SpendLimitExceeded):
+        await ledger.place_hold("r3", principal, 1)
+
+
+@pytest.mark.parametrize("amount", [0, -5])
+async def test_bad_inputs_leave_no_row(ledger: Ledger, store: LedgerStore, amount: int) -> None:
+    client = make_client(store)
+    before = row_counts(store)
+    with pytest.raises(InvalidAmount):
+        await ledger.place_hold("r1", client, amount)
+    with pytest.raises(InvalidAmount):
+        store.deposit(client, amount)
+    with pytest.raises(UnknownAccount):
+        await ledger.place_hold("r2", "acct_nobody", 10)
+    with pytest.raises(UnknownAccount):
+        store.deposit("acct_nobody", 10)
+    with pytest.raises(WrongAccountKind):
+        store.deposit("platform.fees", 10)
+    with pytest.raises(IdConflict):
+        store.create_account(AccountKind.CLIENT, "alice")
+    await ledger.flush()
+    assert row_counts(store) == before
+
+
+async def test_deposit_is_idempotent_by_transfer_id(store: LedgerStore) -> None:
+    client = make_client(store, deposit=0)
+    assert store.deposit(client, 500, "dep-1").created
+    assert not store.deposit(client, 500, "dep-1").created
+    with pytest.raises(IdConflict):
+        store.deposit(client, 501, "dep-1")
+    assert store.account(client).available_micro_usd == 500
+
+
+async def test_crash_between_relay_and_commit_is_recovered_once(
+    settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store)
+    coordinator = Identity.from_seed(b"c" * 32)
+    first = Ledger(settings, coordinator=coordinator)
+    await first.start(sweep=False)
+    await (await first.place_hold("r1", client, 10_000)).durable
+    await (await first.place_hold("r2", client, 10_000)).durable  # never settled: orphaned
+    # The process dies after settle() returned but before the batch committed.
+    assert first._writer is not None
+    real_submit = first._writer.submit
+    lost: list[object] = []
+
+    def dying_submit(op: object) -> asyncio.Future[object]:
+        lost.append(op)
+        return asyncio.get_running_loop().create_future()  # never resolves
+
+    first._writer.submit = dying_submit  # type: ignore[method-assign]
+    signed, relayed = receipt_for(node, "r1#0", 1000, 1000)
+    outcome = await first.settle("r1", [signed], [relayed])
+    assert outcome.record.cost_micro_usd == 400 and lost
+    first._writer.submit = real_submit  # type: ignore[method-assign]
+    assert store.settlement("r1") is None
+    first._intents = None  # abandon the process: no close, no clean-up
+    await first._writer.close()
+    first._writer = None
+    first._store.close()  # type: ignore[union-attr]
+
+    second = Ledger(settings, coordinator=coordinator)
+    report = await second.start(sweep=False)
+    await second.close()
+    assert report is not None and report.replayed == 1 and report.settled == 1
+    assert report.released == 1  # r2's hold, orphaned by the crash
+    third = Ledger(settings, coordinator=coordinator)
+    report = await third.start(sweep=False)
+    await third.close()
+    assert report is not None and report.replayed == 0
+    assert store.settlement("r1")["cost_micro_usd"] == 400  # type: ignore[index]
+    assert store.account(client).available_micro_usd == 1_000_000 - 400
+    assert store.open_holds() == []
+    assert verify_ledger(store.engine).ok
+
+
+async def test_lease_paid_up_front_charged_per_period_refunded_on_failure(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store, deposit=10_000_000)
+    with pytest.raises(InsufficientBalance):
+        await ledger.create_lease(
+            client, node.node_id, gpus=1, price_micro_usd_per_gpu_hour=10**8, hours=1
+        )
+    lease = await ledger.create_lease(
+        client, node.node_id, gpus=2, price_micro_usd_per_gpu_hour=1_000_000, hours=2, period_s=600
+    )
+    assert lease.total_micro_usd == 4_000_000 and lease.periods_total == 12
+    assert store.account(client).available_micro_usd == 6_000_000
+    start = lease.started_at_unix_ms
+    charged = await ledger.charge_leases(now_ms=start + 3 * 600_000 + 5)
+    assert charged[0].charged_micro_usd == 1_000_000
+    ended = await ledger.end_lease(lease.lease_id, node_failed=True, now_ms=start + 4 * 600_000 + 1)
+    # The node failed during period 5: four periods charged, the rest refunded.
+    assert ended.status == "failed"
+    assert ended.charged_micro_usd == 4 * 4_000_000 // 12
+    assert ended.refunded_micro_usd == 4_000_000 - ended.charged_micro_usd
+    assert store.account(client).available_micro_usd == 10_000_000 - ended.charged_micro_usd
+    provider = store.account(node.node_id).available_micro_usd
+    fees = store.account("platform.fees").available_micro_usd
+    assert (provider, fees) == (1_200_000, 133_333)  # fee per charge: 100_000 + 33_333
+    assert store.account("platform.lease_escrow").posted_micro_usd == 0
+    assert verify_ledger(store.engine).ok
+
+
+async def test_lease_ended_by_client_pays_started_period(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store, deposit=10_000_000)
+    key = store.issue_key(client)
+    principal = await ledger.authenticate(key.secret_key)
+    lease = await ledger.create_lease(
+        principal,
+        node.node_id,
+        gpus=1,
+        price_micro_usd_per_gpu_hour=3_600_000,
+        hours=1,
+        period_s=60,
+    )
+    assert await ledger.lease_node(principal, lease.lease_id) == node.node_id
+    assert [x.lease_id for x in await ledger.active_leases()] == [lease.lease_id]
+    ended = await ledger.end_lease(lease.lease_id, now_ms=lease.started_at_unix_ms + 90_000)
+    assert ended.charged_micro_usd == 2 * 60_000  # 1.5 minutes -> 2 started periods
+    assert store.account(client).available_micro_usd == 10_000_000 - 120_000
+    # Requests under the lease: receipts stored, nothing charged per token.
+    signed, relayed = receipt_for(node, "lr1#0", 100, 100, lease_id=lease.lease_id)
+    await (await ledger.place_hold("lr1", principal, 1)).durable
+    outcome = await ledger.settle("lr1", [signed], [relayed], lease_id=lease.lease_id)
+    assert (await outcome.durable).cost_micro_usd == 0
+    assert verify_ledger(store.engine).ok
+
+
+async def test_payouts_run_twice_pays_once(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store)
+    await ledger.place_hold("r1", client, 10_000)
+    signed, relayed = receipt_for(node, "r1#0", 10_000, 10_000)  # 4000
+    await (await ledger.settle("r1", [signed], [relayed])).durable
+    first = store.run_payouts("batch-1")
+    assert first.created and first.payouts == [(store.account(node.node_id).id, 3_600)]
+    again = store.run_payouts("batch-1")
+    assert not again.created and again.payouts == first.payouts
+    assert not store.run_payouts().payouts  # nothing left to pay
+    assert store.account(node.node_id).available_micro_usd == 0
+    assert store.account("platform.payouts").posted_micro_usd == 3_600
+    assert verify_ledger(store.engine).ok

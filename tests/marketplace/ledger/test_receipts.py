@@ -1,0 +1,85 @@
+"""Receipt checks: signatures, relayed counts, countersignature, offline verification."""
+
+from __future__ import annotations
+
+import pytest
+from mercato.v1 import market_pb2
+
+from marketplace.identity import Identity
+from marketplace.ledger.errors import ForgedReceipt, MalformedReceipt, MiscountedReceipt
+from marketplace.ledger.receipts import (
+    check_receipt,
+    countersign,
+    verify_offline,
+)
+from tests.marketplace.ledger.conftest import receipt_for
+
+NODE = Identity.from_seed(b"n" * 32)
+OTHER = Identity.from_seed(b"o" * 32)
+COORDINATOR = Identity.from_seed(b"c" * 32)
+
+
+def test_good_receipt_passes_and_countersignature_verifies_offline() -> None:
+    signed, relayed = receipt_for(NODE, "r1#0", 10, 20)
+    usage = check_receipt(signed, relayed)
+    assert usage.output_tokens == 20
+    out = countersign(signed, COORDINATOR)
+    assert verify_offline(out, [COORDINATOR.public_key]).request_id == "r1#0"
+
+
+def test_altered_receipt_bytes_are_forged() -> None:
+    signed, relayed = receipt_for(NODE, "r1#0", 10, 20)
+    usage = market_pb2.UsageReceipt.FromString(signed.receipt)
+    usage.output_tokens = 2000
+    signed.receipt = usage.SerializeToString()
+    with pytest.raises(ForgedReceipt):
+        check_receipt(signed, relayed)
+
+
+def test_signature_by_another_key_is_forged() -> None:
+    signed, relayed = receipt_for(NODE, "r1#0", 10, 20)
+    signed.node_signature = OTHER.sign("mercato.v1.UsageReceipt", signed.receipt)
+    with pytest.raises(ForgedReceipt):
+        check_receipt(signed, relayed)
+    signed2, _ = receipt_for(NODE, "r1#0", 10, 20)
+    signed2.node_public_key = OTHER.public_key  # key does not match the node id
+    with pytest.raises(ForgedReceipt):
+        check_receipt(signed2, relayed)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("input_tokens", 11),
+        ("output_tokens", 19),
+        ("price_output_micro_usd_per_mtok", 1),
+        ("model", "other"),
+        ("worker_request_id", "r2#0"),
+        ("segment_index", 1),
+    ],
+)
+def test_receipt_that_differs_from_relayed_is_miscounted(field: str, value: object) -> None:
+    signed, relayed = receipt_for(NODE, "r1#0", 10, 20)
+    from dataclasses import replace
+
+    with pytest.raises(MiscountedReceipt):
+        check_receipt(signed, replace(relayed, **{field: value}))
+
+
+def test_garbage_is_malformed() -> None:
+    _, relayed = receipt_for(NODE, "r1#0", 10, 20)
+    bad = market_pb2.SignedReceipt(receipt=b"\xff\xff\xff", node_public_key=NODE.public_key)
+    with pytest.raises(MalformedReceipt):
+        check_receipt(bad, relayed)
+
+
+def test_offline_refuses_missing_or_untrusted_countersignature() -> None:
+    signed, _ = receipt_for(NODE, "r1#0", 10, 20)
+    with pytest.raises(ForgedReceipt, match="not countersigned"):
+        verify_offline(signed)
+    out = countersign(signed, COORDINATOR)
+    with pytest.raises(ForgedReceipt, match="untrusted"):
+        verify_offline(out, [OTHER.public_key])
+    out.coordinator_signature = bytes(64)
+    with pytest.raises(ForgedReceipt):
+        verify_offline(out)
