@@ -1,0 +1,113 @@
+"""The operator commands through Typer's CliRunner, with --json (structured answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from marketplace.cli.app import app
+from marketplace.identity import Identity
+from marketplace.ledger import Ledger, LedgerSettings
+from tests.marketplace.ledger.conftest import receipt_for
+
+runner = CliRunner()
+
+
+def mercato(url: str, *args: str, ok: bool = True) -> dict:
+    result = runner.invoke(app, [*args, "--database-url", url, "--json"])
+    assert (result.exit_code == 0) == ok, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_operator_flow(database_url: str, tmp_path: Path) -> None:
+    url = database_url
+    alice = mercato(url, "accounts", "create", "--name", "alice")
+    assert alice["kind"] == "client"
+    node = Identity.from_seed(b"n" * 32)
+    provider = mercato(
+        url,
+        "accounts",
+        "create",
+        "--name",
+        "gpu-1",
+        "--kind",
+        "provider",
+        "--node-id",
+        node.node_id,
+    )
+    assert provider["node_id"] == node.node_id
+    issued = mercato(
+        url, "keys", "issue", "--account", "alice", "--spend-limit-micro-usd", "5000000"
+    )
+    assert issued["api_key"].startswith("mk_") and "secret" not in json.dumps(issued["key"])
+    deposit = mercato(url, "credits", "deposit", "alice", "2000000", "--transfer-id", "dep-1")
+    assert deposit["account"]["available_micro_usd"] == 2_000_000
+    again = mercato(url, "credits", "deposit", "alice", "2000000", "--transfer-id", "dep-1")
+    assert again["transfer"]["created"] is False
+    assert mercato(url, "balance", "alice")["available_micro_usd"] == 2_000_000
+
+    async def request() -> None:
+        settings = LedgerSettings(database_url=url, intent_log_dir=tmp_path / "intents")
+        async with Ledger(settings, coordinator=Identity.from_seed(b"c" * 32)) as ledger:
+            principal = await ledger.authenticate(issued["api_key"])
+            await ledger.place_hold("req-1", principal, 10_000)
+            signed, relayed = receipt_for(node, "req-1#0", 1000, 1000)
+            await (await ledger.settle("req-1", [signed], [relayed])).durable
+
+    asyncio.run(request())
+    usage = mercato(url, "usage", "--account", "alice")
+    assert [(u["model"], u["requests"], u["cost_micro_usd"]) for u in usage] == [("smol", 1, 400)]
+    shown = mercato(url, "receipts", "show", "req-1")
+    assert shown["receipts"][0]["output_tokens"] == 1000
+    receipts_file = tmp_path / "receipts.json"
+    receipts_file.write_text(json.dumps(shown))
+    verified = mercato(
+        url,
+        "receipts",
+        "verify",
+        "--file",
+        str(receipts_file),
+        "--coordinator-key",
+        Identity.from_seed(b"c" * 32).public_key.hex(),
+    )
+    assert verified["ok"] is True
+    untrusted = mercato(
+        url,
+        "receipts",
+        "verify",
+        "--file",
+        str(receipts_file),
+        "--coordinator-key",
+        "00" * 32,
+        ok=False,
+    )
+    assert untrusted["ok"] is False
+    assert mercato(url, "ledger", "verify")["ok"] is True
+    paid = mercato(url, "payouts", "run", "--batch-id", "p1")
+    assert paid["created"] and paid["total_micro_usd"] == 360
+    assert mercato(url, "payouts", "run", "--batch-id", "p1")["created"] is False
+    assert mercato(url, "payouts", "run")["payouts"] == []
+    revoked = mercato(url, "keys", "revoke", issued["key"]["id"])
+    assert revoked["revoked_at_unix_ms"] is not None
+    accounts = mercato(url, "accounts", "list")
+    assert {a["name"] for a in accounts} >= {"alice", "gpu-1", "platform.fees"}
+
+
+def test_errors_say_what_to_do(database_url: str) -> None:
+    url = database_url
+    error = mercato(url, "credits", "deposit", "nobody", "10", ok=False)
+    assert error["error"] == "unknown_account" and "mercato accounts list" in error["message"]
+    mercato(url, "accounts", "create", "--name", "alice")
+    error = mercato(url, "credits", "deposit", "alice", "0", ok=False)
+    assert error["error"] == "invalid_amount"
+    error = mercato(url, "accounts", "create", "--name", "alice", ok=False)
+    assert error["error"] == "id_conflict"
+    error = mercato(url, "accounts", "create", "--name", "p", "--kind", "provider", ok=False)
+    assert "--node-id" in error["message"]
+    error = mercato(url, "receipts", "show", "nope", ok=False)
+    assert error["error"] == "unknown_receipt"
+    result = runner.invoke(app, ["balance", "nobody", "--database-url", url])
+    assert result.exit_code == 1 and "error:" in result.stderr
