@@ -1,4 +1,4 @@
-"""InferenceService: the client-facing API (Generate, ListModels).
+"""InferenceService: the client-facing API (Generate, ListModels, ListNodes).
 
 Generate checks the whole request first (:mod:`coordinator.validation`), then asks the
 node choice for candidates (:data:`coordinator.choice.ChooseNodes`) and hands them to the
@@ -35,7 +35,7 @@ _LISTED_MODELS_MAX = 20
 
 
 class InferenceServicer:
-    """Generate and ListModels over the live market."""
+    """Generate, ListModels and ListNodes over the live market."""
 
     def __init__(
         self,
@@ -93,6 +93,11 @@ class InferenceServicer:
             listed += f", ... ({len(available)} in all; see ListModels)"
         raise ModelNotFound(f'model "{model}" is not served; available: {listed}')
 
+    async def ListNodes(
+        self, request: inference_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListNodesResponse:
+        return list_nodes(self._registry, request.model)
+
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
@@ -122,6 +127,35 @@ def list_models(snapshot: MarketSnapshot) -> inference_pb2.ListModelsResponse:
     return response
 
 
+def list_nodes(registry: NodeRegistry, model: str = "") -> inference_pb2.ListNodesResponse:
+    """Every live node (serving ``model``, if given) with its offer, load and what the
+    coordinator measured of it; sorted by node id."""
+    snapshot = registry.snapshot()
+    nodes = snapshot.serving(model) if model else snapshot.nodes
+    response = inference_pb2.ListNodesResponse()
+    for node in sorted(nodes, key=lambda n: n.node_id):
+        info = response.nodes.add(node_id=node.node_id, in_flight_requests=node.in_flight)
+        info.offer.ParseFromString(node.offer.offer_bytes)
+        load = node.load
+        info.load.running_requests = load.running_requests
+        info.load.waiting_requests = load.waiting_requests
+        info.load.kv_cache_usage_permille = load.kv_cache_usage_permille
+        info.load.output_tokens_per_s = load.output_tokens_per_s
+        measured = registry.measurements(node.node_id)
+        if measured is not None:
+            summary = measured.summary()
+            info.measurements.ttft_us = _micros(summary.ttft_s)
+            info.measurements.tpot_us = _micros(summary.tpot_s)
+            info.measurements.recent_failures = round(
+                max(0.0, measured.outcomes.weight - measured.outcomes.sum)
+            )
+    return response
+
+
+def _micros(seconds: float | None) -> int:
+    return 0 if seconds is None else min(2**32 - 1, max(0, round(seconds * 1_000_000)))
+
+
 def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     """InferenceService's handlers; Generate sends pre-serialized bytes (no serializer)."""
     return grpc.method_handlers_generic_handler(
@@ -131,6 +165,11 @@ def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
                 servicer.Generate,
                 request_deserializer=inference_pb2.GenerateRequest.FromString,
                 response_serializer=None,
+            ),
+            "ListNodes": grpc.unary_unary_rpc_method_handler(
+                servicer.ListNodes,
+                request_deserializer=inference_pb2.ListNodesRequest.FromString,
+                response_serializer=inference_pb2.ListNodesResponse.SerializeToString,
             ),
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 servicer.ListModels,

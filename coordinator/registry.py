@@ -27,11 +27,15 @@ from mercato.v1 import market_pb2, node_pb2
 from coordinator.errors import CapacityExhausted, HeartbeatInvalid, OfferInvalid, SessionInvalid
 from coordinator.market import MarketSnapshot, NodeLoadView, NodeView
 from coordinator.offers import VerifiedOffer, verify_offer
+from coordinator.routing.measurements import NodeMeasurements
 from coordinator.settings import CoordinatorSettings
 
 log = logging.getLogger(__name__)
 
 KV_CACHE_PERMILLE_MAX = 1000
+# Weight of a latency observation halves after this long; of a success/failure, after that.
+MEASUREMENT_HALF_LIFE_S = 60.0
+RELIABILITY_HALF_LIFE_S = 300.0
 # Options of the channel to each node's worker: large enough for any delta or final.
 _WORKER_CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -50,7 +54,7 @@ class Registration:
 class _Entry:
     """Mutable state of one live node; only the registry touches it."""
 
-    __slots__ = ("channel", "last_seen_monotonic_s", "session_token", "view")
+    __slots__ = ("channel", "last_seen_monotonic_s", "measurements", "session_token", "view")
 
     def __init__(
         self, view: NodeView, session_token: str, channel: grpc.aio.Channel, now_s: float
@@ -59,6 +63,10 @@ class _Entry:
         self.session_token = session_token
         self.channel = channel
         self.last_seen_monotonic_s = now_s
+        self.measurements = NodeMeasurements(
+            latency_half_life_s=MEASUREMENT_HALF_LIFE_S,
+            reliability_half_life_s=RELIABILITY_HALF_LIFE_S,
+        )
 
     def __repr__(self) -> str:  # never show the session token
         return f"_Entry(node_id={self.view.node_id!r})"
@@ -231,6 +239,31 @@ class NodeRegistry:
         if entry is not None and entry.view.in_flight > 0:
             entry.view = replace(entry.view, in_flight=entry.view.in_flight - 1)
             self._changed()
+
+    def record_outcome(
+        self,
+        node_id: str,
+        *,
+        ok: bool,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+    ) -> None:
+        """What the coordinator saw of one attempt on the node (its own clock)."""
+        entry = self._entries.get(node_id)
+        if entry is None:
+            return
+        now = self._monotonic_s()
+        measurements = entry.measurements
+        measurements.outcomes.observe(1.0 if ok else 0.0, now)
+        if ttft_s is not None:
+            measurements.ttft.observe(ttft_s, now)
+        if tpot_s is not None:
+            measurements.tpot.observe(tpot_s, now)
+
+    def measurements(self, node_id: str) -> NodeMeasurements | None:
+        """The coordinator's own measurements of a live node (None if absent)."""
+        entry = self._entries.get(node_id)
+        return None if entry is None else entry.measurements
 
     # --- reading -------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -126,6 +127,7 @@ class Relay:
                     yield chunk
             except _AttemptFailed as exc:
                 failures.append(exc.failure)
+                self._registry.record_outcome(node.node_id, ok=False)
                 log.info("request %s: %s", request.request_id, exc.failure)
                 if len(delivered) > segment_start:
                     raise NodeFailed(
@@ -165,6 +167,7 @@ class Relay:
         segment_start = len(delivered)
         try:
             await self._connect(node_id, channel)
+            started_s = time.perf_counter()
             call = channel.unary_stream(
                 WORKER_GENERATE_PATH,
                 request_serializer=node_pb2.WorkerGenerateRequest.SerializeToString,
@@ -181,6 +184,7 @@ class Relay:
                         f"no answer within {self._settings.first_token_timeout_s} s",
                     )
                 ) from None
+            first_s = time.perf_counter()
             append = delivered.messages.append
             eof = grpc.aio.EOF
             while True:
@@ -200,6 +204,7 @@ class Relay:
                 else:
                     final = self._slow_message(request, node, message, delivered, segment_start)
                     if final is not None:
+                        self._measure(node_id, delivered, segment_start, started_s, first_s)
                         yield final
                         return
                     yield delivered.messages[-1]
@@ -212,6 +217,22 @@ class Relay:
             if call is not None and not call.done():
                 call.cancel()
             registry.end_request(node_id)
+
+    def _measure(
+        self,
+        node_id: str,
+        delivered: DeliveredOutput,
+        segment_start: int,
+        started_s: float,
+        first_s: float,
+    ) -> None:
+        """Record a finished attempt: time to first token, time per later output token."""
+        if len(delivered) == segment_start:
+            self._registry.record_outcome(node_id, ok=True)
+            return
+        tokens = len(delivered.merged(segment_start).token_ids)
+        tpot_s = (time.perf_counter() - first_s) / (tokens - 1) if tokens > 1 else None
+        self._registry.record_outcome(node_id, ok=True, ttft_s=first_s - started_s, tpot_s=tpot_s)
 
     async def _connect(self, node_id: str, channel: grpc.aio.Channel) -> None:
         """Wait until the channel is connected, failing fast on a refused connection."""

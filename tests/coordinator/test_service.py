@@ -451,3 +451,27 @@ async def test_health_and_reflection(coordinator: Coordinator) -> None:
         async for response in stub.ServerReflectionInfo(ask(), timeout=5):
             names.update(s.name for s in response.list_services_response.service)
     assert {"mercato.v1.InferenceService", "mercato.v1.NodeControlService"} <= names
+
+
+async def test_list_nodes_shows_offers_load_and_measurements(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    a = await make_node(region="eu-west")
+    b = await make_node(region="us-east", models=("other-model",))
+    _, final = deltas_and_final(await collect(client, chat_request()))
+    assert final.node_id == a.node_id
+    a.worker.behaviour = Behaviour(refuse=(grpc.StatusCode.INTERNAL, "boom"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await collect(client, chat_request())
+    listed = await client.ListNodes(inference_pb2.ListNodesRequest(), timeout=5)
+    assert [n.node_id for n in listed.nodes] == sorted([a.node_id, b.node_id])
+    info = {n.node_id: n for n in listed.nodes}[a.node_id]
+    assert info.offer.region == "eu-west"
+    assert info.offer.worker_address == a.worker_address
+    assert info.offer.node_public_key == a.identity.public_key
+    assert info.measurements.ttft_us > 0
+    assert info.measurements.tpot_us > 0
+    assert info.measurements.recent_failures == 1
+    assert info.in_flight_requests == 0
+    only = await client.ListNodes(inference_pb2.ListNodesRequest(model="other-model"), timeout=5)
+    assert [n.node_id for n in only.nodes] == [b.node_id]
