@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -36,7 +37,7 @@ def start(
     from coordinator.server import main
     from coordinator.settings import CoordinatorSettings
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "listen_host": host,
         "port": port,
         "home": home,
