@@ -33,6 +33,9 @@ from coordinator.settings import CoordinatorSettings
 log = logging.getLogger(__name__)
 
 KV_CACHE_PERMILLE_MAX = 1000
+# Bounds on what is remembered of nodes that left (anyone can make new node keys).
+KNOWN_MODELS_MAX = 10_000
+SEQUENCES_REMEMBERED_PER_NODE_SLOT = 4
 # Weight of a latency observation halves after this long; of a success/failure, after that.
 MEASUREMENT_HALF_LIFE_S = 60.0
 RELIABILITY_HALF_LIFE_S = 300.0
@@ -49,6 +52,11 @@ class Registration:
 
     node_id: str
     session_token: str
+
+
+def _same_token(expected: str, presented: str) -> bool:
+    """Constant-time comparison (bytes: compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(expected.encode(), presented.encode())
 
 
 class _Entry:
@@ -121,7 +129,7 @@ class NodeRegistry:
                 f"this coordinator holds its limit of {self._settings.max_nodes} nodes; "
                 "try another coordinator or later"
             )
-        self._last_sequence[node_id] = offer.sequence
+        self._remember_sequence(node_id, offer.sequence)
         if previous is not None and previous.view.offer.worker_address == offer.worker_address:
             channel = previous.channel
             in_flight = previous.view.in_flight
@@ -137,7 +145,8 @@ class NodeRegistry:
         view = NodeView(node_id=node_id, offer=offer, load=load, in_flight=in_flight)
         token = secrets.token_urlsafe(32)
         self._entries[node_id] = _Entry(view, token, channel, self._monotonic_s())
-        self._known_models.update(terms.model for terms in offer.models)
+        if len(self._known_models) < KNOWN_MODELS_MAX:
+            self._known_models.update(terms.model for terms in offer.models)
         self._changed()
         log.info(
             "node %s registered: region=%s worker=%s models=%s",
@@ -147,6 +156,18 @@ class NodeRegistry:
             ",".join(t.model for t in offer.models),
         )
         return Registration(node_id=node_id, session_token=token)
+
+    def _remember_sequence(self, node_id: str, sequence: int) -> None:
+        last_sequence = self._last_sequence
+        last_sequence.pop(node_id, None)
+        last_sequence[node_id] = sequence  # newest last
+        limit = SEQUENCES_REMEMBERED_PER_NODE_SLOT * self._settings.max_nodes
+        if len(last_sequence) > limit:
+            # Forget the longest-unseen ids that are not live (keys are generated freely).
+            for old in [k for k in last_sequence if k not in self._entries][
+                : len(last_sequence) - limit
+            ]:
+                del last_sequence[old]
 
     def drop(self, node_id: str, reason: str) -> bool:
         """Remove a node now; its channel closes after a grace period. False if absent."""
@@ -162,7 +183,7 @@ class NodeRegistry:
         """The heartbeat stream of this session ended: drop the node unless it has
         registered again since (a newer session owns it then)."""
         entry = self._entries.get(node_id)
-        if entry is not None and hmac.compare_digest(entry.session_token, session_token):
+        if entry is not None and _same_token(entry.session_token, session_token):
             self.drop(node_id, reason)
 
     # --- sessions and heartbeats ---------------------------------------------------
@@ -174,7 +195,7 @@ class NodeRegistry:
             raise SessionInvalid(
                 f"node {node_id[:64]!r} is not registered (or was dropped); call Register again"
             )
-        if not hmac.compare_digest(entry.session_token, session_token):
+        if not _same_token(entry.session_token, session_token):
             raise SessionInvalid(
                 "x-mercato-session does not match this node's current registration; "
                 "use the session_token of the latest RegisterResponse"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from mercato.v1 import common_pb2, inference_pb2, node_pb2
 
 from coordinator.errors import (
@@ -278,7 +279,7 @@ class Relay:
         (returns None); a final returns the client's final bytes; an error raises."""
         try:
             response = node_pb2.WorkerGenerateResponse.FromString(message)
-        except Exception as exc:  # DecodeError; a node's garbage is its fault, not ours
+        except DecodeError as exc:
             raise _AttemptFailed(
                 AttemptFailure(node.node_id, grpc.StatusCode.INTERNAL, "sent an unreadable message")
             ) from exc
@@ -308,7 +309,12 @@ class Relay:
         request_id = request.request_id
         model = request.model
         max_tokens = request.worker_request.sampling.max_tokens
-        output_tokens = len(delivered.merged(segment_start).token_ids)
+        try:
+            output_tokens = len(delivered.merged(segment_start).token_ids)
+        except DecodeError as exc:  # forwarded unparsed, so checked only now
+            raise _AttemptFailed(
+                AttemptFailure(node.node_id, grpc.StatusCode.INTERNAL, "sent malformed deltas")
+            ) from exc
         if final.output_tokens != output_tokens:
             log.warning(
                 "request %s: node %s claims %d output tokens, relayed %d; using %d",
