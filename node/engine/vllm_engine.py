@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -138,9 +139,12 @@ class VllmEngine(Engine):
     async def start(self, timeout_s: float) -> None:
         self._set_environment(timeout_s)
         started = time.monotonic()
+        # The thread hands the engine over through ``self._llm`` rather than its return
+        # value: a returned object stays referenced by the executor's futures, so the
+        # engine would outlive shutdown() and its destructor would run at interpreter exit.
         build = asyncio.to_thread(self._build)
         try:
-            self._llm = await asyncio.wait_for(build, timeout=timeout_s)
+            await asyncio.wait_for(build, timeout=timeout_s)
         except TimeoutError as exc:
             raise EngineStartError(
                 f"vLLM did not load {self._model_path} within {timeout_s:.0f} s; raise "
@@ -168,7 +172,7 @@ class VllmEngine(Engine):
         if not self._use_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._kv_cache_space_gib)
 
-    def _build(self) -> Any:
+    def _build(self) -> None:
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.inputs import TokensPrompt
@@ -190,7 +194,7 @@ class VllmEngine(Engine):
         }
         if self._use_gpu:
             arguments["gpu_memory_utilization"] = self._gpu_memory_utilization
-        return AsyncLLM.from_engine_args(
+        self._llm = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**arguments),
             stat_loggers=[_stat_logger_factory(self._snapshot, self._meter)],
         )
@@ -199,6 +203,8 @@ class VllmEngine(Engine):
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+            del llm
+            gc.collect()  # let the engine's destructor run now, while the interpreter is whole
 
     # -- prompts ----------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the node that print numbers (``run(json_output) -> dict`` each)."""

@@ -1,0 +1,150 @@
+"""The real engine driven in-process vs the same work through the node's worker gRPC server.
+
+Engine load time, then greedy chat requests of 128 new tokens at 1 and 32 concurrent
+streams, two ways: ``direct`` (Engine.generate in this process) and ``worker`` (a
+NodeWorkerService on 127.0.0.1 in this process, called by a grpc.aio client in this
+process, so the client's cost is counted too). Rounds alternate the order; figures are
+medians over rounds. ``ratio`` = worker / direct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+NEW_TOKENS = 128
+ROUNDS = 3
+CONCURRENCY_LEVELS = (1, 32)
+REQUESTS_AT_C1 = 2
+TOPICS = (
+    "the water cycle", "bicycle gears", "why the sky is blue", "compound interest",
+    "photosynthesis", "the printing press", "vaccines", "black holes",
+)  # fmt: skip
+
+
+def _prompt(index: int) -> str:
+    return f"Explain {TOPICS[index % len(TOPICS)]} in detail. ({index})"
+
+
+async def _timed(one: Any, count: int, concurrency: int) -> float:
+    started = time.perf_counter()
+    if concurrency == 1:
+        tokens = 0
+        for index in range(count):
+            tokens += await one(index)
+    else:
+        tokens = sum(await asyncio.gather(*(one(i) for i in range(count))))
+    return tokens / (time.perf_counter() - started)
+
+
+async def _measure(models_dir: Path | None) -> dict[str, Any]:
+    import grpc.aio
+    from mercato.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+    from marketplace.identity import Identity
+    from node.engine import GenerationRequest, create_engine
+    from node.settings import NodeSettings
+    from node.worker import NodeWorker
+    from node.worker_server import start_worker_server
+
+    settings = NodeSettings(**({"models_dir": models_dir} if models_dir else {}))
+    started = time.perf_counter()
+    engine = await create_engine(settings)
+    load_s = time.perf_counter() - started
+    worker = NodeWorker(
+        engine,
+        Identity.generate(),
+        price_input_micro_usd_per_mtok=1,
+        price_output_micro_usd_per_mtok=1,
+        max_concurrency=64,
+    )
+    server, port, _ = await start_worker_server(worker, "127.0.0.1", 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = node_pb2_grpc.NodeWorkerServiceStub(channel)
+
+    async def direct(index: int) -> int:
+        request = GenerationRequest(
+            f"direct-{time.monotonic_ns()}-{index}",
+            messages=[("user", _prompt(index))],
+            max_tokens=NEW_TOKENS,
+            temperature=0.0,
+        )
+        return sum([len(delta.token_ids) async for delta in engine.generate(request)])
+
+    async def through_worker(index: int) -> int:
+        request = node_pb2.WorkerGenerateRequest(
+            request_id=f"worker-{time.monotonic_ns()}-{index}",
+            model=engine.model_name,
+            chat=common_pb2.ChatInput(
+                messages=[common_pb2.ChatMessage(role="user", content=_prompt(index))]
+            ),
+            sampling=common_pb2.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
+        )
+        tokens = 0
+        async for response in stub.Generate(request):
+            if response.HasField("delta"):
+                tokens += len(response.delta.token_ids)
+        return tokens
+
+    try:
+        await direct(0)  # warm-up
+        await through_worker(0)
+        samples: dict[str, list[float]] = {}
+        for round_index in range(ROUNDS):
+            for concurrency in CONCURRENCY_LEVELS:
+                count = REQUESTS_AT_C1 if concurrency == 1 else concurrency
+                paths = [("direct", direct), ("worker", through_worker)]
+                if round_index % 2:
+                    paths.reverse()
+                for name, one in paths:
+                    rate = await _timed(one, count, concurrency)
+                    samples.setdefault(f"{name}_tokens_per_s_c{concurrency}", []).append(rate)
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await engine.shutdown()
+    result: dict[str, Any] = {k: round(statistics.median(v), 1) for k, v in samples.items()}
+    for concurrency in CONCURRENCY_LEVELS:
+        result[f"ratio_c{concurrency}"] = round(
+            result[f"worker_tokens_per_s_c{concurrency}"]
+            / result[f"direct_tokens_per_s_c{concurrency}"],
+            3,
+        )
+    result["engine_load_s"] = round(load_s, 1)
+    result["samples"] = {k: [round(x, 1) for x in v] for k, v in samples.items()}
+    result["rounds"] = ROUNDS
+    result["new_tokens_per_request"] = NEW_TOKENS
+    return result
+
+
+def run(json_output: bool, models_dir: Path | None = None) -> dict[str, Any]:
+    import uvloop
+    from rich.console import Console
+    from rich.table import Table
+
+    result = uvloop.run(_measure(models_dir))
+    table = Table(
+        title=f"node worker: output tokens/s (engine loaded in {result['engine_load_s']} s)"
+    )
+    for column in ("streams", "direct (in-process)", "worker gRPC (in-process client)", "ratio"):
+        table.add_column(column, justify="right")
+    for concurrency in CONCURRENCY_LEVELS:
+        table.add_row(
+            str(concurrency),
+            f"{result[f'direct_tokens_per_s_c{concurrency}']:.1f}",
+            f"{result[f'worker_tokens_per_s_c{concurrency}']:.1f}",
+            f"{result[f'ratio_c{concurrency}']:.3f}",
+        )
+    Console(stderr=json_output).print(table)
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    print(json.dumps(run(json_output=True, models_dir=directory), sort_keys=True))

@@ -1,0 +1,210 @@
+"""The worker over the REAL vLLM engine (loaded once per session), through real gRPC.
+
+Models dir: $MERCATO_TEST_MODELS_DIR or <repo>/.cache/models (prepared once, reused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import grpc.aio
+import pytest
+from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
+
+from marketplace.identity import Identity, verify
+from node.engine import Engine, FinishReason, GenerationRequest
+from node.receipts import RECEIPT_DOMAIN
+from node.worker import NodeWorker
+from node.worker_server import start_worker_server
+
+pytestmark = [
+    pytest.mark.integration,
+    # Raised by torch and transformers while vLLM loads; not ours to fix.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*"),
+    pytest.mark.filterwarnings("ignore::FutureWarning:torch.*"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers.*"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def _models_dir() -> Path:
+    return Path(os.environ.get("MERCATO_TEST_MODELS_DIR", REPO / ".cache" / "models"))
+
+
+@pytest.fixture(scope="session")
+async def vllm_engine() -> AsyncIterator[Engine]:
+    from node.engine import create_engine
+    from node.settings import NodeSettings
+
+    engine = await create_engine(NodeSettings(models_dir=_models_dir(), model=MODEL))
+    yield engine
+    await engine.shutdown()
+
+
+class Served:
+    def __init__(self, engine: Engine, identity: Identity, stub: Any, worker: NodeWorker) -> None:
+        self.engine, self.identity, self.stub, self.worker = engine, identity, stub, worker
+
+
+@pytest.fixture(scope="session")
+async def served(vllm_engine: Engine) -> AsyncIterator[Served]:
+    identity = Identity.generate()
+    worker = NodeWorker(
+        vllm_engine,
+        identity,
+        price_input_micro_usd_per_mtok=1,
+        price_output_micro_usd_per_mtok=2,
+        max_concurrency=64,
+    )
+    server, port, _ = await start_worker_server(worker, "127.0.0.1", 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield Served(vllm_engine, identity, node_pb2_grpc.NodeWorkerServiceStub(channel), worker)
+    await channel.close()
+    await server.stop(0)
+
+
+def _chat(content: str, max_tokens: int, request_id: str = "it-1", **sampling: Any):  # type: ignore[no-untyped-def]
+    return node_pb2.WorkerGenerateRequest(
+        request_id=request_id,
+        model=MODEL,
+        chat=common_pb2.ChatInput(messages=[common_pb2.ChatMessage(role="user", content=content)]),
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling),
+    )
+
+
+async def _collect(call: Any) -> tuple[str, list[int], node_pb2.WorkerFinal]:
+    text, ids, final = "", [], None
+    async for response in call:
+        if response.HasField("delta"):
+            text += response.delta.text
+            ids.extend(response.delta.token_ids)
+        elif response.HasField("final"):
+            final = response.final
+    assert final is not None
+    return text, ids, final
+
+
+async def _direct(engine: Engine, request: GenerationRequest) -> tuple[str, list[int], Any]:
+    text, ids, reason = "", [], None
+    async for delta in engine.generate(request):
+        text += delta.text
+        ids.extend(delta.token_ids)
+        reason = delta.finish_reason or reason
+    return text, ids, reason
+
+
+async def test_greedy_stream_equals_the_engine_driven_directly(served: Served) -> None:
+    text, ids, final = await _collect(served.stub.Generate(_chat(QUESTION, 40)))
+    direct_text, direct_ids, direct_reason = await _direct(
+        served.engine,
+        GenerationRequest("direct-1", messages=[("user", QUESTION)], max_tokens=40, temperature=0),
+    )
+    assert ids == direct_ids
+    assert text == direct_text
+    assert "Paris" in text
+    expected = {FinishReason.STOP: 1, FinishReason.LENGTH: 2}[direct_reason]
+    assert final.finish_reason == expected
+
+
+async def test_token_counts_equal_the_tokenizers(served: Served) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(_models_dir() / MODEL), local_files_only=True)
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    text, ids, final = await _collect(served.stub.Generate(_chat(QUESTION, 24, "it-count")))
+    assert final.input_tokens == len(prompt_ids)
+    assert final.output_tokens == len(ids) > 0
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    receipt = market_pb2.UsageReceipt.FromString(final.receipt.receipt)
+    assert (receipt.input_tokens, receipt.output_tokens) == (len(prompt_ids), len(ids))
+
+
+async def test_receipt_signature_verifies(served: Served) -> None:
+    _, _, final = await _collect(served.stub.Generate(_chat("Say hi.", 8, "it-receipt")))
+    signed = final.receipt
+    assert signed.node_public_key == served.identity.public_key
+    assert verify(signed.node_public_key, RECEIPT_DOMAIN, signed.receipt, signed.node_signature)
+    receipt = market_pb2.UsageReceipt.FromString(signed.receipt)
+    assert receipt.node_id == served.identity.node_id
+    assert receipt.request_id == "it-receipt" and receipt.model == MODEL
+    forged = market_pb2.UsageReceipt.FromString(signed.receipt)
+    forged.output_tokens = 1
+    assert not verify(
+        signed.node_public_key, RECEIPT_DOMAIN, forged.SerializeToString(), signed.node_signature
+    )
+
+
+async def test_cancelling_mid_stream_leaves_nothing_running(served: Served) -> None:
+    call = served.stub.Generate(_chat("Write a long story about a dragon.", 400, "it-cancel"))
+    deltas = 0
+    while (response := await call.read()) is not grpc.aio.EOF:
+        if response.HasField("delta"):
+            deltas += 1
+            if deltas == 3:
+                break
+    assert served.engine.load().running_requests == 1
+    call.cancel()
+    async with asyncio.timeout(20):
+        while served.engine.load().running_requests or served.worker.in_flight:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert served.engine.load().running_requests == 0
+    assert served.engine._llm.get_num_unfinished_requests() == 0  # type: ignore[attr-defined]
+
+
+async def test_closing_the_direct_stream_aborts_in_the_engine(vllm_engine: Engine) -> None:
+    request = GenerationRequest("it-close", prompt="Once upon a time", max_tokens=300)
+    async with aclosing(vllm_engine.generate(request)) as stream:
+        async for _ in stream:
+            assert vllm_engine.load().running_requests == 1
+            break
+    assert vllm_engine.load().running_requests == 0
+
+
+async def test_resume_continues_the_greedy_output(served: Served) -> None:
+    _, ids, _ = await _collect(served.stub.Generate(_chat(QUESTION, 12, "it-whole")))
+    assert len(ids) >= 8
+    resumed = _chat(QUESTION, len(ids) - 4, "it-resume")
+    resumed.resume_token_ids.extend(ids[:4])
+    resumed.segment_index = 1
+    _, rest, final = await _collect(served.stub.Generate(resumed))
+    assert rest == ids[4:]
+    _, _, whole_final = await _collect(served.stub.Generate(_chat(QUESTION, 1, "it-one")))
+    assert final.input_tokens == whole_final.input_tokens + 4
+
+
+async def test_stop_strings_end_the_output(served: Served) -> None:
+    text, _, _ = await _collect(served.stub.Generate(_chat(QUESTION, 40, "it-free")))
+    word = text.split()[2]
+    stopped, _, final = await _collect(
+        served.stub.Generate(_chat(QUESTION, 40, "it-stop", stop=[word]))
+    )
+    assert final.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert word not in stopped
+    assert text.startswith(stopped)
+
+
+async def test_a_prompt_longer_than_the_context_is_refused(served: Served) -> None:
+    long_prompt = "word " * 3000
+    request = node_pb2.WorkerGenerateRequest(
+        request_id="it-long",
+        model=MODEL,
+        prompt=long_prompt,
+        sampling=common_pb2.SamplingParams(max_tokens=10),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _collect(served.stub.Generate(request))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context length 2048" in (raised.value.details() or "")
