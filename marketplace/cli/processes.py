@@ -61,15 +61,21 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        self._close_output()
+        return self.process.returncode
+
+    def _close_output(self) -> None:
         if self._pump is not None:
             self._pump.join(timeout=5)
-        return self.process.returncode
+        if self.process.stdout is not None and not self.process.stdout.closed:
+            self.process.stdout.close()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+        self._close_output()
 
     def log_tail(self, lines: int = 40) -> str:
         try:
