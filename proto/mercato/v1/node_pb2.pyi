@@ -41,18 +41,22 @@ class NodeLoad(_message.Message):
     def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage_permille: _Optional[int] = ..., output_tokens_per_s: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("sequence", "load")
+    __slots__ = ("sequence", "load", "pong_id")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    PONG_ID_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     load: NodeLoad
-    def __init__(self, sequence: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+    pong_id: int
+    def __init__(self, sequence: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., pong_id: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("sequence",)
+    __slots__ = ("sequence", "ping_id")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PING_ID_FIELD_NUMBER: _ClassVar[int]
     sequence: int
-    def __init__(self, sequence: _Optional[int] = ...) -> None: ...
+    ping_id: int
+    def __init__(self, sequence: _Optional[int] = ..., ping_id: _Optional[int] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
     __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "resume_token_ids", "segment_index", "lease_id")
