@@ -112,9 +112,7 @@ def random_request(rng: random.Random, node_ids: list[str]) -> RouteRequest:
     else:
         regions = frozenset(rng.sample(REGIONS, 3))
     cap = int(_MEDIAN_PRICE_OUTPUT * 1.2) if rng.random() < 0.3 else None
-    exclude = (
-        frozenset(rng.sample(node_ids, 2)) if rng.random() < 0.1 else frozenset()
-    )
+    exclude = frozenset(rng.sample(node_ids, 2)) if rng.random() < 0.1 else frozenset()
     return RouteRequest(
         model=rng.choice(MODELS),
         input_tokens=rng.randint(50, 2000),
@@ -185,7 +183,9 @@ def run(json_output: bool) -> dict[str, Any]:
     console = Console(stderr=json_output)
     results: dict[int, dict[str, float]] = {}
     for nodes in SIZES:
-        console.print(f"building a market of {nodes:,} nodes and routing {DECISIONS_PER_SIZE:,} requests...")
+        console.print(
+            f"building a market of {nodes:,} nodes and routing {DECISIONS_PER_SIZE:,} requests..."
+        )
         results[nodes] = measure(nodes)
     table = Table(title="one routing decision (route() only), microseconds")
     for column in ("nodes", "p50", "p99", "max", "no node", "publish p50", "publish p99"):
@@ -202,7 +202,9 @@ def run(json_output: bool) -> dict[str, Any]:
         )
     console.print(table)
     growth = results[100_000]["p99_us"] / results[10_000]["p99_us"]
-    console.print(f"p99 growth 10k -> 100k: {growth:.2f}x (target <= 1.5x); p99 at 100k target <= 200 us")
+    console.print(
+        f"p99 growth 10k -> 100k: {growth:.2f}x (target <= 1.5x); p99 at 100k target <= 200 us"
+    )
     return {
         "match_us_p99_1k": round(results[1_000]["p99_us"], 1),
         "match_us_p99_10k": round(results[10_000]["p99_us"], 1),
