@@ -23,7 +23,7 @@ class RoutingConfig:
     # two price-sorted lists); a random sample tops up the pool among equally cheap ones.
     price_pool_size: int = 8
     # Most candidates in the near-best pool that power-of-two-choices picks from.
-    near_best_max: int = 8
+    near_best_max: int = 16
     # Most candidates in a decision: the pick plus fallbacks.
     max_candidates: int = 6
     # Never-measured nodes get the peers' median times multiplied by (1 - this).
@@ -37,8 +37,10 @@ class RoutingConfig:
     # Balanced mode: weight of expected duration (TTFT + max_tokens x TPOT) relative to
     # the fastest candidate.
     weight_time: float = 1.0
-    # Balanced mode: weight of utilization (occupancy / max concurrency, 0..1).
-    weight_load: float = 2.0
+    # Balanced mode: weight of utilization (occupancy / max concurrency, 0..1). Heavy on
+    # purpose: a busy node means queueing, and a burst must not pile onto the best nodes
+    # (tuned with `mercato bench spread`).
+    weight_load: float = 6.0
     # Balanced mode: weight of unreliability (1 - decayed success share).
     weight_unreliability: float = 4.0
 

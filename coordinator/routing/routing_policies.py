@@ -12,6 +12,8 @@ sort mode has the policy of the same name (``SortMode.value``):
   highest tokens/s.
 - ``balanced``: a blend of cost and duration, each relative to the best candidate (1.0 =
   as good as the best), plus utilization and unreliability, with RoutingConfig's weights.
+  Its near-best pool is wide (within 50% of the best score) and load weighs heavily: the
+  default mode spreads a burst first and still never picks far from the best.
 
 Never-measured nodes get a neutral prior: the median of the measured candidates (for
 TTFT: their median TTFT minus RTT, plus the node's own RTT when heartbeats measured it),
@@ -173,7 +175,7 @@ def score_throughput(inputs: ScoringInput) -> list[float]:
     ]
 
 
-@register_policy("balanced", near_best_slack=0.15)
+@register_policy("balanced", near_best_slack=0.5)
 def score_balanced(inputs: ScoringInput) -> list[float]:
     """Cost and duration relative to the best candidate, plus load and unreliability."""
     config = inputs.config
