@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.routing import (
+    DispatchOutcome,
     LoadReport,
     Market,
     MarketSnapshot,
@@ -78,8 +79,6 @@ def build(specs: list[NodeSpec], clock: FakeClock | None = None) -> tuple[Market
             market.record_decode(node_id, 11, 10 * spec.tpot_s)
         for _ in range(spec.failures):
             market.dispatch_started(node_id)
-            from coordinator.routing import DispatchOutcome
-
             market.dispatch_finished(node_id, DispatchOutcome.FAILURE)
     return market, clock
 
