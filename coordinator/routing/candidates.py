@@ -24,6 +24,7 @@ lists, so the cost does not grow with nodes of other models or regions. Within t
 from __future__ import annotations
 
 import random
+from array import array
 from bisect import bisect_right, insort
 from collections.abc import Iterable
 
@@ -263,10 +264,20 @@ def _cheapest_in_skyband(
     cap_input = eligibility.max_price_input
     cap_output = eligibility.max_price_output
     if len(indexes) == 1:
-        band = indexes[0].skyband
+        index = indexes[0]
+        band = index.skyband
+        prices_input, prices_output = index.skyband_prices_input, index.skyband_prices_output
     else:
         band = tuple(row for index in indexes for row in index.skyband)
-    costs = [weight_input * row[1] + weight_output * row[2] for row in band]
+        prices_input = array("q")
+        prices_output = array("q")
+        for index in indexes:
+            prices_input += index.skyband_prices_input
+            prices_output += index.skyband_prices_output
+    costs = [
+        weight_input * price_input + weight_output * price_output
+        for price_input, price_output in zip(prices_input, prices_output, strict=True)
+    ]
     best: list[_Priced] = []
     ineligible = 0
     for position in sorted(range(len(costs)), key=costs.__getitem__):

@@ -13,9 +13,10 @@ Layout (built by :class:`~coordinator.routing.Market`, read by :func:`route`):
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_right, insort
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coordinator.routing.node_view import NodeView
 
@@ -44,6 +45,9 @@ class PriceIndex:
     # outside it has at least SKYBAND_DEPTH rows inside it that cost no more under every
     # non-negative mix of input and output tokens; price mode searches it first.
     skyband: tuple[tuple[int, int, int, int], ...] = ()
+    # The skyband's input and output prices as packed arrays (cache-friendly to scan).
+    skyband_prices_input: array[int] = field(default_factory=lambda: array("q"))
+    skyband_prices_output: array[int] = field(default_factory=lambda: array("q"))
 
     @classmethod
     def build(cls, rows: list[tuple[str, int, int, int, int]]) -> PriceIndex:
@@ -62,6 +66,8 @@ class PriceIndex:
             by_input=tuple(r[1:] for r in by_input),
             input_prices=tuple(r[2] for r in by_input),
             skyband=tuple(band),
+            skyband_prices_input=array("q", (row[1] for row in band)),
+            skyband_prices_output=array("q", (row[2] for row in band)),
         )
 
     def __len__(self) -> int:
