@@ -33,7 +33,14 @@ replays the intent log through the same idempotent path.
 **Group commit.** ``writer.GroupCommitWriter`` takes everything queued, applies it in
 one transaction on its own thread (one fsync per batch: SQLite WAL with
 ``synchronous=FULL``, PostgreSQL with ``synchronous_commit=on``) and resolves each
-operation's future when durable. The request path never waits for the disk.
+operation's future when durable. The request path never waits for the disk. There is
+no timer: the next batch starts the moment a commit returns ("natural" group commit), so
+the delay to durable is about one commit at low load and two batch times at high load.
+The writer remembers balances, providers and open holds between its batches while the
+journal head is the one it wrote last (``writer_cache``), and then skips the look-ups
+that only find a retried request's earlier rows: unique keys refuse a duplicate, and the
+batch is re-read and re-applied, so retries answer exactly as before. Rows go to the
+database as plain tuples (multi-row INSERT on SQLite, COPY on PostgreSQL).
 
 **Holds off the disk path.** ``Ledger.place_hold`` admits a hold against an in-memory
 available balance (database value adopted after every commit + effects of queued

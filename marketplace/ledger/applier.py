@@ -2,8 +2,9 @@
 
 The writer (and the operator commands, with batches of one) call ``apply_batch``. It
 locks the journal head (every writer serializes on it, so balances read under it are
-exact), loads in a few queries all the state the batch touches, applies the operations
-one by one in memory, then writes every new row with one executemany per table.
+exact), loads in a few queries all the state the batch touches that the writer does not
+already remember (``writer_cache``), applies the operations one by one in memory, then
+writes every new row with one executemany (SQLite) or COPY (PostgreSQL) per table.
 
 Each operation is all-or-nothing: its transfers are checked against the balances as they
 stand after the operations before it in the batch, and a refused operation leaves nothing
@@ -12,11 +13,12 @@ behind (its answer is the exception). The batch is committed once.
 
 from __future__ import annotations
 
+import functools
 import operator
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, update
@@ -32,7 +34,7 @@ from marketplace.ledger.errors import (
     UnknownLease,
     WrongAccountKind,
 )
-from marketplace.ledger.journal import entry_hash
+from marketplace.ledger.journal import row_hash
 from marketplace.ledger.models import (
     Account,
     AccountKind,
@@ -68,6 +70,7 @@ from marketplace.ledger.operations import (
     SettlementRecord,
     TransferResult,
 )
+from marketplace.ledger.writer_cache import AccountState, WriterCache
 
 FEES = "platform.fees"
 CLEARING = "platform.clearing"
@@ -93,6 +96,74 @@ T_REJECTIONS = ReceiptRejection.__table__  # type: ignore[attr-defined]
 T_LEASES = Lease.__table__  # type: ignore[attr-defined]
 T_PAYOUT_BATCHES = PayoutBatch.__table__  # type: ignore[attr-defined]
 
+_SQLITE_ROWS_PER_INSERT = 64
+_HEAD_SQLITE = "SELECT seq, hash FROM journal_head WHERE id = 1"
+_HEAD_LOCK_PG = _HEAD_SQLITE + " FOR UPDATE"  # every writer serializes here
+_HEAD_UPDATE_SQLITE = "UPDATE journal_head SET seq = ?, hash = ? WHERE id = 1"
+_HEAD_UPDATE_PG = "UPDATE journal_head SET seq = %s, hash = %s WHERE id = 1"
+_BALANCES_UPDATE_SQLITE = (
+    "UPDATE balances SET debits_posted = ?, credits_posted = ?, debits_pending = ?, "
+    "credits_pending = ? WHERE account_id = ?"
+)
+_BALANCES_UPDATE_PG = (  # one statement for the whole batch
+    "UPDATE balances AS b SET debits_posted = v.dp, credits_posted = v.cp, "
+    "debits_pending = v.dpp, credits_pending = v.cpp "
+    "FROM unnest(%s::varchar[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+    "AS v(id, dp, cp, dpp, cpp) WHERE b.account_id = v.id"
+)
+_TRANSFER_COLUMNS = [c.name for c in T_TRANSFERS.columns]
+_HOLD_COLUMNS = [c.name for c in T_HOLDS.columns]
+_SETTLEMENT_COLUMNS = [c.name for c in T_SETTLEMENTS.columns]
+# Positions in a journal entry (a list in the column order of ``transfers``).
+_SEQ, _ID, _KIND, _PHASE, _DEBIT, _CREDIT, _AMOUNT = range(7)
+_CREATED, _PREV_HASH, _HASH = 10, 11, 12
+if _TRANSFER_COLUMNS != [
+    "seq",
+    "id",
+    "kind",
+    "phase",
+    "debit_account_id",
+    "credit_account_id",
+    "amount",
+    "pending_id",
+    "request_id",
+    "expires_at_unix_ms",
+    "created_at_unix_ms",
+    "prev_hash",
+    "hash",
+]:
+    raise ImportError("transfers columns changed: update the entry positions in applier.py")
+if [c.name for c in T_SETTLEMENTS.columns] != [
+    "request_id",
+    "account_id",
+    "api_key_id",
+    "model",
+    "lease_id",
+    "input_tokens",
+    "output_tokens",
+    "hold_micro_usd",
+    "cost_micro_usd",
+    "fee_micro_usd",
+    "capped_micro_usd",
+    "created_at_unix_ms",
+] or [c.name for c in T_RECEIPTS.columns] != [
+    "worker_request_id",
+    "request_id",
+    "segment_index",
+    "node_id",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cost_micro_usd",
+    "receipt",
+    "node_public_key",
+    "node_signature",
+    "coordinator_public_key",
+    "coordinator_signature",
+    "created_at_unix_ms",
+]:
+    raise ImportError("settlements/receipts columns changed: update _settle in applier.py")
+
 
 def now_unix_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -104,47 +175,54 @@ def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
         yield items[start : start + _IN_CHUNK]
 
 
-@dataclass
-class _AccountState:
-    kind: str
-    must_not_overdraw: bool
-    node_id: str | None
-    # [debits_posted, credits_posted, debits_pending, credits_pending]
-    sums: list[int]
-
-    @property
-    def available(self) -> int:
-        return self.sums[1] - self.sums[0] - self.sums[2]
-
-
 class _Batch:
-    """The state one batch reads and the rows it will write."""
+    """The state one batch reads and the rows it will write.
 
-    def __init__(self, conn: Connection, now_ms: int) -> None:
+    Journal entries are lists in the column order of ``transfers`` (``_SEQ`` ... ``_HASH``);
+    settlements and receipts are tuples in their tables' column order, so writing them
+    is one executemany (or COPY) of plain sequences.
+    """
+
+    def __init__(self, conn: Connection, now_ms: int, cache: WriterCache | None = None) -> None:
         self.conn = conn
         self.now_ms = now_ms
-        head = conn.execute(
-            select(T_HEAD.c.seq, T_HEAD.c.hash).where(T_HEAD.c.id == 1).with_for_update()
-        ).one()
-        self.head_seq: int = head.seq
-        self.head_hash: bytes = bytes(head.hash)
-        self.accounts: dict[str, _AccountState] = {}
-        self.provider_by_node: dict[str, str] = {}
+        self.postgres = conn.dialect.name == "postgresql"
+        self.driver: Any = conn.connection.driver_connection
+        seq, hash_ = self.driver.execute(
+            _HEAD_LOCK_PG if self.postgres else _HEAD_SQLITE
+        ).fetchone()
+        self.head_seq: int = seq
+        self.head_hash: bytes = bytes(hash_)
+        self.cache = cache
+        self.optimistic = False
+        if cache is not None:
+            if cache.matches(self.head_seq, self.head_hash):
+                self.optimistic = True
+                cache.hits += 1
+            else:
+                cache.clear()
+                cache.misses += 1
+            self.accounts = cache.accounts
+            self.provider_by_node = cache.provider_by_node
+            self.open_holds = cache.open_holds
+        else:
+            self.accounts = {}
+            self.provider_by_node = {}
+            self.open_holds = {}  # request id -> row
         self.dirty: set[str] = set()
-        self.transfers: dict[str, dict[str, Any]] = {}  # id -> fields, DB and new
-        self.open_holds: dict[str, dict[str, Any]] = {}  # request id -> row
+        self.transfers: dict[str, Sequence[Any]] = {}  # id -> entry (columns of transfers)
         self.settlements: dict[str, SettlementRecord] = {}
         self.receipt_owner: dict[str, str] = {}  # worker request id -> request id
         self.leases: dict[str, dict[str, Any]] = {}
         self.payout_batches: dict[str, PayoutResult] = {}
         self.payable: list[str] = []
         # rows to write
-        self.new_transfers: list[dict[str, Any]] = []
+        self.new_transfers: list[list[Any]] = []
         self.new_accounts: list[dict[str, Any]] = []
         self.new_holds: dict[str, dict[str, Any]] = {}  # transfer id -> row
         self.closed_holds: list[str] = []
-        self.new_settlements: list[dict[str, Any]] = []
-        self.new_receipts: list[dict[str, Any]] = []
+        self.new_settlements: list[tuple[Any, ...]] = []
+        self.new_receipts: list[tuple[Any, ...]] = []
         self.new_rejections: list[dict[str, Any]] = []
         self.new_leases: list[dict[str, Any]] = []
         self.dirty_leases: set[str] = set()
@@ -153,39 +231,60 @@ class _Batch:
     # ---------------------------------------------------------------- loading
 
     def load(self, ops: Sequence[Operation]) -> None:
-        account_ids: set[str] = set(PLATFORM_ACCOUNTS)
+        """Read what the batch needs and this writer does not already know.
+
+        When ``optimistic``, holds and settlements skip the look-ups that can only find
+        an earlier row of the same request: unique keys refuse a duplicate instead.
+        """
+        optimistic = self.optimistic
+        known_accounts = self.accounts
+        known_holds = self.open_holds
+        account_ids: set[str] = set()
         node_ids: set[str] = set()
         transfer_ids: set[str] = set()
-        request_ids: set[str] = set()
+        hold_requests: set[str] = set()  # open holds to read
+        settled_requests: set[str] = set()  # settlements to read
         worker_ids: set[str] = set()
         lease_ids: set[str] = set()
         batch_ids: set[str] = set()
+        placed: set[str] = set()
         for op in ops:
-            if isinstance(op, PostTransfer):
-                account_ids.update((op.debit_account_id, op.credit_account_id))
-                transfer_ids.add(op.transfer_id)
-            elif isinstance(op, PlaceHold):
+            kind = type(op)
+            if kind is Settle:
                 account_ids.add(op.account_id)
-                request_ids.add(op.request_id)
-                transfer_ids.add(hold_id(op.request_id))
-            elif isinstance(op, ReleaseHold):
-                request_ids.add(op.request_id)
-                transfer_ids.add(hold_id(op.request_id))
-            elif isinstance(op, Settle):
-                account_ids.add(op.account_id)
-                request_ids.add(op.request_id)
+                if op.request_id not in known_holds and op.request_id not in placed:
+                    hold_requests.add(op.request_id)
+                if not optimistic:
+                    settled_requests.add(op.request_id)
                 for segment in op.segments:
                     node_ids.add(segment.node_id)
-                    worker_ids.add(segment.worker_request_id)
-            elif isinstance(op, ReadAvailable):
+                    if not optimistic:
+                        worker_ids.add(segment.worker_request_id)
+            elif kind is PlaceHold:
                 account_ids.add(op.account_id)
-            elif isinstance(op, CreateLease):
+                if optimistic:
+                    # Its hold is new (a duplicate hold transfer would be refused), so a
+                    # settlement later in this batch need not look for it either.
+                    placed.add(op.request_id)
+                else:
+                    hold_requests.add(op.request_id)
+                    transfer_ids.add(hold_id(op.request_id))
+            elif kind is PostTransfer:
+                account_ids.update((op.debit_account_id, op.credit_account_id))
+                transfer_ids.add(op.transfer_id)
+            elif kind is ReleaseHold:
+                hold_requests.add(op.request_id)
+                settled_requests.add(op.request_id)
+                transfer_ids.add(hold_id(op.request_id))
+            elif kind is ReadAvailable:
+                account_ids.add(op.account_id)
+            elif kind is CreateLease:
                 account_ids.add(op.account_id)
                 node_ids.add(op.node_id)
                 lease_ids.add(op.lease_id)
-            elif isinstance(op, ChargeLease | EndLease):
+            elif kind is ChargeLease or kind is EndLease:
                 lease_ids.add(op.lease_id)
-            elif isinstance(op, RunPayouts):
+            elif kind is RunPayouts:
                 batch_ids.add(op.batch_id)
         conn = self.conn
         if lease_ids:
@@ -196,6 +295,7 @@ class _Batch:
                     account_ids.update((lease["account_id"], lease["provider_account_id"]))
         if batch_ids:
             self._load_payouts(batch_ids, account_ids)
+        node_ids.difference_update(self.provider_by_node)
         if node_ids:
             for chunk in _chunks(node_ids):
                 for row in conn.execute(
@@ -205,22 +305,29 @@ class _Batch:
                 ):
                     self.provider_by_node[row.node_id] = row.id
                     account_ids.add(row.id)
-        if request_ids:
-            hold_cols = [c.name for c in T_HOLDS.columns]
-            for row in _select_in(conn, T_HOLDS, hold_cols, "request_id", request_ids):
-                hold = dict(zip(hold_cols, row, strict=True))
-                self.open_holds[hold["request_id"]] = hold
+        hold_requests.difference_update(known_holds)
+        if hold_requests:
+            for row in _select_in(conn, T_HOLDS, _HOLD_COLUMNS, "request_id", hold_requests):
+                hold = dict(zip(_HOLD_COLUMNS, row, strict=True))
+                known_holds[hold["request_id"]] = hold
                 account_ids.add(hold["account_id"])
-        self._load_accounts(account_ids)
-        if request_ids:
-            settle_cols = [c.name for c in T_SETTLEMENTS.columns]
-            for row in _select_in(conn, T_SETTLEMENTS, settle_cols, "request_id", request_ids):
-                mapping = dict(zip(settle_cols, row, strict=True))
+        for hold_request in settled_requests:
+            hold = known_holds.get(hold_request)
+            if hold is not None:
+                account_ids.add(hold["account_id"])
+        account_ids.update(PLATFORM_ACCOUNTS)
+        account_ids.difference_update(known_accounts)
+        if account_ids:
+            self._load_accounts(account_ids)
+        if settled_requests:
+            for row in _select_in(
+                conn, T_SETTLEMENTS, _SETTLEMENT_COLUMNS, "request_id", settled_requests
+            ):
+                mapping = dict(zip(_SETTLEMENT_COLUMNS, row, strict=True))
                 self.settlements[row[0]] = _settlement_record(mapping, False)
         if transfer_ids:
-            cols = ["id", "kind", "phase", "debit_account_id", "credit_account_id", "amount"]
-            for row in _select_in(conn, T_TRANSFERS, cols, "id", transfer_ids):
-                self.transfers[row[0]] = dict(zip(cols, row, strict=True))
+            for row in _select_in(conn, T_TRANSFERS, _TRANSFER_COLUMNS, "id", transfer_ids):
+                self.transfers[row[_ID]] = row
         if worker_ids:
             for row in _select_in(
                 conn,
@@ -248,7 +355,7 @@ class _Batch:
                 .where(T_ACCOUNTS.c.id.in_(chunk))
             )
             for row in rows:
-                self.accounts[row.id] = _AccountState(
+                self.accounts[row.id] = AccountState(
                     row.kind,
                     bool(row.must_not_overdraw),
                     row.node_id,
@@ -293,7 +400,7 @@ class _Batch:
 
     # ---------------------------------------------------------------- helpers
 
-    def account(self, account_id: str) -> _AccountState:
+    def account(self, account_id: str) -> AccountState:
         state = self.accounts.get(account_id)
         if state is None:
             raise UnknownAccount(
@@ -318,29 +425,29 @@ class _Batch:
                 "created_at_unix_ms": self.now_ms,
             }
         )
-        self.accounts[account_id] = _AccountState(
-            AccountKind.PROVIDER.value, True, node_id, [0] * 4
-        )
+        self.accounts[account_id] = AccountState(AccountKind.PROVIDER.value, True, node_id, [0] * 4)
         self.provider_by_node[node_id] = account_id
         return account_id
 
-    def post(self, entries: list[dict[str, Any]]) -> None:
-        """Apply an operation's transfers: all of them, or (on a refused limit) none."""
+    def post(self, entries: list[list[Any]], resolved_micro_usd: int = 0) -> None:
+        """Apply an operation's transfers: all of them, or (on a refused limit) none.
+
+        ``resolved_micro_usd`` is the amount of the pending transfer that a post, void or
+        expire entry among ``entries`` resolves.
+        """
         accounts = self.accounts
         touched: dict[str, list[int]] = {}
         for entry in entries:
-            debit_id = entry["debit_account_id"]
-            credit_id = entry["credit_account_id"]
+            debit_id = entry[_DEBIT]
+            credit_id = entry[_CREDIT]
             debit = touched.get(debit_id)
             if debit is None:
-                state = accounts.get(debit_id) or self.account(debit_id)
-                debit = touched[debit_id] = list(state.sums)
+                debit = touched[debit_id] = self.account(debit_id).sums.copy()
             credit = touched.get(credit_id)
             if credit is None:
-                state = accounts.get(credit_id) or self.account(credit_id)
-                credit = touched[credit_id] = list(state.sums)
-            amount = entry["amount"]
-            phase = entry["phase"]
+                credit = touched[credit_id] = self.account(credit_id).sums.copy()
+            amount = entry[_AMOUNT]
+            phase = entry[_PHASE]
             if phase == _SINGLE:
                 debit[0] += amount
                 credit[1] += amount
@@ -348,9 +455,8 @@ class _Batch:
                 debit[2] += amount
                 credit[3] += amount
             else:
-                pending_amount = entry.pop("_pending_amount")
-                debit[2] -= pending_amount
-                credit[3] -= pending_amount
+                debit[2] -= resolved_micro_usd
+                credit[3] -= resolved_micro_usd
                 if phase == _POST:
                     debit[0] += amount
                     credit[1] += amount
@@ -358,24 +464,24 @@ class _Batch:
             state = accounts[account_id]
             if state.must_not_overdraw and sums[0] + sums[2] > sums[1]:
                 need = sum(
-                    e["amount"]
-                    for e in entries
-                    if e["debit_account_id"] == account_id and e["phase"] != _POST
+                    e[_AMOUNT] for e in entries if e[_DEBIT] == account_id and e[_PHASE] != _POST
                 )
                 raise InsufficientBalance(need, state.available, account_id)
+        dirty = self.dirty
         for account_id, sums in touched.items():
             accounts[account_id].sums = sums
-        self.dirty.update(touched)
+            dirty.add(account_id)
         now_ms = self.now_ms
         head_hash = self.head_hash
         seq = self.head_seq
+        transfers = self.transfers
         for entry in entries:
             seq += 1
-            entry["seq"] = seq
-            entry["created_at_unix_ms"] = now_ms
-            entry["prev_hash"] = head_hash
-            entry["hash"] = head_hash = entry_hash(head_hash, entry)
-            self.transfers[entry["id"]] = entry
+            entry[_SEQ] = seq
+            entry[_CREATED] = now_ms
+            entry[_PREV_HASH] = head_hash
+            entry[_HASH] = head_hash = row_hash(head_hash, entry)
+            transfers[entry[_ID]] = entry
         self.new_transfers.extend(entries)
         self.head_seq = seq
         self.head_hash = head_hash
@@ -386,22 +492,9 @@ class _Batch:
         conn = self.conn
         if self.new_accounts:
             _insert(conn, T_ACCOUNTS, self.new_accounts)
-            _insert(
-                conn,
-                T_BALANCES,
-                [
-                    {
-                        "account_id": a["id"],
-                        "debits_posted": 0,
-                        "credits_posted": 0,
-                        "debits_pending": 0,
-                        "credits_pending": 0,
-                    }
-                    for a in self.new_accounts
-                ],
-            )
+            _insert_rows(conn, T_BALANCES, [(a["id"], 0, 0, 0, 0) for a in self.new_accounts])
         if self.new_transfers:
-            _insert(conn, T_TRANSFERS, self.new_transfers)
+            _insert_rows(conn, T_TRANSFERS, self.new_transfers)
         if self.closed_holds and conn.dialect.name == "postgresql":
             conn.exec_driver_sql(
                 f"DELETE FROM {T_HOLDS.name} WHERE transfer_id = ANY(%s)", (self.closed_holds,)
@@ -415,9 +508,9 @@ class _Batch:
         if self.new_holds:
             _insert(conn, T_HOLDS, list(self.new_holds.values()))
         if self.new_settlements:
-            _insert(conn, T_SETTLEMENTS, self.new_settlements)
+            _insert_rows(conn, T_SETTLEMENTS, self.new_settlements)
         if self.new_receipts:
-            _insert(conn, T_RECEIPTS, self.new_receipts)
+            _insert_rows(conn, T_RECEIPTS, self.new_receipts)
         if self.new_rejections:
             conn.execute(T_REJECTIONS.insert(), self.new_rejections)
         new_lease_ids = {lease["id"] for lease in self.new_leases}
@@ -437,18 +530,21 @@ class _Batch:
         if self.new_payout_batches:
             _insert(conn, T_PAYOUT_BATCHES, self.new_payout_batches)
         if self.dirty:
-            mark = _mark(conn)
-            _execute_many(
-                conn,
-                f"UPDATE {T_BALANCES.name} SET debits_posted = {mark}, credits_posted = {mark}, "
-                f"debits_pending = {mark}, credits_pending = {mark} WHERE account_id = {mark}",
-                [(*self.accounts[a].sums, a) for a in sorted(self.dirty)],
-            )
+            changed = sorted(self.dirty)
+            sums = [self.accounts[a].sums for a in changed]
+            if self.postgres:
+                self.driver.execute(
+                    _BALANCES_UPDATE_PG, (changed, *([s[i] for s in sums] for i in range(4)))
+                )
+            else:
+                self.driver.executemany(
+                    _BALANCES_UPDATE_SQLITE,
+                    [(*s, a) for a, s in zip(changed, sums, strict=True)],
+                )
         if self.new_transfers:
-            conn.execute(
-                update(T_HEAD)
-                .where(T_HEAD.c.id == 1)
-                .values(seq=self.head_seq, hash=self.head_hash)
+            self.driver.execute(
+                _HEAD_UPDATE_PG if self.postgres else _HEAD_UPDATE_SQLITE,
+                (self.head_seq, self.head_hash),
             )
 
 
@@ -471,27 +567,54 @@ def _mark(conn: Connection) -> str:
     return "?" if conn.dialect.paramstyle == "qmark" else "%s"
 
 
-def _execute_many(conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    """executemany straight on the driver: the hot path skips SQLAlchemy's per-row work."""
-    conn.exec_driver_sql(sql, rows)
+def _execute_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """executemany straight on the driver's connection (same transaction): the hot path
+    skips SQLAlchemy's per-row work. Driver errors arrive unwrapped (see ``writer``)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(sql, [tuple(row) for row in rows])
+        return
+    conn.connection.driver_connection.executemany(sql, rows)  # type: ignore[union-attr]
 
 
 def _insert(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
-    columns = [c.name for c in table.columns]
-    mark = _mark(conn)
-    sql = (
-        f"INSERT INTO {table.name} ({', '.join(columns)}) "
-        f"VALUES ({', '.join([mark] * len(columns))})"
-    )
-    getter = operator.itemgetter(*columns)
+    """Insert dict rows (keyed by column name)."""
+    getter = operator.itemgetter(*[c.name for c in table.columns])
+    _insert_rows(conn, table, [getter(row) for row in rows])
+
+
+def _insert_rows(conn: Connection, table: Any, rows: Sequence[Sequence[Any]]) -> None:
+    """Insert rows given as sequences in the table's column order.
+
+    PostgreSQL: one COPY (executemany would cost a round trip per row). SQLite:
+    multi-row INSERTs of up to ``_SQLITE_ROWS_PER_INSERT`` rows (a power of two, so a
+    handful of statements stay prepared): sqlite3 lets go of the GIL at every statement
+    step, and a thread that takes it back behind a busy event loop waits a switch
+    interval each time; one step per 64 rows instead of one per row keeps the writer off
+    that convoy.
+    """
+    driver: Any = conn.connection.driver_connection
     if conn.dialect.name == "postgresql":
-        # COPY: one round trip for the whole batch (executemany costs one per row).
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+        columns = ", ".join(c.name for c in table.columns)
+        with driver.cursor().copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
+            write_row = copy.write_row
             for row in rows:
-                copy.write_row(getter(row))
+                write_row(row)
         return
-    _execute_many(conn, sql, [getter(row) for row in rows])
+    total = len(rows)
+    start = 0
+    while start < total:
+        count = _SQLITE_ROWS_PER_INSERT
+        while count > total - start:
+            count //= 2
+        params = list(chain.from_iterable(rows[start : start + count]))
+        driver.execute(_sqlite_insert_sql(table.name, len(table.columns), count), params)
+        start += count
+
+
+@functools.cache
+def _sqlite_insert_sql(table: str, columns: int, rows: int) -> str:
+    row = "(" + ", ".join(["?"] * columns) + ")"
+    return f"INSERT INTO {table} VALUES " + ", ".join([row] * rows)
 
 
 _LEASE_MUTABLE = ("periods_charged", "charged_micro_usd", "status", "ended_at_unix_ms")
@@ -543,22 +666,24 @@ def _entry(
     pending_id: str | None = None,
     request_id: str | None = None,
     expires_at_unix_ms: int | None = None,
-    _pending_amount: int | None = None,
-) -> dict[str, Any]:
-    entry = {
-        "id": transfer_id,
-        "kind": _VALUE[kind],
-        "phase": _VALUE[phase],
-        "debit_account_id": debit,
-        "credit_account_id": credit,
-        "amount": amount,
-        "pending_id": pending_id,
-        "request_id": request_id,
-        "expires_at_unix_ms": expires_at_unix_ms,
-    }
-    if _pending_amount is not None:
-        entry["_pending_amount"] = _pending_amount
-    return entry
+) -> list[Any]:
+    """A journal entry in the column order of ``transfers``; ``post`` fills in the
+    sequence number, time and hashes."""
+    return [
+        0,
+        transfer_id,
+        _VALUE[kind],
+        _VALUE[phase],
+        debit,
+        credit,
+        amount,
+        pending_id,
+        request_id,
+        expires_at_unix_ms,
+        0,
+        b"",
+        b"",
+    ]
 
 
 # -------------------------------------------------------------------- operations
@@ -568,10 +693,10 @@ def _post_transfer(batch: _Batch, op: PostTransfer) -> TransferResult:
     existing = batch.transfers.get(op.transfer_id)
     if existing is not None:
         same = (
-            existing["kind"] == op.kind.value
-            and existing["debit_account_id"] == op.debit_account_id
-            and existing["credit_account_id"] == op.credit_account_id
-            and existing["amount"] == op.amount
+            existing[_KIND] == op.kind.value
+            and existing[_DEBIT] == op.debit_account_id
+            and existing[_CREDIT] == op.credit_account_id
+            and existing[_AMOUNT] == op.amount
         )
         if not same:
             raise IdConflict(
@@ -606,8 +731,19 @@ def _post_transfer(batch: _Batch, op: PostTransfer) -> TransferResult:
 def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
     tid = hold_id(op.request_id)
     existing = batch.transfers.get(tid)
+    if existing is None:
+        known = batch.open_holds.get(op.request_id)
+        if known is not None and known["transfer_id"] == tid:
+            existing = _entry(
+                tid,
+                TransferKind.HOLD,
+                TransferPhase.PENDING,
+                known["account_id"],
+                CLEARING,
+                known["amount"],
+            )
     if existing is not None:
-        if existing["debit_account_id"] != op.account_id or existing["amount"] != op.amount:
+        if existing[_DEBIT] != op.account_id or existing[_AMOUNT] != op.amount:
             raise IdConflict(
                 f"request id {op.request_id!r} already has a different hold; use a new request id"
             )
@@ -679,57 +815,68 @@ def _release_hold(batch: _Batch, op: ReleaseHold) -> ReleaseResult:
                 hold["amount"],
                 pending_id=hold["transfer_id"],
                 request_id=op.request_id,
-                _pending_amount=hold["amount"],
             )
-        ]
+        ],
+        hold["amount"],
     )
     _close_hold(batch, hold)
     return ReleaseResult(op.request_id, hold["amount"], "expired" if op.expire else "released")
 
 
 def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
-    known = batch.settlements.get(op.request_id)
+    rid = op.request_id
+    known = batch.settlements.get(rid)
     if known is not None:
         return SettlementRecord(**{**known.__dict__, "created": False})
-    for segment in op.segments:
-        owner = batch.receipt_owner.get(segment.worker_request_id)
-        if owner is not None and owner != op.request_id:
+    segments = op.segments
+    receipt_owner = batch.receipt_owner
+    for segment in segments:
+        owner = receipt_owner.get(segment.worker_request_id)
+        if owner is not None and owner != rid:
             raise ReplayedReceipt(
                 f"receipt for node request {segment.worker_request_id!r} was already settled "
                 f"with request {owner!r}; a receipt pays once"
             )
     client = batch.account(op.account_id)
-    hold = batch.open_holds.get(op.request_id)
+    hold = batch.open_holds.get(rid)
     if hold is not None and hold["account_id"] != op.account_id:
         raise IdConflict(
-            f"request {op.request_id!r} holds money on account {hold['account_id']!r}, "
-            f"not {op.account_id!r}"
+            f"request {rid!r} holds money on account {hold['account_id']!r}, not {op.account_id!r}"
         )
-    costs = [segment.cost_micro_usd for segment in op.segments]
-    held = hold["amount"] if hold is not None else op.hold_micro_usd
-    if hold is None:
-        # The hold was lost (crash before it was durable) or expired: charge directly,
-        # never more than the hold promised nor than the account has.
-        held = max(0, min(held, client.available))
+    costs = [segment.cost_micro_usd for segment in segments]
+    # Without a hold (lost in a crash before it was durable, or expired): charge directly,
+    # never more than the hold promised nor than the account has.
+    held = hold["amount"] if hold is not None else max(0, min(op.hold_micro_usd, client.available))
     charges = money.cap_to_hold(held, costs)
     cost = sum(charges)
-    entries: list[dict[str, Any]] = []
-    rid = op.request_id
+    entries: list[list[Any]] = []
     if hold is not None:
-        phase = TransferPhase.POST if cost > 0 else TransferPhase.VOID
-        entries.append(
-            _entry(
-                f"{phase.value}:{rid}",
-                TransferKind.CHARGE if cost > 0 else TransferKind.RELEASE,
-                phase,
-                op.account_id,
-                CLEARING,
-                cost if cost > 0 else hold["amount"],
-                pending_id=hold["transfer_id"],
-                request_id=rid,
-                _pending_amount=hold["amount"],
+        if cost > 0:
+            entries.append(
+                _entry(
+                    f"post:{rid}",
+                    TransferKind.CHARGE,
+                    TransferPhase.POST,
+                    op.account_id,
+                    CLEARING,
+                    cost,
+                    pending_id=hold["transfer_id"],
+                    request_id=rid,
+                )
             )
-        )
+        else:
+            entries.append(
+                _entry(
+                    f"void:{rid}",
+                    TransferKind.RELEASE,
+                    TransferPhase.VOID,
+                    op.account_id,
+                    CLEARING,
+                    hold["amount"],
+                    pending_id=hold["transfer_id"],
+                    request_id=rid,
+                )
+            )
     elif cost > 0:
         entries.append(
             _entry(
@@ -743,10 +890,11 @@ def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
             )
         )
     fee_total = 0
-    for segment, charge in zip(op.segments, charges, strict=True):
+    fee_bps = op.fee_bps
+    for segment, charge in zip(segments, charges, strict=True):
         if charge <= 0:
             continue
-        provider_amount, fee = money.split_fee(charge, op.fee_bps)
+        provider_amount, fee = money.split_fee(charge, fee_bps)
         fee_total += fee
         provider = batch.provider_account(segment.node_id)
         i = segment.segment_index
@@ -774,48 +922,64 @@ def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
                     request_id=rid,
                 )
             )
-    batch.post(entries)
+    batch.post(entries, hold["amount"] if hold is not None else 0)
     if hold is not None:
         _close_hold(batch, hold)
-    input_tokens = sum(s.input_tokens for s in op.segments)
-    output_tokens = sum(s.output_tokens for s in op.segments)
-    row = {
-        "request_id": rid,
-        "account_id": op.account_id,
-        "api_key_id": op.api_key_id,
-        "model": op.model,
-        "lease_id": op.lease_id,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "hold_micro_usd": held,
-        "cost_micro_usd": cost,
-        "fee_micro_usd": fee_total,
-        "capped_micro_usd": sum(costs) - cost,
-        "created_at_unix_ms": batch.now_ms,
-    }
-    batch.new_settlements.append(row)
-    record = _settlement_record(row, True)
-    batch.settlements[rid] = record
-    for segment, charge in zip(op.segments, charges, strict=True):
-        batch.receipt_owner[segment.worker_request_id] = rid
-        batch.new_receipts.append(
-            {
-                "worker_request_id": segment.worker_request_id,
-                "request_id": rid,
-                "segment_index": segment.segment_index,
-                "node_id": segment.node_id,
-                "model": segment.model,
-                "input_tokens": segment.input_tokens,
-                "output_tokens": segment.output_tokens,
-                "cost_micro_usd": charge,
-                "receipt": segment.receipt,
-                "node_public_key": segment.node_public_key,
-                "node_signature": segment.node_signature,
-                "coordinator_public_key": segment.coordinator_public_key,
-                "coordinator_signature": segment.coordinator_signature,
-                "created_at_unix_ms": batch.now_ms,
-            }
+    now_ms = batch.now_ms
+    input_tokens = output_tokens = 0
+    new_receipts = batch.new_receipts
+    for segment, charge in zip(segments, charges, strict=True):
+        input_tokens += segment.input_tokens
+        output_tokens += segment.output_tokens
+        receipt_owner[segment.worker_request_id] = rid
+        new_receipts.append(
+            (
+                segment.worker_request_id,
+                rid,
+                segment.segment_index,
+                segment.node_id,
+                segment.model,
+                segment.input_tokens,
+                segment.output_tokens,
+                charge,
+                segment.receipt,
+                segment.node_public_key,
+                segment.node_signature,
+                segment.coordinator_public_key,
+                segment.coordinator_signature,
+                now_ms,
+            )
         )
+    capped = sum(costs) - cost
+    batch.new_settlements.append(
+        (
+            rid,
+            op.account_id,
+            op.api_key_id,
+            op.model,
+            op.lease_id,
+            input_tokens,
+            output_tokens,
+            held,
+            cost,
+            fee_total,
+            capped,
+            now_ms,
+        )
+    )
+    record = SettlementRecord(
+        rid,
+        op.account_id,
+        cost,
+        fee_total,
+        cost - fee_total,
+        held,
+        capped,
+        input_tokens,
+        output_tokens,
+        True,
+    )
+    batch.settlements[rid] = record
     return record
 
 
@@ -1020,26 +1184,39 @@ _HANDLERS: dict[type, Any] = {
 }
 
 
-def apply_batch(conn: Connection, ops: Sequence[Operation], now_ms: int | None = None) -> list[Any]:
+def apply_batch(
+    conn: Connection,
+    ops: Sequence[Operation],
+    now_ms: int | None = None,
+    *,
+    cache: WriterCache | None = None,
+) -> tuple[list[Any], dict[str, int]]:
     """Apply ``ops`` inside the caller's open transaction on ``conn``.
 
-    Returns one answer per operation: its result, or the LedgerError that refused it.
-    Database errors propagate (the caller rolls back and retries or fails the batch).
+    Returns one answer per operation (its result, or the LedgerError that refused it) and
+    the available balance of every account the batch touched. Database errors propagate
+    (the caller rolls back and retries or fails the batch). With ``cache``, the batch
+    starts from what the writer remembers when the journal head allows it; the caller
+    calls ``cache.committed()`` after the commit and ``cache.clear()`` on any failure.
     """
-    batch = _Batch(conn, now_unix_ms() if now_ms is None else now_ms)
+    batch = _Batch(conn, now_unix_ms() if now_ms is None else now_ms, cache)
     batch.load(ops)
     answers: list[Any] = []
+    handlers = _HANDLERS
     for op in ops:
         try:
-            if isinstance(op, ReadAvailable):
+            if type(op) is ReadAvailable:
                 answers.append(batch.account(op.account_id).available)
             else:
-                answers.append(_HANDLERS[type(op)](batch, op))
+                answers.append(handlers[type(op)](batch, op))
         except LedgerError as exc:
             answers.append(exc)
     batch.flush()
-    available = {account_id: batch.accounts[account_id].available for account_id in batch.dirty}
+    accounts = batch.accounts
+    available = {account_id: accounts[account_id].available for account_id in batch.dirty}
     for op in ops:
-        if isinstance(op, ReadAvailable) and op.account_id in batch.accounts:
-            available[op.account_id] = batch.accounts[op.account_id].available
+        if type(op) is ReadAvailable and op.account_id in accounts:
+            available[op.account_id] = accounts[op.account_id].available
+    if cache is not None:
+        cache.pending_head = (batch.head_seq, batch.head_hash)
     return answers, available

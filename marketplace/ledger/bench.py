@@ -15,11 +15,17 @@ a receipt row, the hold index):
 
 Receipts are signed, verified and countersigned before timing starts: that CPU cost
 belongs to the request path and is reported apart (``receipt_check_us``).
+
+Wall-clock rates depend on what else the machine runs, so the output also carries the CPU
+time the writer's database thread spent per settlement in the throughput run
+(``writer_cpu_us_per_settle_*``: the capacity of one free core is 10⁶ divided by it) and
+the machine's load average before and after (``load_avg_1m_*``, ``cpu_count``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import statistics
 import tempfile
@@ -175,6 +181,7 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
 
         pairs = _make_ops(THROUGHPUT_SETTLEMENTS, clients, nodes, coordinator, "tput")
         batches_before = writer.batches
+        cpu_before = writer.cpu_s
         start = time.perf_counter()
         futures = []
         for index, (hold, settle) in enumerate(pairs):
@@ -185,6 +192,7 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         await asyncio.gather(*futures)
         elapsed = time.perf_counter() - start
         throughput = len(pairs) / elapsed
+        cpu_us = (writer.cpu_s - cpu_before) / len(pairs) * 1e6
         mean_batch = 2 * len(pairs) / max(1, writer.batches - batches_before)
 
         p99, p50 = await _steady(writer, clients, nodes, coordinator, rate_per_s, "steady")
@@ -195,6 +203,7 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         store.close()
     return {
         "settle_per_s": round(throughput),
+        "writer_cpu_us_per_settle": round(cpu_us, 1),
         "durable_ms_p99": round(p99, 2),
         "durable_ms_p50": round(p50, 2),
         "ops_per_batch_mean": round(mean_batch, 1),
@@ -239,7 +248,9 @@ def _postgres() -> dict[str, float] | str:
 def run(json_output: bool = False) -> dict[str, Any]:
     """Run both backends; print a table; return the numbers (keys as documented above)."""
     result: dict[str, Any] = {
-        "receipt_check_us": round(_receipt_check_us(Identity.generate(), Identity.generate()), 1)
+        "receipt_check_us": round(_receipt_check_us(Identity.generate(), Identity.generate()), 1),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m_before": round(os.getloadavg()[0], 2),
     }
     sqlite = _sqlite()
     for key, value in sqlite.items():
@@ -250,6 +261,7 @@ def run(json_output: bool = False) -> dict[str, Any]:
     else:
         for key, value in postgres.items():
             result[f"{key}_postgres"] = value
+    result["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     print(
         "backend     settle/s   durable p50 ms   durable p99 ms   ops/batch   offered/s"
         "   p99 ms at half load"
@@ -263,8 +275,18 @@ def run(json_output: bool = False) -> dict[str, Any]:
                 f" {result[f'durable_ms_p99_half_load_{name}']:>10} "
                 f"(at {result[f'half_load_per_s_{name}']}/s)"
             )
+    for name in ("sqlite", "postgres"):
+        if f"writer_cpu_us_per_settle_{name}" in result:
+            print(
+                f"{name}: writer thread CPU {result[f'writer_cpu_us_per_settle_{name}']} us per "
+                "settlement (throughput run)"
+            )
     print(
         f"receipt check + countersign: {result['receipt_check_us']} us per receipt (request path)"
+    )
+    print(
+        f"machine: {result['cpu_count']} CPUs, load average (1 min) "
+        f"{result['load_avg_1m_before']} before, {result['load_avg_1m_after']} after"
     )
     if "postgres_error" in result:
         print(result["postgres_error"])

@@ -1,0 +1,76 @@
+"""What a writer remembers between its batches, and when that memory may be trusted.
+
+Every write that moves money advances the journal head (``journal_head``: sequence and
+hash of the last entry), and every writer locks that row for its whole batch. So when a
+batch finds the head exactly where this writer left it, nobody else has written since,
+and the state this writer knows — account balances, the provider account of each node,
+the holds it saw open — is still the database's. The batch then starts from that state
+instead of reading it again, and skips the look-ups that only find earlier rows of a
+retried request (a settlement, a receipt, a hold transfer): if such a row exists after
+all, its unique key refuses the insert, the transaction rolls back, the memory is
+dropped, and the batch runs again reading everything (``optimistic`` below is then
+False). Any failure, or a head moved by another writer (the operator CLI, another
+coordinator), drops the memory the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_ACCOUNTS_REMEMBERED_MAX = 200_000
+_HOLDS_REMEMBERED_MAX = 500_000
+
+
+@dataclass(slots=True)
+class AccountState:
+    """An account as the batch sees it: kind, overdraft rule and the journal's sums."""
+
+    kind: str
+    must_not_overdraw: bool
+    node_id: str | None
+    # [debits_posted, credits_posted, debits_pending, credits_pending]
+    sums: list[int]
+
+    @property
+    def available(self) -> int:
+        return self.sums[1] - self.sums[0] - self.sums[2]
+
+
+@dataclass
+class WriterCache:
+    """State kept by one writer (one connection) across its batches."""
+
+    head_seq: int | None = None  # None: nothing remembered
+    head_hash: bytes = b""
+    accounts: dict[str, AccountState] = field(default_factory=dict)
+    provider_by_node: dict[str, str] = field(default_factory=dict)
+    open_holds: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> row
+    pending_head: tuple[int, bytes] | None = None  # the head the open batch will commit
+    hits: int = 0  # batches that started from memory
+    misses: int = 0  # batches that read everything
+
+    def matches(self, seq: int, hash_: bytes) -> bool:
+        """True when the locked head is the one this writer committed last."""
+        return self.head_seq is not None and seq == self.head_seq and hash_ == self.head_hash
+
+    def clear(self) -> None:
+        """Forget everything (a failed batch, or the head moved under us)."""
+        self.head_seq = None
+        self.head_hash = b""
+        self.accounts.clear()
+        self.provider_by_node.clear()
+        self.open_holds.clear()
+        self.pending_head = None
+
+    def committed(self) -> None:
+        """The open batch committed: its head, and the state it left, are now the truth."""
+        if self.pending_head is None:
+            return
+        self.head_seq, self.head_hash = self.pending_head
+        self.pending_head = None
+        if (
+            len(self.accounts) > _ACCOUNTS_REMEMBERED_MAX
+            or len(self.open_holds) > _HOLDS_REMEMBERED_MAX
+        ):
+            self.clear()  # bounded memory; the next batch reads what it needs
