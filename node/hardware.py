@@ -95,6 +95,20 @@ def probe_nvidia_gpus() -> tuple[GpuInfo, ...]:
             pynvml.nvmlShutdown()
 
 
+def cpu_has_native_bf16(cpuinfo: Path = _CPUINFO) -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512_BF16 or AMX)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
 def usable_cpu_cores() -> int:
     """Logical cores this process may run on."""
     try:

@@ -31,6 +31,17 @@ class EngineBackend(StrEnum):
     FAKE = "fake"
 
 
+class EngineDtype(StrEnum):
+    """Number format of the model's weights and activations in the engine."""
+
+    # bfloat16 on a GPU or on a CPU with native bf16 (AVX512_BF16 / AMX); float32 otherwise.
+    AUTO = "auto"
+    # bfloat16: half the memory; fast only where the hardware computes in bf16.
+    BFLOAT16 = "bfloat16"
+    # float32: twice the memory; on AVX2-only CPUs it batched 2.5x faster than bf16 here.
+    FLOAT32 = "float32"
+
+
 class NodeSettings(BaseSettings):
     """How one provider node identifies itself, what it serves, and at which price."""
 
@@ -111,6 +122,18 @@ class NodeSettings(BaseSettings):
     engine: EngineBackend = Field(
         default=EngineBackend.VLLM,
         description="Engine backend: vllm (real), or fake (unit tests and overhead benchmarks only).",
+    )
+    engine_dtype: EngineDtype = Field(
+        default=EngineDtype.AUTO,
+        description="Engine number format: auto (bf16 where the hardware has it), bfloat16, float32.",
+    )
+    cpu_omp_threads_bind: str = Field(
+        default="nobind",
+        pattern=r"^(auto|nobind|[0-9][0-9,|-]*)$",
+        description=(
+            "CPU node: cores vLLM pins its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND): "
+            "nobind, auto, or a list like 0-3. Pinning was 10x slower on a shared host."
+        ),
     )
     kv_cache_space_gib: int = Field(
         default=2,

@@ -79,6 +79,9 @@ def start(
     max_concurrency: int | None = typer.Option(
         None, "--max-concurrency", help="Most requests in flight. [default: 64]"
     ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Engine number format: auto, bfloat16, float32. [default: auto]"
+    ),
     kv_cache_space_gib: int | None = typer.Option(
         None, "--kv-cache-space-gib", help="KV cache on a CPU node, GiB. [default: 2]"
     ),
@@ -103,6 +106,7 @@ def start(
             "price_output_micro_usd_per_mtok": price_output,
             "price_micro_usd_per_gpu_hour": price_gpu_hour,
             "max_concurrency": max_concurrency,
+            "engine_dtype": dtype,
             "kv_cache_space_gib": kv_cache_space_gib,
             "max_model_len": max_model_len,
         }

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from node.engine.base import Engine
-from node.settings import EngineBackend, NodeSettings
+from node.settings import EngineBackend, EngineDtype, NodeSettings
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -19,16 +19,23 @@ if TYPE_CHECKING:
 
 def _build_vllm(settings: NodeSettings, model_path: Path | None) -> Engine:
     from node.engine.vllm_engine import VllmEngine
-    from node.hardware import probe_nvidia_gpus
+    from node.hardware import cpu_has_native_bf16, probe_nvidia_gpus
 
     assert model_path is not None
+    use_gpu = bool(probe_nvidia_gpus())
+    dtype = settings.engine_dtype
+    if dtype is EngineDtype.AUTO:
+        bf16 = use_gpu or cpu_has_native_bf16()
+        dtype = EngineDtype.BFLOAT16 if bf16 else EngineDtype.FLOAT32
     return VllmEngine(
         model_path,
         settings.model,
         max_model_len=settings.max_model_len,
         kv_cache_space_gib=settings.kv_cache_space_gib,
         gpu_memory_utilization=settings.gpu_memory_utilization_permille / 1000,
-        use_gpu=bool(probe_nvidia_gpus()),
+        use_gpu=use_gpu,
+        dtype=dtype.value,
+        cpu_omp_threads_bind=settings.cpu_omp_threads_bind,
     )
 
 

