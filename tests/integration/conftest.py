@@ -6,24 +6,17 @@ session. Every child is stopped at the end; children also die with the test proc
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-
-from marketplace.cli.processes import Service, mercato_command, start_service
 from mercato.v1 import inference_pb2, inference_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = "SmolLM2-135M-Instruct"
-
-
-def models_dir() -> Path:
-    """Where tests keep the converted packaged model (prepared once, reused)."""
-    return Path(os.environ.get("MERCATO_TEST_MODELS_DIR", REPO / ".cache" / "models"))
+from marketplace.cli.processes import Service, mercato_command, start_service
+from tests.conftest import MODEL
+from tests.conftest import test_models_dir as models_dir
 
 
 class Cluster:

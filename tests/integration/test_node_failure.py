@@ -9,7 +9,6 @@ import time
 
 import grpc
 import pytest
-
 from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from .conftest import MODEL, Cluster, wait_for_nodes

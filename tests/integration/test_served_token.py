@@ -7,9 +7,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from marketplace.cli.processes import Service
-from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from .conftest import MODEL
 
@@ -50,11 +50,16 @@ def stub(coordinator_address: str, node: Service):
 
 
 @pytest.fixture(scope="module")
-def direct_output(prepared_model: Path) -> tuple[str, list[int]]:
+async def direct_output(vllm_engine) -> tuple[str, list[int]]:
     """The same request run by the engine in this process, without any network."""
-    from tests.integration.direct_engine import generate_direct
+    from node.engine import GenerationRequest
 
-    return generate_direct(MESSAGES, max_tokens=48)
+    text, token_ids = [], []
+    request = GenerationRequest("direct", messages=MESSAGES, max_tokens=48, temperature=0.0)
+    async for delta in vllm_engine.generate(request):
+        text.append(delta.text)
+        token_ids.extend(delta.token_ids)
+    return "".join(text), token_ids
 
 
 def test_greedy_text_through_coordinator_equals_engine(stub, direct_output) -> None:
@@ -69,13 +74,14 @@ def test_greedy_text_through_coordinator_equals_engine(stub, direct_output) -> N
 def test_token_counts_equal_the_tokenizers(stub, prepared_model: Path, node: Service) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(prepared_model)
+    tokenizer = AutoTokenizer.from_pretrained(str(prepared_model), local_files_only=True)
     text, token_ids, final = _collect(stub, _request(max_tokens=40))
     prompt_ids = tokenizer.apply_chat_template(
-        [{"role": r, "content": c} for r, c in MESSAGES], add_generation_prompt=True, tokenize=True
+        [{"role": r, "content": c} for r, c in MESSAGES],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
     )
-    if isinstance(prompt_ids, dict):  # transformers may return a BatchEncoding
-        prompt_ids = prompt_ids["input_ids"]
     assert final.input_tokens == len(prompt_ids)
     assert final.output_tokens == len(token_ids)
     assert tokenizer.decode(token_ids, skip_special_tokens=True) == text
