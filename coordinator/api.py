@@ -2,8 +2,10 @@
 
 Generate checks the whole request first (:mod:`coordinator.validation`), then asks the
 node choice for candidates (:data:`coordinator.choice.ChooseNodes`) and hands them to the
-:class:`~coordinator.relay.Relay`. Responses travel as GenerateResponse wire bytes (see
-:func:`generic_handler`), so node deltas pass through without a parse.
+:class:`~coordinator.relay.Relay`, which yields the deltas and fills a
+:class:`~coordinator.outcome.RelayOutcome`; the final is built from that outcome here.
+Responses travel as GenerateResponse wire bytes (see :func:`generic_handler`), so node
+deltas pass through without a parse.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from coordinator.errors import (
     abort_with,
 )
 from coordinator.market import MarketSnapshot, NodeView
+from coordinator.outcome import RelayOutcome
 from coordinator.registry import NodeRegistry
-from coordinator.relay import DeliveredOutput, Relay
+from coordinator.relay import Relay
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import ValidRequest, validate_request
 
@@ -57,17 +60,19 @@ class InferenceServicer:
             candidates = self.candidates(valid, self._registry.snapshot())
         except CoordinatorError as exc:
             await abort_with(context, exc)
-        delivered = DeliveredOutput()
+        outcome = RelayOutcome(valid.request_id)
         try:
-            async for chunk in self._relay.stream(valid, candidates, context, delivered):
+            async for chunk in self._relay.stream(valid, candidates, context, outcome):
                 yield chunk
         except CoordinatorError as exc:
-            if len(delivered):
+            if len(outcome.delivered):
                 # Clients that read only messages see why the stream stops early.
                 yield inference_pb2.GenerateResponse(
                     error=common_pb2.StreamError(code=exc.status_code.value[0], message=str(exc))
                 ).SerializeToString()
             await abort_with(context, exc)
+        final = outcome.final()
+        yield inference_pb2.GenerateResponse(final=final).SerializeToString()
 
     def candidates(self, request: ValidRequest, snapshot: MarketSnapshot) -> Sequence[NodeView]:
         """Nodes to try, best first; raise ModelNotFound or NoNodeAvailable if none."""

@@ -1,5 +1,24 @@
 """The stream relay: carry one request to a node and its token stream back to the client.
 
+Contract with the API (and billing)::
+
+    outcome = RelayOutcome(request_id)
+    async for delta_bytes in relay.stream(valid_request, candidates, context, outcome):
+        yield delta_bytes                  # GenerateResponse wire bytes, deltas only
+    final = outcome.final()                # GenerateFinal: request_id, finish_reason,
+                                           # input_tokens (first segment's), output_tokens
+                                           # (total relayed), node_id/region (last segment),
+                                           # segments; cost_micro_usd and receipts: billing
+
+``stream`` yields only deltas and raises a :class:`~coordinator.errors.CoordinatorError`
+when no node can finish the request; in every case (success, failure, cancellation) the
+``outcome`` it was given holds what happened: ``outcome.segments`` has one
+:class:`~coordinator.outcome.SegmentOutcome` per node that served part of the output
+(node id, region, worker request id, segment_index, input/output prices in micro-USD
+per Mtok, the node's input_tokens, the output tokens the coordinator relayed and counted
+itself, the node's finish reason and its ``SignedReceipt`` from WorkerFinal, or None if
+it died), and ``outcome.complete`` says whether the last one finished.
+
 Per message the relay does almost nothing. ``WorkerGenerateResponse`` and
 ``GenerateResponse`` both carry ``TextDelta`` as field 1, so a delta's bytes from the
 node are already a valid client message: the worker call is opened with no
@@ -12,7 +31,7 @@ repeated embedded field: repeated ``token_ids`` concatenate).
 Attempts: candidates are tried in order. A node that fails or refuses before anything
 reached the client is skipped for the next. After the first delta a failure ends the
 request for now; resuming on the next node (``resume_token_ids`` =
-:meth:`DeliveredOutput.token_ids`, ``segment_index`` + 1) plugs in at the one marked
+:meth:`RelayOutcome.token_ids`, ``segment_index`` + 1) plugs in at the one marked
 place in :meth:`Relay.stream`.
 """
 
@@ -36,6 +55,7 @@ from coordinator.errors import (
     NodeRejected,
 )
 from coordinator.market import NodeView
+from coordinator.outcome import RelayOutcome, SegmentOutcome
 from coordinator.registry import NodeRegistry
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import ValidRequest
@@ -54,27 +74,6 @@ _REQUEST_FAULT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusC
 _SHARED_REFUSAL_CODES = frozenset(
     {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
 )
-
-
-class DeliveredOutput:
-    """Every delta relayed to the client, as GenerateResponse wire bytes, in order."""
-
-    __slots__ = ("messages",)
-
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    def __len__(self) -> int:
-        return len(self.messages)
-
-    def merged(self, start: int = 0) -> common_pb2.TextDelta:
-        """One TextDelta holding the token ids of messages[start:] (text: the last one's)."""
-        joined = b"".join(self.messages[start:])
-        return inference_pb2.GenerateResponse.FromString(joined).delta
-
-    def token_ids(self, start: int = 0) -> list[int]:
-        """Output token ids delivered so far (what a resumed attempt continues from)."""
-        return list(self.merged(start).token_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,25 +111,26 @@ class Relay:
         request: ValidRequest,
         candidates: Sequence[NodeView],
         context: grpc.aio.ServicerContext,
-        delivered: DeliveredOutput,
+        outcome: RelayOutcome,
     ) -> AsyncIterator[bytes]:
-        """Yield GenerateResponse wire bytes: deltas, then one final. Raises a
+        """Yield GenerateResponse wire bytes of deltas, filling ``outcome``. Raises a
         CoordinatorError when no node can finish the request."""
         failures: list[AttemptFailure] = []
-        segments: list[inference_pb2.ServedSegment] = []
         for node in candidates:
-            segment_start = len(delivered)
+            segment = self._segment(request, node, outcome)
             worker_request = request.worker_request
             # Resume after a mid-stream failure plugs in here: copy worker_request with
-            # resume_token_ids=delivered.token_ids() and segment_index=len(segments).
+            # resume_token_ids=outcome.token_ids() and segment_index=len(outcome.segments).
             try:
-                async for chunk in self._attempt(request, node, worker_request, context, delivered):
+                async for chunk in self._attempt(
+                    request, node, worker_request, segment, context, outcome
+                ):
                     yield chunk
             except _AttemptFailed as exc:
                 failures.append(exc.failure)
                 self._registry.record_outcome(node.node_id, ok=False)
                 log.info("request %s: %s", request.request_id, exc.failure)
-                if len(delivered) > segment_start:
+                if segment in outcome.segments:
                     raise NodeFailed(
                         f"node {node.node_id} failed after streaming part of the output "
                         f"({exc.failure.code.name}: {exc.failure.message}); the output so far "
@@ -143,17 +143,35 @@ class Relay:
                     ) from exc
                 self._check_deadline(context, failures)
                 continue
-            # _attempt ends by yielding the final; nothing more to do.
             return
-        raise self._all_failed(request, failures, segments)
+        raise self._all_failed(request, failures)
+
+    def _segment(
+        self, request: ValidRequest, node: NodeView, outcome: RelayOutcome
+    ) -> SegmentOutcome:
+        """The segment an attempt on ``node`` would serve (added to the outcome once the
+        node delivers something)."""
+        terms = node.terms_for(request.model)
+        index = len(outcome.segments)
+        return SegmentOutcome(
+            node_id=node.node_id,
+            region=node.region,
+            worker_request_id=request.request_id if index == 0 else f"{request.request_id}:{index}",
+            segment_index=index,
+            price_input_micro_usd_per_mtok=terms.price_input_micro_usd_per_mtok if terms else 0,
+            price_output_micro_usd_per_mtok=terms.price_output_micro_usd_per_mtok if terms else 0,
+            resumed_tokens=0,
+            first_message=len(outcome.delivered),
+        )
 
     async def _attempt(
         self,
         request: ValidRequest,
         node: NodeView,
         worker_request: node_pb2.WorkerGenerateRequest,
+        segment: SegmentOutcome,
         context: grpc.aio.ServicerContext,
-        delivered: DeliveredOutput,
+        outcome: RelayOutcome,
     ) -> AsyncIterator[bytes]:
         node_id = node.node_id
         registry = self._registry
@@ -165,7 +183,7 @@ class Relay:
         remaining_s = context.time_remaining()
         registry.begin_request(node_id)
         call: grpc.aio.UnaryStreamCall | None = None
-        segment_start = len(delivered)
+        delivered = outcome.delivered
         try:
             await self._connect(node_id, channel)
             started_s = time.perf_counter()
@@ -200,13 +218,13 @@ class Relay:
                 size = len(message)
                 # Hot path: exactly one field 1 (TextDelta) with a one-byte length.
                 if size > 1 and message[0] == _DELTA_TAG and message[1] == size - 2 < 128:
+                    if len(delivered) == segment.first_message:
+                        outcome.segments.append(segment)
                     append(message)
                     yield message
                 else:
-                    final = self._slow_message(request, node, message, delivered, segment_start)
-                    if final is not None:
-                        self._measure(node_id, delivered, segment_start, started_s, first_s)
-                        yield final
+                    if self._slow_message(request, node, message, segment, outcome):
+                        self._measure(node_id, segment, started_s, first_s)
                         return
                     yield delivered.messages[-1]
                 message = await read()
@@ -214,24 +232,29 @@ class Relay:
             raise _AttemptFailed(
                 AttemptFailure(node_id, exc.code(), _clip(exc.details() or ""))
             ) from exc
+        except _AttemptFailed:
+            if segment in outcome.segments:
+                self._count_failed(outcome, segment)
+            raise
         finally:
             if call is not None and not call.done():
                 call.cancel()
             registry.end_request(node_id)
 
+    def _count_failed(self, outcome: RelayOutcome, segment: SegmentOutcome) -> None:
+        try:
+            outcome.count_segment(segment)
+        except DecodeError:
+            segment.output_tokens = 0
+
     def _measure(
-        self,
-        node_id: str,
-        delivered: DeliveredOutput,
-        segment_start: int,
-        started_s: float,
-        first_s: float,
+        self, node_id: str, segment: SegmentOutcome, started_s: float, first_s: float
     ) -> None:
         """Record a finished attempt: time to first token, time per later output token."""
-        if len(delivered) == segment_start:
+        tokens = segment.output_tokens
+        if tokens == 0:
             self._registry.record_outcome(node_id, ok=True)
             return
-        tokens = len(delivered.merged(segment_start).token_ids)
         tpot_s = (time.perf_counter() - first_s) / (tokens - 1) if tokens > 1 else None
         self._registry.record_outcome(node_id, ok=True, ttft_s=first_s - started_s, tpot_s=tpot_s)
 
@@ -272,11 +295,11 @@ class Relay:
         request: ValidRequest,
         node: NodeView,
         message: bytes,
-        delivered: DeliveredOutput,
-        segment_start: int,
-    ) -> bytes | None:
+        segment: SegmentOutcome,
+        outcome: RelayOutcome,
+    ) -> bool:
         """Handle a message off the hot path: a long delta is re-encoded and appended
-        (returns None); a final returns the client's final bytes; an error raises."""
+        (returns False); a final completes the segment (returns True); an error raises."""
         try:
             response = node_pb2.WorkerGenerateResponse.FromString(message)
         except DecodeError as exc:
@@ -285,12 +308,15 @@ class Relay:
             ) from exc
         kind = response.WhichOneof("chunk")
         if kind == "delta":
-            delivered.messages.append(
+            if len(outcome.delivered) == segment.first_message:
+                outcome.segments.append(segment)
+            outcome.delivered.messages.append(
                 inference_pb2.GenerateResponse(delta=response.delta).SerializeToString()
             )
-            return None
+            return False
         if kind == "final":
-            return self._final(request, node, response.final, delivered, segment_start)
+            self._final(request, node, response.final, segment, outcome)
+            return True
         if kind == "error":
             code = _STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)
             raise _AttemptFailed(AttemptFailure(node.node_id, code, _clip(response.error.message)))
@@ -303,22 +329,23 @@ class Relay:
         request: ValidRequest,
         node: NodeView,
         final: node_pb2.WorkerFinal,
-        delivered: DeliveredOutput,
-        segment_start: int,
-    ) -> bytes:
-        request_id = request.request_id
-        model = request.model
-        max_tokens = request.worker_request.sampling.max_tokens
+        segment: SegmentOutcome,
+        outcome: RelayOutcome,
+    ) -> None:
+        """Complete ``segment`` with the node's final; the outcome's finish reason."""
+        if segment not in outcome.segments:
+            outcome.segments.append(segment)  # a final with no output at all
         try:
-            output_tokens = len(delivered.merged(segment_start).token_ids)
-        except DecodeError as exc:  # forwarded unparsed, so checked only now
+            outcome.count_segment(segment)  # forwarded unparsed, so checked only now
+        except DecodeError as exc:
             raise _AttemptFailed(
                 AttemptFailure(node.node_id, grpc.StatusCode.INTERNAL, "sent malformed deltas")
             ) from exc
+        output_tokens = segment.output_tokens
         if final.output_tokens != output_tokens:
             log.warning(
                 "request %s: node %s claims %d output tokens, relayed %d; using %d",
-                request_id,
+                request.request_id,
                 node.node_id,
                 final.output_tokens,
                 output_tokens,
@@ -330,31 +357,18 @@ class Relay:
             common_pb2.FINISH_REASON_LENGTH,
             common_pb2.FINISH_REASON_CANCELLED,
         ):
+            max_tokens = request.worker_request.sampling.max_tokens
             finish_reason = (
                 common_pb2.FINISH_REASON_LENGTH
-                if output_tokens >= max_tokens
+                if outcome.delivered and len(outcome.token_ids()) >= max_tokens
                 else common_pb2.FINISH_REASON_STOP
             )
-        terms = node.terms_for(model)
-        segment = inference_pb2.ServedSegment(
-            node_id=node.node_id,
-            region=node.region,
-            price_input_micro_usd_per_mtok=terms.price_input_micro_usd_per_mtok if terms else 0,
-            price_output_micro_usd_per_mtok=terms.price_output_micro_usd_per_mtok if terms else 0,
-            input_tokens=final.input_tokens,
-            output_tokens=output_tokens,
-        )
-        return inference_pb2.GenerateResponse(
-            final=inference_pb2.GenerateFinal(
-                request_id=request_id,
-                finish_reason=finish_reason,
-                input_tokens=final.input_tokens,
-                output_tokens=output_tokens,
-                node_id=node.node_id,
-                region=node.region,
-                segments=[segment],
-            )
-        ).SerializeToString()
+        segment.input_tokens = final.input_tokens
+        segment.finish_reason = finish_reason
+        segment.receipt = final.receipt if final.HasField("receipt") else None
+        segment.completed = True
+        outcome.finish_reason = finish_reason
+        outcome.derive_input_tokens()
 
     def _check_deadline(
         self, context: grpc.aio.ServicerContext, failures: list[AttemptFailure]
@@ -366,12 +380,8 @@ class Relay:
             )
 
     def _all_failed(
-        self,
-        request: ValidRequest,
-        failures: list[AttemptFailure],
-        segments: list[inference_pb2.ServedSegment],
+        self, request: ValidRequest, failures: list[AttemptFailure]
     ) -> CoordinatorError:
-        del segments
         summary = "; ".join(str(f) for f in failures)
         codes = {f.code for f in failures}
         if len(codes) == 1 and (code := next(iter(codes))) in _SHARED_REFUSAL_CODES:
