@@ -80,6 +80,7 @@ from marketplace.ledger.errors import (
     SpendLimitExceeded,
     Unauthenticated,
     UnknownAccount,
+    UnknownLease,
 )
 from marketplace.ledger.ledger import Hold, Ledger, Principal, RecoveryReport, SettleOutcome
 from marketplace.ledger.models import AccountKind, LeaseStatus, TransferKind, TransferPhase
@@ -104,7 +105,14 @@ from marketplace.ledger.receipts import (
     verify_offline,
 )
 from marketplace.ledger.settings import LedgerSettings
-from marketplace.ledger.store import AccountView, IssuedKey, KeyView, LedgerStore, UsageRow
+from marketplace.ledger.store import (
+    AccountView,
+    IssuedKey,
+    KeyView,
+    LedgerStore,
+    ReceiptRow,
+    UsageRow,
+)
 
 __all__ = [
     "AccountKind",
@@ -132,6 +140,7 @@ __all__ = [
     "PermissionDenied",
     "Principal",
     "RateLimited",
+    "ReceiptRow",
     "RecoveryReport",
     "RelayedSegment",
     "ReleaseResult",
@@ -145,6 +154,7 @@ __all__ = [
     "TransferResult",
     "Unauthenticated",
     "UnknownAccount",
+    "UnknownLease",
     "UsageRow",
     "check_receipt",
     "countersign",

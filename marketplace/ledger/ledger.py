@@ -80,7 +80,7 @@ from marketplace.ledger.operations import (
 from marketplace.ledger.rate_limit import KeyRateLimiter
 from marketplace.ledger.receipts import RelayedSegment, check_receipt, countersign
 from marketplace.ledger.settings import LedgerSettings
-from marketplace.ledger.store import AccountView, KeyRecord, LedgerStore, UsageRow
+from marketplace.ledger.store import AccountView, KeyRecord, LedgerStore, ReceiptRow, UsageRow
 from marketplace.ledger.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -762,5 +762,39 @@ class Ledger:
             self.store.account_receipts, account_id, limit=limit, since_unix_ms=since_unix_ms
         )
 
-    async def usage(self, account_id: str, *, since_unix_ms: int | None = None) -> list[UsageRow]:
-        return await self._read(self.store.usage, account_id, since_unix_ms=since_unix_ms)
+    async def usage(
+        self,
+        account_id: str,
+        *,
+        since_unix_ms: int | None = None,
+        api_key_id: str | None = None,
+        model: str | None = None,
+    ) -> list[UsageRow]:
+        """Requests, tokens and cost of ``account_id`` by day (UTC), key and model."""
+        return await self._read(
+            self.store.usage,
+            account_id,
+            since_unix_ms=since_unix_ms,
+            api_key_id=api_key_id,
+            model=model,
+        )
+
+    async def receipt_page(
+        self,
+        account_id: str,
+        *,
+        limit: int = 50,
+        after: tuple[int, str] | None = None,
+        request_id: str | None = None,
+        since_unix_ms: int | None = None,
+    ) -> list[ReceiptRow]:
+        """A page of ``account_id``'s settled receipts, newest first (see
+        ``LedgerStore.receipt_page``)."""
+        return await self._read(
+            self.store.receipt_page,
+            account_id,
+            limit=limit,
+            after=after,
+            request_id=request_id,
+            since_unix_ms=since_unix_ms,
+        )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mercato.v1 import market_pb2
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from marketplace.ledger import api_keys, identifiers, money
@@ -90,6 +90,22 @@ class UsageRow:
     input_tokens: int
     output_tokens: int
     cost_micro_usd: int
+
+
+@dataclass(frozen=True)
+class ReceiptRow:
+    """One settled receipt of an account's request, with what it cost."""
+
+    request_id: str
+    worker_request_id: str  # the node's request id (unique: a receipt pays once)
+    segment_index: int
+    node_id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_micro_usd: int
+    settled_at_unix_ms: int
+    signed: market_pb2.SignedReceipt  # countersigned
 
 
 @dataclass(frozen=True)
@@ -380,6 +396,7 @@ class LedgerStore:
         *,
         since_unix_ms: int | None = None,
         api_key_id: str | None = None,
+        model: str | None = None,
     ) -> list[UsageRow]:
         """Requests, tokens and cost grouped by day (UTC), key and model."""
         query = select(
@@ -396,6 +413,8 @@ class LedgerStore:
             query = query.where(T_SETTLEMENTS.c.created_at_unix_ms >= since_unix_ms)
         if api_key_id is not None:
             query = query.where(T_SETTLEMENTS.c.api_key_id == api_key_id)
+        if model is not None:
+            query = query.where(T_SETTLEMENTS.c.model == model)
         groups: dict[tuple[str, str | None, str], list[int]] = {}
         with self.engine.connect() as conn:
             for row in conn.execute(query):
@@ -443,6 +462,51 @@ class LedgerStore:
             query = query.where(T_RECEIPTS.c.created_at_unix_ms >= since_unix_ms)
         with self.engine.connect() as conn:
             return [(row.request_id, _signed(row)) for row in conn.execute(query)]
+
+    def receipt_page(
+        self,
+        account_id: str,
+        *,
+        limit: int = 50,
+        after: tuple[int, str] | None = None,
+        request_id: str | None = None,
+        since_unix_ms: int | None = None,
+    ) -> list[ReceiptRow]:
+        """Receipts of ``account_id``'s requests, newest first, ``limit`` of them, starting
+        after the ``(settled_at_unix_ms, worker_request_id)`` of the previous page's last."""
+        created = T_RECEIPTS.c.created_at_unix_ms
+        worker = T_RECEIPTS.c.worker_request_id
+        query = (
+            select(T_RECEIPTS)
+            .join(T_SETTLEMENTS, T_SETTLEMENTS.c.request_id == T_RECEIPTS.c.request_id)
+            .where(T_SETTLEMENTS.c.account_id == account_id)
+            .order_by(created.desc(), worker)
+            .limit(limit)
+        )
+        if request_id is not None:
+            query = query.where(T_RECEIPTS.c.request_id == request_id)
+        if since_unix_ms is not None:
+            query = query.where(created >= since_unix_ms)
+        if after is not None:
+            query = query.where(
+                or_(created < after[0], and_(created == after[0], worker > after[1]))
+            )
+        with self.engine.connect() as conn:
+            return [
+                ReceiptRow(
+                    request_id=row.request_id,
+                    worker_request_id=row.worker_request_id,
+                    segment_index=row.segment_index,
+                    node_id=row.node_id,
+                    model=row.model,
+                    input_tokens=row.input_tokens,
+                    output_tokens=row.output_tokens,
+                    cost_micro_usd=row.cost_micro_usd,
+                    settled_at_unix_ms=row.created_at_unix_ms,
+                    signed=_signed(row),
+                )
+                for row in conn.execute(query)
+            ]
 
     def settlement(self, request_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

@@ -1,0 +1,371 @@
+"""AccountService over a real in-process grpc.aio server and a real ledger (SQLite, and
+PostgreSQL when 127.0.0.1:5432 answers): authentication, the caller's own account only,
+paging and filters, leases, and the status codes of refusals."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from mercato.v1 import account_pb2, account_pb2_grpc, market_pb2
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from coordinator.account_service import LeaseTerms, add_account_service
+from marketplace.identity import Identity
+from marketplace.ledger import (
+    AccountKind,
+    Ledger,
+    LedgerSettings,
+    RelayedSegment,
+    sign_receipt,
+    verify_offline,
+)
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+NODE = Identity.from_seed(b"n" * 32)
+COORDINATOR = Identity.from_seed(b"c" * 32)
+PRICE_PER_GPU_HOUR = 2_000_000
+NODE_GPUS = 4
+
+
+def _postgres_reachable() -> bool:
+    engine = create_engine(POSTGRES_URL)
+    try:
+        with engine.connect():
+            return True
+    except OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    if not _postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    schema = f"acct_{secrets.token_hex(6)}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@dataclass
+class Setup:
+    ledger: Ledger
+    stub: account_pb2_grpc.AccountServiceStub
+    alice: str  # account ids
+    bob: str
+    alice_key: str  # full API keys
+    bob_key: str
+    provider_key: str
+
+
+def _lease_terms(node_id: str) -> LeaseTerms | None:
+    return LeaseTerms(PRICE_PER_GPU_HOUR, NODE_GPUS) if node_id == NODE.node_id else None
+
+
+@pytest.fixture
+async def setup(database_url: str, tmp_path: Path) -> AsyncIterator[Setup]:
+    settings = LedgerSettings(
+        database_url=database_url,
+        intent_log_dir=tmp_path / "intents",
+        hold_sweep_interval_s=3600,
+        platform_fee_bps=1000,
+    )
+    ledger = Ledger(settings, coordinator=COORDINATOR)
+    await ledger.start()
+    store = ledger.store
+    alice = store.create_account(AccountKind.CLIENT, "alice").id
+    bob = store.create_account(AccountKind.CLIENT, "bob").id
+    store.deposit(alice, 10_000_000)
+    store.deposit(bob, 1_000_000)
+    provider = store.create_account(AccountKind.PROVIDER, "prov", node_id=NODE.node_id).id
+    keys = (
+        store.issue_key(alice, spend_limit_micro_usd=9_000_000).secret_key,
+        store.issue_key(bob).secret_key,
+        store.issue_key(provider).secret_key,
+    )
+    server = grpc.aio.server()
+    add_account_service(server, ledger, lease_terms=_lease_terms)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Setup(ledger, account_pb2_grpc.AccountServiceStub(channel), alice, bob, *keys)
+    finally:
+        await server.stop(grace=None)
+        await ledger.close()
+
+
+def _auth(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+async def _settle(
+    ledger: Ledger, request_id: str, account_id: str, tokens: int, model: str = "smol"
+) -> None:
+    """A settled request of ``account_id``: hold, the node's signed receipt, settlement."""
+    await ledger.place_hold(request_id, account_id, 1_000_000)
+    worker_id = f"{request_id}#0"
+    usage = market_pb2.UsageReceipt(
+        request_id=worker_id,
+        node_id=NODE.node_id,
+        model=model,
+        input_tokens=tokens,
+        output_tokens=2 * tokens,
+        price_input_micro_usd_per_mtok=100_000,
+        price_output_micro_usd_per_mtok=300_000,
+        started_at_unix_ms=1,
+        finished_at_unix_ms=2,
+    )
+    relayed = RelayedSegment(worker_id, NODE.node_id, model, tokens, 2 * tokens, 100_000, 300_000)
+    outcome = await ledger.settle(request_id, [sign_receipt(usage, NODE)], [relayed])
+    await outcome.durable
+
+
+async def _status(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code()
+
+
+async def test_every_call_needs_a_valid_key(setup: Setup) -> None:
+    stub = setup.stub
+    assert await _status(stub.GetBalance(account_pb2.GetBalanceRequest())) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    for bad in ("mk_nope", "mk_abcdefgh_" + "x" * 32, ""):
+        code = await _status(stub.GetBalance(account_pb2.GetBalanceRequest(), metadata=_auth(bad)))
+        assert code == grpc.StatusCode.UNAUTHENTICATED, bad
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetUsage(account_pb2.GetUsageRequest(), metadata=(("authorization", "x"),))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization: Bearer" in (info.value.details() or "")
+    key_id = setup.bob_key.split("_")[1]
+    await setup.ledger.revoke_key(key_id)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetBalance(account_pb2.GetBalanceRequest(), metadata=_auth(setup.bob_key))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in (info.value.details() or "")
+    assert setup.bob_key.split("_")[2] not in (info.value.details() or "")
+
+
+async def test_balance_is_the_callers_own(setup: Setup) -> None:
+    hold = await setup.ledger.place_hold("held-1", setup.alice, 250_000)
+    await hold.durable
+    answer = await setup.stub.GetBalance(
+        account_pb2.GetBalanceRequest(), metadata=_auth(setup.alice_key)
+    )
+    assert answer.account_id == setup.alice and answer.account_name == "alice"
+    assert answer.kind == account_pb2.ACCOUNT_KIND_CLIENT
+    assert answer.posted_micro_usd == 10_000_000
+    assert answer.held_micro_usd == 250_000
+    assert answer.available_micro_usd == 9_750_000
+    assert answer.api_key_id == setup.alice_key.split("_")[1]
+    assert answer.HasField("key_spend_limit_micro_usd")
+    assert answer.key_spend_limit_micro_usd == 9_000_000
+    other = await setup.stub.GetBalance(
+        account_pb2.GetBalanceRequest(), metadata=_auth(setup.bob_key)
+    )
+    assert other.account_id == setup.bob and other.available_micro_usd == 1_000_000
+    assert not other.HasField("key_spend_limit_micro_usd")
+
+
+async def test_receipts_are_paged_filtered_and_verifiable(setup: Setup) -> None:
+    ledger = setup.ledger
+    for number in range(5):
+        await _settle(ledger, f"a-{number}", setup.alice, 100 + number)
+    await _settle(ledger, "b-0", setup.bob, 50)
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await setup.stub.ListReceipts(
+            account_pb2.ListReceiptsRequest(page_size=2, page_token=token),
+            metadata=_auth(setup.alice_key),
+        )
+        pages += 1
+        assert len(page.receipts) <= 2
+        seen.extend(r.request_id for r in page.receipts)
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == 3
+    assert sorted(seen) == [f"a-{n}" for n in range(5)]  # each once, none of bob's
+    one = await setup.stub.ListReceipts(
+        account_pb2.ListReceiptsRequest(request_id="a-3"), metadata=_auth(setup.alice_key)
+    )
+    assert [r.request_id for r in one.receipts] == ["a-3"]
+    item = one.receipts[0]
+    usage = verify_offline(item.receipt, [COORDINATOR.public_key])
+    assert usage.request_id == "a-3#0" and usage.input_tokens == item.input_tokens == 103
+    assert item.node_id == NODE.node_id and item.model == "smol"
+    assert item.cost_micro_usd == -(-(103 * 100_000 + 206 * 300_000) // 1_000_000)
+    # Bob's request is invisible to alice.
+    none = await setup.stub.ListReceipts(
+        account_pb2.ListReceiptsRequest(request_id="b-0"), metadata=_auth(setup.alice_key)
+    )
+    assert list(none.receipts) == []
+    code = await _status(
+        setup.stub.ListReceipts(
+            account_pb2.ListReceiptsRequest(page_token="garbage!"),
+            metadata=_auth(setup.alice_key),
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code = await _status(
+        setup.stub.ListReceipts(
+            account_pb2.ListReceiptsRequest(page_size=501), metadata=_auth(setup.alice_key)
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_usage_by_day_key_and_model(setup: Setup) -> None:
+    ledger = setup.ledger
+    await _settle(ledger, "u-1", setup.alice, 100)
+    await _settle(ledger, "u-2", setup.alice, 200, model="big")
+    await _settle(ledger, "u-3", setup.bob, 300)
+    answer = await setup.stub.GetUsage(
+        account_pb2.GetUsageRequest(), metadata=_auth(setup.alice_key)
+    )
+    assert sorted((r.model, r.requests, r.input_tokens) for r in answer.rows) == [
+        ("big", 1, 200),
+        ("smol", 1, 100),
+    ]
+    only = await setup.stub.GetUsage(
+        account_pb2.GetUsageRequest(model="big"), metadata=_auth(setup.alice_key)
+    )
+    assert [(r.model, r.output_tokens) for r in only.rows] == [("big", 400)]
+    assert only.rows[0].day.count("-") == 2 and only.rows[0].cost_micro_usd > 0
+
+
+async def test_lease_lifecycle_and_ownership(setup: Setup) -> None:
+    stub = setup.stub
+    create = account_pb2.CreateLeaseRequest(
+        node_id=NODE.node_id, hours=2, gpus=1, lease_id="lease-alice-1"
+    )
+    created = await stub.CreateLease(create, metadata=_auth(setup.alice_key))
+    lease = created.lease
+    total = PRICE_PER_GPU_HOUR * 1 * 2
+    assert lease.lease_id == "lease-alice-1" and lease.node_id == NODE.node_id
+    assert lease.status == account_pb2.LEASE_STATUS_ACTIVE
+    assert lease.held_micro_usd == total and lease.periods_total == 2
+    assert lease.ends_at_unix_ms - lease.started_at_unix_ms == 2 * 3_600_000
+    # A retry with the same id is the same lease, charged once.
+    again = await stub.CreateLease(create, metadata=_auth(setup.alice_key))
+    assert again.lease == lease
+    balance = await stub.GetBalance(
+        account_pb2.GetBalanceRequest(), metadata=_auth(setup.alice_key)
+    )
+    assert balance.available_micro_usd == 10_000_000 - total
+    got = await stub.GetLease(
+        account_pb2.GetLeaseRequest(lease_id="lease-alice-1"), metadata=_auth(setup.alice_key)
+    )
+    assert got.lease == lease
+    # Bob can neither see, end nor take over alice's lease.
+    for call in (
+        stub.GetLease(
+            account_pb2.GetLeaseRequest(lease_id="lease-alice-1"), metadata=_auth(setup.bob_key)
+        ),
+        stub.EndLease(
+            account_pb2.EndLeaseRequest(lease_id="lease-alice-1"), metadata=_auth(setup.bob_key)
+        ),
+    ):
+        assert await _status(call) == grpc.StatusCode.NOT_FOUND
+    taken = await _status(stub.CreateLease(create, metadata=_auth(setup.bob_key)))
+    assert taken == grpc.StatusCode.ALREADY_EXISTS
+    ended = await stub.EndLease(
+        account_pb2.EndLeaseRequest(lease_id="lease-alice-1"), metadata=_auth(setup.alice_key)
+    )
+    assert ended.lease.status == account_pb2.LEASE_STATUS_ENDED
+    # Ended within its first hour: that hour is paid, the second refunded.
+    assert ended.lease.charged_micro_usd == PRICE_PER_GPU_HOUR
+    assert ended.lease.refunded_micro_usd == PRICE_PER_GPU_HOUR
+    twice = await _status(
+        stub.EndLease(
+            account_pb2.EndLeaseRequest(lease_id="lease-alice-1"), metadata=_auth(setup.alice_key)
+        )
+    )
+    assert twice == grpc.StatusCode.FAILED_PRECONDITION
+    balance = await stub.GetBalance(
+        account_pb2.GetBalanceRequest(), metadata=_auth(setup.alice_key)
+    )
+    assert balance.available_micro_usd == 10_000_000 - PRICE_PER_GPU_HOUR
+
+
+async def test_lease_refusals_say_why(setup: Setup) -> None:
+    stub = setup.stub
+
+    async def refused(key: str, **fields: object) -> tuple[grpc.StatusCode, str]:
+        request = account_pb2.CreateLeaseRequest(**fields)  # type: ignore[arg-type]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CreateLease(request, metadata=_auth(key))
+        return info.value.code(), info.value.details() or ""
+
+    node = NODE.node_id
+    code, detail = await refused(setup.bob_key, node_id=node, hours=1, gpus=1)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "insufficient balance" in detail
+    code, _ = await refused(setup.alice_key, node_id="12D3KooWnobody", hours=1, gpus=1)
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, detail = await refused(setup.alice_key, node_id=node, hours=1, gpus=NODE_GPUS + 1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "gpus" in detail
+    code, detail = await refused(
+        setup.alice_key, node_id=node, hours=1, gpus=1, max_price_micro_usd_per_gpu_hour=1
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cap" in detail
+    code, _ = await refused(setup.alice_key, node_id=node, hours=0, gpus=1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = await refused(setup.provider_key, node_id=node, hours=1, gpus=1)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        await _status(
+            stub.GetLease(
+                account_pb2.GetLeaseRequest(lease_id="no-such"), metadata=_auth(setup.alice_key)
+            )
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )
+
+
+async def test_without_market_prices_leases_are_unimplemented(
+    database_url: str, tmp_path: Path
+) -> None:
+    ledger = Ledger(
+        LedgerSettings(database_url=database_url, intent_log_dir=tmp_path / "i"),
+        coordinator=COORDINATOR,
+    )
+    await ledger.start(sweep=False)
+    server = grpc.aio.server()
+    add_account_service(server, ledger)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        account = ledger.store.create_account(AccountKind.CLIENT, "carol").id
+        key = ledger.store.issue_key(account).secret_key
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = account_pb2_grpc.AccountServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.CreateLease(
+                    account_pb2.CreateLeaseRequest(node_id=NODE.node_id, hours=1, gpus=1),
+                    metadata=_auth(key),
+                )
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(grace=None)
+        await ledger.close()
