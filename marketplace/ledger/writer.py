@@ -15,7 +15,7 @@ times. The writer remembers account state between its batches (``writer_cache``)
 
 On SQLite the writer's connection does not checkpoint the WAL itself (a checkpoint would
 stall the batch that happens to trigger it); a second thread runs passive checkpoints
-after every few thousand operations.
+after every thousand or so operations.
 
 After each commit the writer reports the available balance of every account the batch
 touched (the database's truth), which the ledger's in-memory cache adopts.
@@ -60,7 +60,7 @@ _ATTEMPTS = 3
 _RETRYABLE = (DBAPIError, *_DRIVER_ERRORS)
 # SQLite writer connection: no automatic checkpoints, a larger page cache (KiB).
 _SQLITE_CACHE_KIB = 32_768
-_CHECKPOINT_EVERY_OPS = 4_096
+_CHECKPOINT_EVERY_OPS = 1_024
 
 BatchCallback = Callable[[Sequence[Operation], Sequence[Any], dict[str, int]], None]
 
