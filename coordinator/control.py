@@ -3,11 +3,22 @@
 The heartbeat stream is the node's presence: while it is open and beating, the node is
 live; when it ends, the node is dropped. Every heartbeat is answered with its sequence
 so the node can measure the round trip itself.
+
+The coordinator measures the round trip too, for routing (RTT): every
+``ping_interval_ms`` (the first right away) it sends a HeartbeatResponse with a fresh
+``ping_id`` on the stream, and the node answers at once with a HeartbeatRequest whose
+``pong_id`` is that id; the time between the two, on the coordinator's clock, goes to
+the market (:meth:`NodeRegistry.record_pong`). A pong is not answered. Only the latest
+few pings are remembered; an unknown pong id counts only as a sign of life.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -28,6 +39,8 @@ log = logging.getLogger(__name__)
 
 NODE_ID_METADATA = "x-mercato-node-id"
 SESSION_METADATA = "x-mercato-session"
+# Pings awaiting their pong, per stream; older ones are forgotten.
+PINGS_REMEMBERED = 8
 
 
 class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
@@ -65,7 +78,7 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
         self,
         request_iterator: AsyncIterator[node_pb2.HeartbeatRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[node_pb2.HeartbeatResponse]:
+    ) -> None:
         metadata = {key: value for key, value in context.invocation_metadata() or ()}
         node_id = metadata.get(NODE_ID_METADATA)
         session_token = metadata.get(SESSION_METADATA)
@@ -81,6 +94,12 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
             self._registry.authenticate(node_id, session_token)
         except SessionInvalid as exc:
             await abort_with(context, exc)
+        # Pings and answers are written by two tasks; grpc allows one write at a time.
+        write_lock = asyncio.Lock()
+        pings: dict[int, float] = {}  # ping id -> perf_counter when sent
+        pinger = asyncio.create_task(
+            self._ping_forever(context, write_lock, pings), name="mercato-ping"
+        )
         reason = "heartbeat stream ended"
         last_sequence = -1
         try:
@@ -91,8 +110,14 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
                         f"{last_sequence}); number heartbeats 0, 1, 2, ... on each stream"
                     )
                 last_sequence = heartbeat.sequence
+                if heartbeat.pong_id:
+                    sent_s = pings.pop(heartbeat.pong_id, None)
+                    rtt_s = None if sent_s is None else time.perf_counter() - sent_s
+                    self._registry.record_pong(node_id, session_token, rtt_s)
+                    continue
                 self._registry.record_heartbeat(node_id, session_token, heartbeat.load)
-                yield node_pb2.HeartbeatResponse(sequence=heartbeat.sequence)
+                async with write_lock:
+                    await context.write(node_pb2.HeartbeatResponse(sequence=heartbeat.sequence))
         except CoordinatorError as exc:
             reason = f"heartbeat refused: {exc}"
             self._registry.end_session(node_id, session_token, reason)
@@ -101,4 +126,27 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
             reason = f"heartbeat stream broke ({type(exc).__name__})"
             raise
         finally:
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
             self._registry.end_session(node_id, session_token, reason)
+
+    async def _ping_forever(
+        self,
+        context: grpc.aio.ServicerContext,
+        write_lock: asyncio.Lock,
+        pings: dict[int, float],
+    ) -> None:
+        """Send a ping now and every ping_interval_ms; remember when each left."""
+        interval_s = self._settings.ping_interval_ms / 1000
+        for ping_id in itertools.count(1):
+            try:
+                async with write_lock:
+                    pings[ping_id] = time.perf_counter()
+                    await context.write(node_pb2.HeartbeatResponse(ping_id=ping_id))
+            except Exception as exc:  # the stream is closing; the reader side ends it
+                log.debug("ping not sent: %s", type(exc).__name__)
+                return
+            while len(pings) > PINGS_REMEMBERED:
+                del pings[next(iter(pings))]
+            await asyncio.sleep(interval_s)

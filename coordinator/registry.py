@@ -6,8 +6,14 @@ for longer than ``liveness_timeout_ms`` (a reaper task checks). A node whose str
 (a killed process resets its connection) is dropped at once. Each live node has one
 reused grpc.aio channel to its worker, closed when the node is dropped.
 
-Routing reads :meth:`NodeRegistry.snapshot`, an immutable :class:`MarketSnapshot`
-rebuilt only when something changed.
+The registry feeds the routing :class:`~coordinator.routing.Market`, the one source of
+truth for routing (:attr:`NodeRegistry.market`): a registration upserts the node's
+listing, a heartbeat updates its load, a timed ping records its round trip, a drop
+removes it. The relay records every attempt on the market itself (dispatch started,
+first token, decode, finished). Routing reads :meth:`NodeRegistry.snapshot`, the
+market's immutable snapshot. The registry keeps what routing does not need: sessions,
+the verified offers (ListNodes shows them), worker channels, liveness and the models
+ever offered (to tell an unknown model from one that is down).
 """
 
 from __future__ import annotations
@@ -19,15 +25,14 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc.aio
 from mercato.v1 import market_pb2, node_pb2
 
 from coordinator.errors import CapacityExhausted, HeartbeatInvalid, OfferInvalid, SessionInvalid
-from coordinator.market import MarketSnapshot, NodeLoadView, NodeView
 from coordinator.offers import VerifiedOffer, verify_offer
-from coordinator.routing.measurements import NodeMeasurements
+from coordinator.routing import LoadReport, Market, MarketSnapshot, NodeListing
 from coordinator.settings import CoordinatorSettings
 
 log = logging.getLogger(__name__)
@@ -36,9 +41,6 @@ KV_CACHE_PERMILLE_MAX = 1000
 # Bounds on what is remembered of nodes that left (anyone can make new node keys).
 KNOWN_MODELS_MAX = 10_000
 SEQUENCES_REMEMBERED_PER_NODE_SLOT = 4
-# Weight of a latency observation halves after this long; of a success/failure, after that.
-MEASUREMENT_HALF_LIFE_S = 60.0
-RELIABILITY_HALF_LIFE_S = 300.0
 # Options of the channel to each node's worker: large enough for any delta or final.
 _WORKER_CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -62,22 +64,18 @@ def _same_token(expected: str, presented: str) -> bool:
 class _Entry:
     """Mutable state of one live node; only the registry touches it."""
 
-    __slots__ = ("channel", "last_seen_monotonic_s", "measurements", "session_token", "view")
+    __slots__ = ("channel", "last_seen_monotonic_s", "offer", "session_token")
 
     def __init__(
-        self, view: NodeView, session_token: str, channel: grpc.aio.Channel, now_s: float
+        self, offer: VerifiedOffer, session_token: str, channel: grpc.aio.Channel, now_s: float
     ) -> None:
-        self.view = view
+        self.offer = offer
         self.session_token = session_token
         self.channel = channel
         self.last_seen_monotonic_s = now_s
-        self.measurements = NodeMeasurements(
-            latency_half_life_s=MEASUREMENT_HALF_LIFE_S,
-            reliability_half_life_s=RELIABILITY_HALF_LIFE_S,
-        )
 
     def __repr__(self) -> str:  # never show the session token
-        return f"_Entry(node_id={self.view.node_id!r})"
+        return f"_Entry(node_id={self.offer.node_id!r})"
 
 
 class NodeRegistry:
@@ -98,8 +96,8 @@ class NodeRegistry:
         # old signed offer cannot be replayed.
         self._last_sequence: dict[str, int] = {}
         self._known_models: set[str] = set()
-        self._version = 0
-        self._snapshot: MarketSnapshot | None = None
+        # Routing's view of the market; shares the registry's monotonic clock.
+        self.market = Market(settings.market_config(), clock=monotonic_s)
         self._closing_channels: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -129,25 +127,22 @@ class NodeRegistry:
                 f"this coordinator holds its limit of {self._settings.max_nodes} nodes; "
                 "try another coordinator or later"
             )
+        listing = NodeListing.from_offer(offer)
         self._remember_sequence(node_id, offer.sequence)
-        if previous is not None and previous.view.offer.worker_address == offer.worker_address:
+        if previous is not None and previous.offer.worker_address == offer.worker_address:
             channel = previous.channel
-            in_flight = previous.view.in_flight
-            load = previous.view.load
         else:
             if previous is not None:
                 self._close_channel_later(previous.channel)
             channel = grpc.aio.insecure_channel(
                 offer.worker_address, options=_WORKER_CHANNEL_OPTIONS
             )
-            in_flight = 0
-            load = NodeLoadView()
-        view = NodeView(node_id=node_id, offer=offer, load=load, in_flight=in_flight)
         token = secrets.token_urlsafe(32)
-        self._entries[node_id] = _Entry(view, token, channel, self._monotonic_s())
+        self._entries[node_id] = _Entry(offer, token, channel, self._monotonic_s())
         if len(self._known_models) < KNOWN_MODELS_MAX:
             self._known_models.update(terms.model for terms in offer.models)
-        self._changed()
+        # Keeps load, measurements and breaker of a node that re-registers.
+        self.market.upsert_node(listing)
         log.info(
             "node %s registered: region=%s worker=%s models=%s",
             node_id,
@@ -175,7 +170,7 @@ class NodeRegistry:
         if entry is None:
             return False
         self._close_channel_later(entry.channel)
-        self._changed()
+        self.market.remove_node(node_id)
         log.info("node %s dropped: %s", node_id, reason)
         return True
 
@@ -209,25 +204,16 @@ class NodeRegistry:
                 f"load.kv_cache_usage_permille: {load.kv_cache_usage_permille} is above "
                 f"{KV_CACHE_PERMILLE_MAX}"
             )
-        entry = self._entries[node_id]
-        entry.last_seen_monotonic_s = self._monotonic_s()
-        old = entry.view.load
-        if (
-            old.running_requests != load.running_requests
-            or old.waiting_requests != load.waiting_requests
-            or old.kv_cache_usage_permille != load.kv_cache_usage_permille
-            or old.output_tokens_per_s != load.output_tokens_per_s
-        ):
-            entry.view = replace(
-                entry.view,
-                load=NodeLoadView(
-                    running_requests=load.running_requests,
-                    waiting_requests=load.waiting_requests,
-                    kv_cache_usage_permille=load.kv_cache_usage_permille,
-                    output_tokens_per_s=load.output_tokens_per_s,
-                ),
-            )
-            self._changed()
+        self._entries[node_id].last_seen_monotonic_s = self._monotonic_s()
+        self.market.update_load(node_id, LoadReport.from_proto(load))
+
+    def record_pong(self, node_id: str, session_token: str, rtt_s: float | None) -> None:
+        """A pong on the node's heartbeat stream: a sign of life, and the round trip of
+        the ping it answers as the coordinator timed it (None: not one we sent)."""
+        self.authenticate(node_id, session_token)
+        self._entries[node_id].last_seen_monotonic_s = self._monotonic_s()
+        if rtt_s is not None:
+            self.market.record_rtt(node_id, rtt_s)
 
     def reap(self) -> list[str]:
         """Drop every node silent for longer than the liveness timeout; their ids."""
@@ -249,56 +235,24 @@ class NodeRegistry:
         entry = self._entries.get(node_id)
         return None if entry is None else entry.channel
 
-    def begin_request(self, node_id: str) -> None:
+    def offer(self, node_id: str) -> VerifiedOffer | None:
+        """The verified offer of a live node, or None if it is gone."""
         entry = self._entries.get(node_id)
-        if entry is not None:
-            entry.view = replace(entry.view, in_flight=entry.view.in_flight + 1)
-            self._changed()
-
-    def end_request(self, node_id: str) -> None:
-        entry = self._entries.get(node_id)
-        if entry is not None and entry.view.in_flight > 0:
-            entry.view = replace(entry.view, in_flight=entry.view.in_flight - 1)
-            self._changed()
-
-    def record_outcome(
-        self,
-        node_id: str,
-        *,
-        ok: bool,
-        ttft_s: float | None = None,
-        tpot_s: float | None = None,
-    ) -> None:
-        """What the coordinator saw of one attempt on the node (its own clock)."""
-        entry = self._entries.get(node_id)
-        if entry is None:
-            return
-        now = self._monotonic_s()
-        measurements = entry.measurements
-        measurements.outcomes.observe(1.0 if ok else 0.0, now)
-        if ttft_s is not None:
-            measurements.ttft.observe(ttft_s, now)
-        if tpot_s is not None:
-            measurements.tpot.observe(tpot_s, now)
-
-    def measurements(self, node_id: str) -> NodeMeasurements | None:
-        """The coordinator's own measurements of a live node (None if absent)."""
-        entry = self._entries.get(node_id)
-        return None if entry is None else entry.measurements
+        return None if entry is None else entry.offer
 
     # --- reading -------------------------------------------------------------------
 
     def snapshot(self) -> MarketSnapshot:
-        """The live market now (immutable; rebuilt only after a change)."""
-        snapshot = self._snapshot
-        if snapshot is None or snapshot.version != self._version:
-            snapshot = MarketSnapshot.build(
-                self._version,
-                tuple(entry.view for entry in self._entries.values()),
-                frozenset(self._known_models),
-            )
-            self._snapshot = snapshot
-        return snapshot
+        """The live market now, as routing sees it (immutable; cheap when unchanged)."""
+        return self.market.snapshot()
+
+    @property
+    def known_models(self) -> frozenset[str]:
+        """Every model an accepted offer ever named, live or not (bounded)."""
+        return frozenset(self._known_models)
+
+    def is_known_model(self, model: str) -> bool:
+        return model in self._known_models
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -352,6 +306,3 @@ class NodeRegistry:
         task = loop.create_task(close(), name="mercato-close-worker-channel")
         self._closing_channels.add(task)
         task.add_done_callback(self._closing_channels.discard)
-
-    def _changed(self) -> None:
-        self._version += 1

@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -54,9 +54,10 @@ from coordinator.errors import (
     NodeFailed,
     NodeRejected,
 )
-from coordinator.market import NodeView
 from coordinator.outcome import RelayOutcome, SegmentOutcome
 from coordinator.registry import NodeRegistry
+from coordinator.router import Routed, Router
+from coordinator.routing import DispatchOutcome, RoutedCandidate, RouteRequest, RoutingDecision
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import ValidRequest
 
@@ -102,86 +103,137 @@ def _clip(text: str) -> str:
 class Relay:
     """Runs requests on nodes and streams their output back; one per coordinator."""
 
-    def __init__(self, registry: NodeRegistry, settings: CoordinatorSettings) -> None:
+    def __init__(
+        self, registry: NodeRegistry, router: Router, settings: CoordinatorSettings
+    ) -> None:
         self._registry = registry
+        self._market = registry.market
+        self._router = router
         self._settings = settings
 
     async def stream(
         self,
         request: ValidRequest,
-        candidates: Sequence[NodeView],
+        routed: Routed,
         context: grpc.aio.ServicerContext,
         outcome: RelayOutcome,
     ) -> AsyncIterator[bytes]:
         """Yield GenerateResponse wire bytes of deltas, filling ``outcome``. Raises a
         CoordinatorError when no node can finish the request."""
+        allow_fallbacks = routed.request.preferences.allow_fallbacks
+        queue = list(routed.decision.candidates)
+        tried: set[str] = set()
         failures: list[AttemptFailure] = []
-        for node in candidates:
-            segment = self._segment(request, node, outcome)
-            worker_request = request.worker_request
-            # Resume after a mid-stream failure plugs in here: copy worker_request with
-            # resume_token_ids=outcome.token_ids() and segment_index=len(outcome.segments).
-            try:
-                async for chunk in self._attempt(
-                    request, node, worker_request, segment, context, outcome
-                ):
-                    yield chunk
-            except _AttemptFailed as exc:
-                failures.append(exc.failure)
-                self._registry.record_outcome(node.node_id, ok=False)
-                log.info("request %s: %s", request.request_id, exc.failure)
-                if segment in outcome.segments:
-                    raise NodeFailed(
-                        f"node {node.node_id} failed after streaming part of the output "
-                        f"({exc.failure.code.name}: {exc.failure.message}); the output so far "
-                        "is incomplete, retry the request"
-                    ) from exc
-                if exc.failure.code in _REQUEST_FAULT_CODES:
-                    raise NodeRejected(
-                        f"node {node.node_id} refused the request: {exc.failure.message}",
-                        status_code=exc.failure.code,
-                    ) from exc
-                self._check_deadline(context, failures)
+        attempts_in_segment = 0
+        resumes = 0
+        while True:
+            if not queue:
+                decision = self._router.decide(self._next_route_request(routed, outcome, tried))
+                if decision.pick is None:
+                    raise self._exhausted(request, decision, failures)
+                queue = list(decision.candidates)
+            candidate = queue.pop(0)
+            if candidate.node_id in tried:
                 continue
-            return
-        raise self._all_failed(request, failures)
+            tried.add(candidate.node_id)
+            attempts_in_segment += 1
+            segment = self._segment(request, candidate, outcome)
+            try:
+                async for chunk in self._attempt(request, candidate, segment, context, outcome):
+                    yield chunk
+                return
+            except _AttemptFailed as exc:
+                failure = exc.failure
+                failures.append(failure)
+                log.info("request %s: %s", request.request_id, failure)
+                cause = exc
+            if segment in outcome.segments:
+                # Mid-stream: resume on another node from the tokens delivered so far.
+                if outcome.output_tokens >= request.worker_request.sampling.max_tokens:
+                    outcome.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                    outcome.derive_input_tokens()
+                    return  # every token asked for was delivered; only the final was lost
+                resumes += 1
+                if not allow_fallbacks or resumes > self._settings.max_resumes:
+                    raise NodeFailed(
+                        f"node {failure.node_id} failed after streaming part of the output "
+                        f"({failure.code.name}: {failure.message}) and "
+                        + (
+                            "routing.allow_fallbacks is false"
+                            if not allow_fallbacks
+                            else f"the stream was already resumed {resumes - 1} time(s)"
+                        )
+                        + "; the output so far is incomplete, retry the request"
+                    ) from cause
+                queue = []  # route again on a fresh snapshot
+                attempts_in_segment = 0
+                continue
+            if failure.code in _REQUEST_FAULT_CODES:
+                raise NodeRejected(
+                    f"node {failure.node_id} refused the request: {failure.message}",
+                    status_code=failure.code,
+                ) from cause
+            self._check_deadline(context, failures)
+            if not allow_fallbacks or attempts_in_segment >= self._settings.max_attempts:
+                raise self._all_failed(request, failures)
+
+    def _next_route_request(
+        self, routed: Routed, outcome: RelayOutcome, tried: set[str]
+    ) -> RouteRequest:
+        return self._router.again(routed, outcome.output_tokens, tried)
 
     def _segment(
-        self, request: ValidRequest, node: NodeView, outcome: RelayOutcome
+        self, request: ValidRequest, candidate: RoutedCandidate, outcome: RelayOutcome
     ) -> SegmentOutcome:
-        """The segment an attempt on ``node`` would serve (added to the outcome once the
-        node delivers something)."""
-        terms = node.terms_for(request.model)
+        """The segment an attempt on ``candidate`` would serve (added to the outcome once
+        the node delivers something)."""
         index = len(outcome.segments)
         return SegmentOutcome(
-            node_id=node.node_id,
-            region=node.region,
+            node_id=candidate.node_id,
+            region=candidate.region,
             worker_request_id=request.request_id if index == 0 else f"{request.request_id}:{index}",
             segment_index=index,
-            price_input_micro_usd_per_mtok=terms.price_input_micro_usd_per_mtok if terms else 0,
-            price_output_micro_usd_per_mtok=terms.price_output_micro_usd_per_mtok if terms else 0,
-            resumed_tokens=0,
+            price_input_micro_usd_per_mtok=candidate.price_input_micro_usd_per_mtok,
+            price_output_micro_usd_per_mtok=candidate.price_output_micro_usd_per_mtok,
+            resumed_tokens=outcome.output_tokens,
             first_message=len(outcome.delivered),
         )
+
+    def _worker_request(
+        self, request: ValidRequest, segment: SegmentOutcome, outcome: RelayOutcome
+    ) -> node_pb2.WorkerGenerateRequest:
+        """The work for ``segment``: the first node's request, or a resume that continues
+        from every output token delivered so far."""
+        if segment.segment_index == 0:
+            return request.worker_request
+        resumed = node_pb2.WorkerGenerateRequest()
+        resumed.CopyFrom(request.worker_request)
+        resumed.request_id = segment.worker_request_id
+        resumed.segment_index = segment.segment_index
+        token_ids = outcome.token_ids()
+        resumed.resume_token_ids.extend(token_ids)
+        resumed.sampling.max_tokens = request.worker_request.sampling.max_tokens - len(token_ids)
+        return resumed
 
     async def _attempt(
         self,
         request: ValidRequest,
-        node: NodeView,
-        worker_request: node_pb2.WorkerGenerateRequest,
+        candidate: RoutedCandidate,
         segment: SegmentOutcome,
         context: grpc.aio.ServicerContext,
         outcome: RelayOutcome,
     ) -> AsyncIterator[bytes]:
-        node_id = node.node_id
-        registry = self._registry
-        channel = registry.channel(node_id)
+        node_id = candidate.node_id
+        market = self._market
+        channel = self._registry.channel(node_id)
         if channel is None:
             raise _AttemptFailed(
                 AttemptFailure(node_id, grpc.StatusCode.UNAVAILABLE, "left the market")
             )
+        worker_request = self._worker_request(request, segment, outcome)
         remaining_s = context.time_remaining()
-        registry.begin_request(node_id)
+        market.dispatch_started(node_id)
+        verdict = DispatchOutcome.ABANDONED  # unless it ends well or the node fails it
         call: grpc.aio.UnaryStreamCall | None = None
         delivered = outcome.delivered
         try:
@@ -204,6 +256,8 @@ class Relay:
                     )
                 ) from None
             first_s = time.perf_counter()
+            if message is not grpc.aio.EOF:
+                market.record_first_token(node_id, first_s - started_s)
             append = delivered.messages.append
             eof = grpc.aio.EOF
             while True:
@@ -223,40 +277,49 @@ class Relay:
                     append(message)
                     yield message
                 else:
-                    if self._slow_message(request, node, message, segment, outcome):
-                        self._measure(node_id, segment, started_s, first_s)
+                    if self._slow_message(request, candidate, message, segment, outcome):
+                        market.record_decode(
+                            node_id, segment.output_tokens, time.perf_counter() - first_s
+                        )
+                        verdict = DispatchOutcome.SUCCESS
                         return
                     yield delivered.messages[-1]
                 message = await read()
         except grpc.aio.AioRpcError as exc:
-            raise _AttemptFailed(
-                AttemptFailure(node_id, exc.code(), _clip(exc.details() or ""))
-            ) from exc
-        except _AttemptFailed:
-            if segment in outcome.segments:
-                self._count_failed(outcome, segment)
+            failure = AttemptFailure(node_id, exc.code(), _clip(exc.details() or ""))
+            verdict = self._verdict(failure, context)
+            self._count_failed(outcome, segment)
+            raise _AttemptFailed(failure) from exc
+        except _AttemptFailed as exc:
+            verdict = self._verdict(exc.failure, context)
+            self._count_failed(outcome, segment)
             raise
         finally:
             if call is not None and not call.done():
                 call.cancel()
-            registry.end_request(node_id)
+            market.dispatch_finished(node_id, verdict)
 
-    def _count_failed(self, outcome: RelayOutcome, segment: SegmentOutcome) -> None:
+    @staticmethod
+    def _verdict(failure: AttemptFailure, context: grpc.aio.ServicerContext) -> DispatchOutcome:
+        """Whether a failed attempt counts against the node: not when the request was at
+        fault, nor when the client's own deadline ran out."""
+        if failure.code in _REQUEST_FAULT_CODES:
+            return DispatchOutcome.ABANDONED
+        remaining_s = context.time_remaining()
+        if failure.code is grpc.StatusCode.DEADLINE_EXCEEDED and (
+            remaining_s is not None and remaining_s <= 0
+        ):
+            return DispatchOutcome.ABANDONED
+        return DispatchOutcome.FAILURE
+
+    @staticmethod
+    def _count_failed(outcome: RelayOutcome, segment: SegmentOutcome) -> None:
+        if segment not in outcome.segments:
+            return
         try:
             outcome.count_segment(segment)
         except DecodeError:
             segment.output_tokens = 0
-
-    def _measure(
-        self, node_id: str, segment: SegmentOutcome, started_s: float, first_s: float
-    ) -> None:
-        """Record a finished attempt: time to first token, time per later output token."""
-        tokens = segment.output_tokens
-        if tokens == 0:
-            self._registry.record_outcome(node_id, ok=True)
-            return
-        tpot_s = (time.perf_counter() - first_s) / (tokens - 1) if tokens > 1 else None
-        self._registry.record_outcome(node_id, ok=True, ttft_s=first_s - started_s, tpot_s=tpot_s)
 
     async def _connect(self, node_id: str, channel: grpc.aio.Channel) -> None:
         """Wait until the channel is connected, failing fast on a refused connection."""
@@ -293,7 +356,7 @@ class Relay:
     def _slow_message(
         self,
         request: ValidRequest,
-        node: NodeView,
+        node: RoutedCandidate,
         message: bytes,
         segment: SegmentOutcome,
         outcome: RelayOutcome,
@@ -327,7 +390,7 @@ class Relay:
     def _final(
         self,
         request: ValidRequest,
-        node: NodeView,
+        node: RoutedCandidate,
         final: node_pb2.WorkerFinal,
         segment: SegmentOutcome,
         outcome: RelayOutcome,
@@ -380,8 +443,9 @@ class Relay:
             )
 
     def _all_failed(
-        self, request: ValidRequest, failures: list[AttemptFailure]
+        self, request: ValidRequest, failures: list[AttemptFailure], reason: str = ""
     ) -> CoordinatorError:
+        """The client's error once no more nodes may be tried; ``reason`` says why."""
         summary = "; ".join(str(f) for f in failures)
         codes = {f.code for f in failures}
         if len(codes) == 1 and (code := next(iter(codes))) in _SHARED_REFUSAL_CODES:
@@ -389,6 +453,14 @@ class Relay:
                 f"every node tried refused the request ({summary})", status_code=code
             )
         return NodeFailed(
-            f'no live node could serve model "{request.model}" ({len(failures)} tried: '
-            f"{summary}); retry later"
+            f'no live node could serve model "{request.model}"'
+            + (f": {reason}" if reason else "")
+            + f" ({len(failures)} tried: {summary}); retry later"
         )
+
+    def _exhausted(
+        self, request: ValidRequest, decision: RoutingDecision, failures: list[AttemptFailure]
+    ) -> CoordinatorError:
+        """Routing again left no node: the decision's reason names the constraint."""
+        assert decision.empty_reason is not None
+        return self._all_failed(request, failures, self._router.explain(decision.empty_reason))

@@ -22,7 +22,6 @@ from grpc_reflection.v1alpha import reflection
 from mercato.v1 import inference_pb2, node_pb2, node_pb2_grpc
 
 from coordinator.api import InferenceServicer, generic_handler
-from coordinator.choice import ChooseNodes, choose_nodes
 from coordinator.control import NodeControlServicer
 from coordinator.registry import NodeRegistry
 from coordinator.settings import CoordinatorSettings
@@ -40,11 +39,10 @@ SERVICE_NAMES = (
 class Coordinator:
     """A running coordinator: registry, servicers and the gRPC server."""
 
-    def __init__(self, settings: CoordinatorSettings, *, choose: ChooseNodes = choose_nodes):
+    def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.identity = Identity.load_or_create(settings.identity_path)
         self.registry = NodeRegistry(settings)
-        self._choose = choose
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self.port = 0
@@ -65,7 +63,7 @@ class Coordinator:
                 ),
             )
         )
-        inference = InferenceServicer(self.registry, self.settings, choose=self._choose)
+        inference = InferenceServicer(self.registry, self.settings)
         server.add_generic_rpc_handlers((generic_handler(inference),))
         node_pb2_grpc.add_NodeControlServiceServicer_to_server(
             NodeControlServicer(self.registry, self.settings, self.identity.public_key), server

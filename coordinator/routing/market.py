@@ -199,6 +199,11 @@ class Market:
         state = self._nodes.get(node_id)
         return None if state is None else state.listing
 
+    def measurements(self, node_id: str) -> NodeMeasurements | None:
+        """The live statistics of ``node_id`` (read them, do not feed them), or None."""
+        state = self._nodes.get(node_id)
+        return None if state is None else state.measurements
+
     def breaker_state(self, node_id: str) -> BreakerState | None:
         """The breaker state of ``node_id`` now, or None if it is not in the market."""
         state = self._nodes.get(node_id)

@@ -196,6 +196,11 @@ class MarketSnapshot:
         for node_id in sorted(self._slot_by_id):
             yield self.view(self._slot_by_id[node_id])
 
+    @property
+    def nodes(self) -> tuple[NodeView, ...]:
+        """Every view, in node id order (O(n): for listings, not for routing)."""
+        return tuple(self)
+
     def models(self) -> tuple[str, ...]:
         """Models served by at least one node, sorted."""
         return tuple(sorted(self._by_model))

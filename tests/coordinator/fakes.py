@@ -83,7 +83,12 @@ class Behaviour:
     # Abort with UNAVAILABLE after this many deltas.
     fail_after: int | None = None
     finish_reason: int = common_pb2.FINISH_REASON_STOP
+    # Prompt tokens reported (resume_token_ids are added, as a real node counts them).
     input_tokens: int = 7
+    # Token id of the first delta; the i-th delta carries first_token_id + i.
+    first_token_id: int = 1000
+    # Attach a SignedReceipt whose receipt bytes are b"receipt:" + the worker request id.
+    receipt: bool = True
 
 
 class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
@@ -113,21 +118,29 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
                 return
             if b.hang:
                 await asyncio.sleep(3600)
-            for index, text in enumerate(b.deltas):
+            deltas = b.deltas
+            finish_reason = b.finish_reason
+            max_tokens = request.sampling.max_tokens
+            if max_tokens and len(deltas) > max_tokens:
+                deltas, finish_reason = deltas[:max_tokens], common_pb2.FINISH_REASON_LENGTH
+            for index, text in enumerate(deltas):
                 if b.fail_after is not None and index == b.fail_after:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died")
                 if b.delay_s:
                     await asyncio.sleep(b.delay_s)
                 yield node_pb2.WorkerGenerateResponse(
-                    delta=common_pb2.TextDelta(text=text, token_ids=[1000 + index])
+                    delta=common_pb2.TextDelta(text=text, token_ids=[b.first_token_id + index])
                 )
-            yield node_pb2.WorkerGenerateResponse(
-                final=node_pb2.WorkerFinal(
-                    finish_reason=b.finish_reason,
-                    input_tokens=b.input_tokens,
-                    output_tokens=len(b.deltas),
-                )
+            if b.fail_after is not None and b.fail_after >= len(deltas):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died before its final")
+            final = node_pb2.WorkerFinal(
+                finish_reason=finish_reason,
+                input_tokens=b.input_tokens + len(request.resume_token_ids),
+                output_tokens=len(deltas),
             )
+            if b.receipt:
+                final.receipt.receipt = b"receipt:" + request.request_id.encode()
+            yield node_pb2.WorkerGenerateResponse(final=final)
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
@@ -144,12 +157,14 @@ class FakeNode:
         models: tuple[str, ...] = (MODEL,),
         seed: bytes | None = None,
         price_output: int = 200_000,
+        price_input: int = 100_000,
     ) -> None:
         self.identity = Identity.from_seed(seed) if seed else Identity.generate()
         self.coordinator_address = coordinator_address
         self.region = region
         self.models = models
         self.price_output = price_output
+        self.price_input = price_input
         self.worker = FakeWorker()
         self.server: grpc.aio.Server | None = None
         self.channel: grpc.aio.Channel | None = None
@@ -158,6 +173,9 @@ class FakeNode:
         self.session_token = ""
         self.sequence = 0
         self.heartbeats_answered = 0
+        self.pings_received = 0
+        # Whether pings on the heartbeat stream are answered with a pong.
+        self.answer_pings = True
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._silent = asyncio.Event()
 
@@ -182,6 +200,7 @@ class FakeNode:
             models=self.models,
             region=self.region,
             price_output=self.price_output,
+            price_input=self.price_input,
             sequence=self.sequence,
         )
         for name, value in overrides.items():
@@ -204,17 +223,30 @@ class FakeNode:
     async def _heartbeat(self, interval_s: float) -> None:
         assert self.channel is not None
         stub = node_pb2_grpc.NodeControlServiceStub(self.channel)
+        pongs: asyncio.Queue[int] = asyncio.Queue()
 
         async def beats() -> AsyncIterator[node_pb2.HeartbeatRequest]:
             sequence = 0
+            loop = asyncio.get_running_loop()
+            next_beat_s = loop.time()
             while True:
                 if self._silent.is_set():
                     await asyncio.sleep(3600)  # keep the stream open, send nothing
-                yield node_pb2.HeartbeatRequest(
-                    sequence=sequence, load=node_pb2.NodeLoad(running_requests=0)
-                )
+                pong_id = 0
+                wait_s = next_beat_s - loop.time()
+                if wait_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        pong_id = await asyncio.wait_for(pongs.get(), wait_s)
+                if pong_id and self.answer_pings:
+                    yield node_pb2.HeartbeatRequest(sequence=sequence, pong_id=pong_id)
+                elif not pong_id:
+                    yield node_pb2.HeartbeatRequest(
+                        sequence=sequence, load=node_pb2.NodeLoad(running_requests=0)
+                    )
+                    next_beat_s = loop.time() + interval_s
+                else:
+                    continue
                 sequence += 1
-                await asyncio.sleep(interval_s)
 
         call = stub.Heartbeat(
             beats(),
@@ -225,8 +257,12 @@ class FakeNode:
         )
         try:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                async for _ in call:
-                    self.heartbeats_answered += 1
+                async for answer in call:
+                    if answer.ping_id:
+                        self.pings_received += 1
+                        pongs.put_nowait(answer.ping_id)
+                    else:
+                        self.heartbeats_answered += 1
         finally:
             # A task cancelled before the call is set up does not cancel the call itself.
             call.cancel()

@@ -33,11 +33,14 @@ async def test_register_puts_the_node_in_the_snapshot(registry: NodeRegistry) ->
     assert registration.node_id == identity.node_id
     assert len(registration.session_token) >= 32
     snapshot = registry.snapshot()
-    assert snapshot is not before and snapshot.version > before.version
+    assert snapshot.version > before.version
     assert [n.node_id for n in snapshot.nodes] == [identity.node_id]
-    assert [n.node_id for n in snapshot.serving("tiny-model")] == [identity.node_id]
-    assert registry.snapshot() is snapshot  # unchanged: the same object
+    assert len(snapshot.index_for("tiny-model")) == 1
+    assert len(snapshot.index_for("tiny-model", "eu-west")) == 1
+    assert registry.snapshot().version == snapshot.version  # unchanged
     assert registry.channel(identity.node_id) is not None
+    offer = registry.offer(identity.node_id)
+    assert offer is not None and offer.node_public_key == identity.public_key
 
 
 async def test_sequence_must_increase(registry: NodeRegistry) -> None:
@@ -89,7 +92,7 @@ async def test_heartbeat_updates_load_and_liveness(registry: NodeRegistry) -> No
         identity.node_id, token, node_pb2.NodeLoad(running_requests=3, waiting_requests=2)
     )
     [node] = registry.snapshot().nodes
-    assert node.load.running_requests == 3 and node.queued_requests == 5
+    assert node.load.running_requests == 3 and node.occupancy == 5
     with pytest.raises(SessionInvalid):
         registry.record_heartbeat(identity.node_id, "x" * 43, node_pb2.NodeLoad())
     with pytest.raises(HeartbeatInvalid, match="kv_cache_usage_permille"):
@@ -113,7 +116,7 @@ async def test_silent_nodes_are_reaped(tmp_path: Path) -> None:
     assert chatty.node_id in registry
     snapshot = registry.snapshot()
     assert [n.node_id for n in snapshot.nodes] == [chatty.node_id]
-    assert "tiny-model" in snapshot.known_models
+    assert registry.is_known_model("tiny-model")
     clock[0] += 0.4
     assert registry.reap() == [chatty.node_id]
     assert registry.snapshot().nodes == ()
@@ -125,9 +128,10 @@ async def test_dropped_model_stays_known(registry: NodeRegistry) -> None:
     registry.register(signed(identity, models=("gone-model",)))
     registry.drop(identity.node_id, "test")
     snapshot = registry.snapshot()
-    assert snapshot.serving("gone-model") == ()
-    assert "gone-model" in snapshot.known_models
+    assert len(snapshot.index_for("gone-model")) == 0
+    assert "gone-model" in registry.known_models
     assert registry.channel(identity.node_id) is None
+    assert identity.node_id not in registry.market
 
 
 async def test_capacity_limit(registry: NodeRegistry) -> None:
@@ -139,25 +143,42 @@ async def test_capacity_limit(registry: NodeRegistry) -> None:
     registry.register(signed(identities[0], sequence=2))  # a known node may re-register
 
 
-async def test_in_flight_counts(registry: NodeRegistry) -> None:
+async def test_reregistering_keeps_in_flight_and_measurements(registry: NodeRegistry) -> None:
     identity = Identity.generate()
-    registry.register(signed(identity))
-    registry.begin_request(identity.node_id)
-    registry.begin_request(identity.node_id)
-    assert registry.snapshot().nodes[0].in_flight == 2
-    registry.end_request(identity.node_id)
-    registry.end_request(identity.node_id)
-    registry.end_request(identity.node_id)  # never below zero
-    assert registry.snapshot().nodes[0].in_flight == 0
-    registry.begin_request("unknown")  # a dropped node: ignored
+    token = registry.register(signed(identity, sequence=1)).session_token
+    registry.market.dispatch_started(identity.node_id)
+    registry.record_pong(identity.node_id, token, 0.004)
+    registry.register(signed(identity, sequence=2))
+    [node] = registry.snapshot().nodes
+    assert node.in_flight == 1
+    assert node.rtt_s == pytest.approx(0.004)
+
+
+async def test_pong_records_the_round_trip_and_liveness(tmp_path: Path) -> None:
+    clock = [1000.0]
+    registry = NodeRegistry(fast_settings(tmp_path), monotonic_s=lambda: clock[0])
+    identity = Identity.generate()
+    token = registry.register(signed(identity)).session_token
+    clock[0] += 0.3
+    registry.record_pong(identity.node_id, token, None)  # an unknown ping: life only
+    assert registry.snapshot().get(identity.node_id).rtt_s is None
+    clock[0] += 0.3
+    assert registry.reap() == []  # the pong kept it alive
+    registry.record_pong(identity.node_id, token, 0.002)
+    registry.record_pong(identity.node_id, token, 0.004)
+    assert registry.snapshot().get(identity.node_id).rtt_s == pytest.approx(0.003)
+    with pytest.raises(SessionInvalid):
+        registry.record_pong(identity.node_id, "x" * 43, 0.001)
+    await registry.close()
 
 
 async def test_snapshot_is_immutable(registry: NodeRegistry) -> None:
     identity = Identity.generate()
     registry.register(signed(identity))
     snapshot = registry.snapshot()
-    with pytest.raises(TypeError):
-        snapshot.by_model["x"] = ()  # type: ignore[index]
+    registry.market.dispatch_started(identity.node_id)
+    assert snapshot.nodes[0].in_flight == 0  # the old snapshot did not change
+    assert registry.snapshot().nodes[0].in_flight == 1
     with pytest.raises(AttributeError):
         snapshot.nodes[0].in_flight = 5  # type: ignore[misc]
 

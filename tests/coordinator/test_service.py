@@ -250,15 +250,20 @@ async def test_registered_node_that_never_beats_is_reaped(
     await wait_until(lambda: node.node_id not in coordinator.registry, timeout_s=5)
 
 
-def _order(a, b):
-    return (a, b) if a.node_id < b.node_id else (b, a)
+async def two_nodes(make_node: NodeFactory, **kwargs: object):
+    """(cheap, dear): routing's default (balanced) mode tries the cheap one first; the
+    dear one costs 4x, far outside the near-best pool."""
+    return (
+        await make_node(price_output=100_000, **kwargs),
+        await make_node(price_output=400_000, **kwargs),
+    )
 
 
 @pytest.mark.parametrize("failure", ["refuse", "stream_error", "hang", "dead"])
 async def test_failover_before_the_first_token(
     client, make_node: NodeFactory, failure: str
 ) -> None:
-    first, second = _order(await make_node(), await make_node())  # equal load: id order
+    first, second = await two_nodes(make_node)
     if failure == "refuse":
         first.worker.behaviour = Behaviour(refuse=(grpc.StatusCode.UNAVAILABLE, "engine busy"))
     elif failure == "stream_error":
@@ -280,7 +285,7 @@ async def test_failover_before_the_first_token(
 
 
 async def test_node_blaming_the_request_is_not_retried(client, make_node: NodeFactory) -> None:
-    first, second = _order(await make_node(), await make_node())
+    first, second = await two_nodes(make_node)
     first.worker.behaviour = Behaviour(
         refuse=(grpc.StatusCode.INVALID_ARGUMENT, "prompt is longer than the context (2048)")
     )
@@ -312,24 +317,8 @@ async def test_every_node_full_is_resource_exhausted(client, make_node: NodeFact
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-async def test_failure_after_the_first_token_ends_the_stream(
-    client, make_node: NodeFactory
-) -> None:
-    first, second = _order(await make_node(), await make_node())
-    first.worker.behaviour = Behaviour(deltas=["a", "b", "c"], fail_after=2)
-    call = client.Generate(chat_request(), timeout=10)
-    received = []
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for response in call:
-            received.append(response)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert [r.WhichOneof("chunk") for r in received] == ["delta", "delta", "error"]
-    assert received[-1].error.code == common_pb2.ERROR_CODE_UNAVAILABLE
-    assert not second.worker.requests  # no resume yet
-
-
 async def test_allow_fallbacks_false_tries_one_node(client, make_node: NodeFactory) -> None:
-    first, second = _order(await make_node(), await make_node())
+    first, second = await two_nodes(make_node)
     first.worker.behaviour = Behaviour(refuse=(grpc.StatusCode.UNAVAILABLE, "busy"))
     request = chat_request()
     request.routing.allow_fallbacks = False
@@ -414,8 +403,9 @@ async def test_heartbeats_are_answered_with_their_sequence(
             ),
             timeout=5,
         )
-        answered = [response.sequence async for response in call]
-    assert answered == [0, 1, 2]
+        answers = [response async for response in call]
+    # Every heartbeat is answered with its sequence (pings may come in between).
+    assert [a.sequence for a in answers if not a.ping_id] == [0, 1, 2]
     # The stream ended: the node is gone.
     assert node.node_id not in coordinator.registry
 
