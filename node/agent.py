@@ -7,8 +7,11 @@ Life of the agent, forever until stopped::
         └──── backoff (doubling, capped) ◀── any failure: refused, stream ended,
                                               no answer within the liveness timeout
 
-Every registration signs a new offer with a higher sequence, so a coordinator that
-restarted, or one that dropped the node, takes it back. The session token is a secret:
+Every registration signs a new offer with a strictly higher sequence (Unix
+milliseconds, or one more than the last), so a coordinator that restarted, or one that
+dropped the node, takes it back. The coordinator pings on the heartbeat stream
+(``ping_id``); the agent answers each at once with a ``pong_id`` so the coordinator can
+time the round trip itself. The session token is a secret:
 it goes only into the heartbeat metadata, never into a log line.
 """
 
@@ -101,7 +104,9 @@ class NodeAgent:
     async def _register(
         self, stub: node_pb2_grpc.NodeControlServiceStub
     ) -> node_pb2.RegisterResponse:
-        self._sequence += 1
+        # Strictly higher than any offer before, also across restarts: Unix milliseconds,
+        # or one more than the last when registrations come faster than the clock ticks.
+        self._sequence = max(self._sequence + 1, time.time_ns() // 1_000_000)
         offer = self._sign_offer(self._sequence)
         response: node_pb2.RegisterResponse = await stub.Register(
             node_pb2.RegisterRequest(offer=offer), timeout=REGISTER_TIMEOUT_S
@@ -126,16 +131,31 @@ class NodeAgent:
         interval_s = max(registration.heartbeat_interval_ms, 10) / 1000
         liveness_s = max(registration.liveness_timeout_ms / 1000, 2 * interval_s)
         sent_at: dict[int, float] = {}
+        # Pings from the coordinator, answered by the request stream at once.
+        pongs: asyncio.Queue[int] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[node_pb2.HeartbeatRequest]:
+            loop = asyncio.get_running_loop()
             sequence = 0
+            next_beat_s = loop.time()
             while True:
+                pong_id = 0
+                wait_s = next_beat_s - loop.time()
+                if not pongs.empty():
+                    pong_id = pongs.get_nowait()
+                elif wait_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        pong_id = await asyncio.wait_for(pongs.get(), wait_s)
                 sequence += 1
+                if pong_id:
+                    # A pong: the coordinator times its ping's round trip from it.
+                    yield node_pb2.HeartbeatRequest(sequence=sequence, pong_id=pong_id)
+                    continue
                 sent_at[sequence] = time.monotonic()
                 if len(sent_at) > 64:
                     sent_at.pop(min(sent_at))
                 yield node_pb2.HeartbeatRequest(sequence=sequence, load=self._read_load())
-                await asyncio.sleep(interval_s)
+                next_beat_s = loop.time() + interval_s
 
         call = stub.Heartbeat(
             requests(),
@@ -155,6 +175,9 @@ class NodeAgent:
                     return
                 if answer is grpc.aio.EOF:
                     return
+                if answer.ping_id:
+                    pongs.put_nowait(answer.ping_id)
+                    continue
                 sent = sent_at.pop(answer.sequence, None)
                 if sent is not None:
                     self.heartbeat_round_trip_s = time.monotonic() - sent

@@ -1,0 +1,300 @@
+"""Failover and resume in the relay, in-process over gRPC with fake workers.
+
+Before the first token a failing node is replaced by the next candidate (or by routing
+again on a fresh snapshot); after it, the stream resumes on another node from the
+tokens delivered so far. Neither ever leaves the request's hard constraints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+from coordinator.routing import BreakerState
+from coordinator.server import Coordinator
+
+from .conftest import NodeFactory, collect, fast_settings, wait_until
+from .fakes import Behaviour, FakeNode
+from .test_service import chat_request, deltas_and_final, two_nodes
+
+
+def text_of(deltas: list[common_pb2.TextDelta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+def ids_of(deltas: list[common_pb2.TextDelta]) -> list[int]:
+    return [i for d in deltas for i in d.token_ids]
+
+
+async def test_mid_stream_failure_resumes_on_the_next_node(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    first, second = await two_nodes(make_node)
+    first.worker.behaviour = Behaviour(deltas=["a", "b", "c", "d", "e"], fail_after=2)
+    # The second node continues: its deltas are the rest (ids 2000, 2001, 2002).
+    second.worker.behaviour = Behaviour(deltas=["C", "D", "E"], first_token_id=2000)
+    request = chat_request(max_tokens=5)
+    request.request_id = "req-7"
+    deltas, final = deltas_and_final(await collect(client, request))
+
+    assert text_of(deltas) == "abCDE"
+    assert ids_of(deltas) == [1000, 1001, 2000, 2001, 2002]
+    [resumed] = second.worker.requests
+    assert list(resumed.resume_token_ids) == [1000, 1001]
+    assert resumed.segment_index == 1
+    assert resumed.sampling.max_tokens == 3
+    assert resumed.request_id == "req-7:1"
+    assert resumed.chat == first.worker.requests[0].chat
+    assert first.worker.requests[0].request_id == "req-7"
+
+    assert final.request_id == "req-7"
+    assert final.output_tokens == 5
+    assert final.input_tokens == 7  # the prompt, as the first segment processed it
+    assert final.node_id == second.node_id
+    assert final.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert [(s.node_id, s.input_tokens, s.output_tokens) for s in final.segments] == [
+        (first.node_id, 7, 2),  # died before its final: prompt derived from the second
+        (second.node_id, 9, 3),  # prompt + the 2 resumed tokens
+    ]
+    assert [s.price_output_micro_usd_per_mtok for s in final.segments] == [100_000, 400_000]
+    market = coordinator.registry.market
+    assert market.measurements(first.node_id).outcomes.sum == 0  # one failure
+    assert market.measurements(second.node_id).outcomes.sum == 1  # one success
+
+
+async def test_resume_records_each_segment_in_the_outcome(
+    coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    """The RelayOutcome handed to billing: one segment per node, receipts where a final
+    came."""
+    from coordinator.outcome import RelayOutcome
+    from coordinator.validation import validate_request
+
+    first, second = await two_nodes(make_node)
+    first.worker.behaviour = Behaviour(deltas=["a", "b", "c"], fail_after=1)
+    second.worker.behaviour = Behaviour(deltas=["B", "C"], first_token_id=2000)
+    servicer_router = coordinator_router(coordinator)
+    valid = validate_request(chat_request(max_tokens=3), coordinator.settings)
+    relay = coordinator_relay(coordinator)
+    outcome = RelayOutcome(valid.request_id)
+    chunks = [
+        c async for c in relay.stream(valid, servicer_router.first(valid), FakeContext(), outcome)
+    ]
+    assert len(chunks) == 3
+    assert all(inference_pb2.GenerateResponse.FromString(c).HasField("delta") for c in chunks)
+    assert outcome.complete and outcome.token_ids() == [1000, 2000, 2001]
+    dead, alive = outcome.segments
+    assert (dead.segment_index, dead.completed, dead.receipt) == (0, False, None)
+    assert dead.worker_request_id == valid.request_id and dead.output_tokens == 1
+    assert dead.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED
+    assert (alive.segment_index, alive.completed, alive.resumed_tokens) == (1, True, 1)
+    assert alive.receipt is not None
+    assert alive.receipt.receipt == f"receipt:{valid.request_id}:1".encode()
+    assert alive.region == "eu-west" and alive.price_input_micro_usd_per_mtok == 100_000
+    final = outcome.final()
+    assert (final.input_tokens, final.output_tokens, final.node_id) == (7, 3, second.node_id)
+    assert final.cost_micro_usd == 0 and not final.receipts  # billing's to fill
+
+
+async def test_resume_never_leaves_the_allowed_regions(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    cheap_us = await make_node(region="us-east", price_output=50_000)
+    first, second = await two_nodes(make_node, region="eu-west")
+    first.worker.behaviour = Behaviour(deltas=["a", "b", "c"], fail_after=1)
+    second.worker.behaviour = Behaviour(deltas=["B", "C"], first_token_id=2000)
+    request = chat_request(max_tokens=3)
+    request.routing.regions.append("eu-west")
+    deltas, final = deltas_and_final(await collect(client, request))
+    assert text_of(deltas) == "aBC"
+    assert [s.region for s in final.segments] == ["eu-west", "eu-west"]
+    assert not cheap_us.worker.requests
+
+    # Both eu-west nodes fail mid-stream: nothing eligible is left, the client learns
+    # which constraint ran out, and the us-east node is still never asked.
+    first.worker.behaviour = Behaviour(deltas=["a", "b", "c"], fail_after=1)
+    second.worker.behaviour = Behaviour(deltas=["B", "C"], fail_after=1)
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in client.Generate(request, timeout=10):
+            received.append(response)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details() or ""
+    assert "eu-west" in details and "already_tried" in details
+    assert [r.WhichOneof("chunk") for r in received] == ["delta", "delta", "error"]
+    assert not cheap_us.worker.requests
+
+
+async def test_failover_never_leaves_the_price_caps(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    within = await make_node(price_output=100_000)
+    above = await make_node(price_output=900_000)
+    within.worker.behaviour = Behaviour(refuse=(grpc.StatusCode.UNAVAILABLE, "engine busy"))
+    request = chat_request()
+    request.routing.max_price_output_micro_usd_per_mtok = 500_000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(client, request)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The one node within the cap was tried; the dearer one was never eligible.
+    assert "already_tried" in (caught.value.details() or "")
+    assert not above.worker.requests
+
+
+async def test_no_resume_when_fallbacks_are_not_allowed(client, make_node: NodeFactory) -> None:
+    first, second = await two_nodes(make_node)
+    first.worker.behaviour = Behaviour(deltas=["a", "b", "c"], fail_after=2)
+    request = chat_request()
+    request.routing.allow_fallbacks = False
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in client.Generate(request, timeout=10):
+            received.append(response)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "allow_fallbacks" in (caught.value.details() or "")
+    assert [r.WhichOneof("chunk") for r in received] == ["delta", "delta", "error"]
+    assert not second.worker.requests
+
+
+async def test_node_dying_after_its_last_token_needs_no_resume(
+    client, make_node: NodeFactory
+) -> None:
+    first, second = await two_nodes(make_node)
+    first.worker.behaviour = Behaviour(deltas=["a", "b"], fail_after=2)  # dies before final
+    deltas, final = deltas_and_final(await collect(client, chat_request(max_tokens=2)))
+    assert text_of(deltas) == "ab"
+    assert final.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert [s.node_id for s in final.segments] == [first.node_id]
+    assert not second.worker.requests
+
+
+async def test_resumes_are_bounded(tmp_path: Path) -> None:
+    coordinator = Coordinator(fast_settings(tmp_path, max_resumes=1))
+    await coordinator.start()
+    nodes = []
+    try:
+        for price in (100_000, 200_000, 300_000):
+            node = FakeNode(coordinator.address, price_output=price)
+            node.worker.behaviour = Behaviour(deltas=["x"] * 5, fail_after=1)
+            nodes.append(await node.start())
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            request = chat_request(max_tokens=5)
+            request.routing.sort = inference_pb2.SORT_MODE_PRICE
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await collect(stub, request)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "resumed 1 time" in (caught.value.details() or "")
+        assert [len(n.worker.requests) for n in nodes] == [1, 1, 0]
+    finally:
+        for node in nodes:
+            await node.stop()
+        await coordinator.stop(grace_s=0)
+
+
+async def test_routes_again_when_the_first_decision_runs_out(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    """The first decision knew only one node; a node that joined meanwhile takes over."""
+    slow = await make_node(price_output=100_000)
+    slow.worker.behaviour = Behaviour(hang=True)  # past first_token_timeout_s (2 s)
+    call = client.Generate(chat_request(), timeout=10)
+    await asyncio.wait_for(slow.worker.started.wait(), 5)
+    late = await make_node(price_output=100_000)
+    responses = [r async for r in call]
+    _, final = deltas_and_final(responses)
+    assert final.node_id == late.node_id
+    assert [s.node_id for s in final.segments] == [late.node_id]
+
+
+async def test_client_cancel_is_no_verdict_on_the_node(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    node = await make_node()
+    node.worker.behaviour = Behaviour(deltas=["a"] * 100, delay_s=0.05)
+    call = client.Generate(chat_request(max_tokens=100), timeout=30)
+    assert (await call.read()).WhichOneof("chunk") == "delta"
+    assert coordinator.registry.snapshot().get(node.node_id).in_flight == 1
+    call.cancel()
+    await asyncio.wait_for(node.worker.cancelled.wait(), 5)
+    await wait_until(lambda: coordinator.registry.snapshot().get(node.node_id).in_flight == 0)
+    measurements = coordinator.registry.market.measurements(node.node_id)
+    assert measurements.outcomes.weight == 0  # neither success nor failure
+    assert measurements.ttft.measured  # the first token still told its latency
+
+
+async def test_a_failing_node_is_backed_off_and_avoided(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    bad, good = await two_nodes(make_node)
+    bad.worker.behaviour = Behaviour(refuse=(grpc.StatusCode.INTERNAL, "boom"))
+    for _ in range(3):  # breaker_failure_threshold
+        request = chat_request()
+        request.routing.only_nodes.append(bad.node_id)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await collect(client, request)
+    assert coordinator.registry.market.breaker_state(bad.node_id) is BreakerState.OPEN
+    listed = await client.ListNodes(inference_pb2.ListNodesRequest(), timeout=5)
+    info = {n.node_id: n.measurements for n in listed.nodes}
+    assert info[bad.node_id].backed_off and info[bad.node_id].recent_failures == 3
+    assert not info[good.node_id].backed_off
+    # The cheap node is out while its breaker is open: the dear one serves.
+    _, final = deltas_and_final(await collect(client, chat_request()))
+    assert final.node_id == good.node_id
+    assert len(bad.worker.requests) == 3
+    # Only the backed-off node allowed: UNAVAILABLE naming the open circuit.
+    request = chat_request()
+    request.routing.only_nodes.append(bad.node_id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(client, request)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "circuit_open" in (caught.value.details() or "")
+
+
+async def test_pings_measure_the_round_trip(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    node = await make_node()
+    quiet = await make_node()
+    quiet.answer_pings = False
+    await wait_until(lambda: node.pings_received >= 1 and quiet.pings_received >= 1)
+    await wait_until(lambda: coordinator.registry.snapshot().get(node.node_id).rtt_s is not None)
+    listed = await client.ListNodes(inference_pb2.ListNodesRequest(), timeout=5)
+    rtt = {n.node_id: n.measurements.rtt_us for n in listed.nodes}
+    assert 0 < rtt[node.node_id] < 5_000_000
+    assert rtt[quiet.node_id] == 0
+
+
+async def test_region_without_a_live_node_names_the_region(client, make_node: NodeFactory) -> None:
+    await make_node(region="eu-west")
+    request = chat_request()
+    request.routing.regions.append("ap-south")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(client, request)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details() or ""
+    assert "ap-south" in details and "constraint: regions" in details
+
+
+class FakeContext:
+    """The bits of a grpc.aio.ServicerContext the relay reads."""
+
+    def time_remaining(self) -> float | None:
+        return 10.0
+
+
+def coordinator_router(coordinator: Coordinator):
+    from coordinator.router import Router
+
+    return Router(coordinator.registry, coordinator.settings)
+
+
+def coordinator_relay(coordinator: Coordinator):
+    from coordinator.relay import Relay
+
+    return Relay(coordinator.registry, coordinator_router(coordinator), coordinator.settings)
