@@ -8,6 +8,11 @@ the final is built from that outcome here. ListModels and ListNodes read the mar
 (:mod:`coordinator.listings`).
 Responses travel as GenerateResponse wire bytes (see :func:`generic_handler`), so node
 deltas pass through without a parse.
+
+With billing (:mod:`coordinator.billing`) every call first authenticates its API key;
+Generate also holds the request's maximum cost before routing (a lease request goes only
+to its lease's node, a serverless one never to a leased node) and settles what was
+delivered before the final, which then carries the cost and the countersigned receipts.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import grpc
 import grpc.aio
 from mercato.v1 import common_pb2, inference_pb2
 
-from coordinator.errors import CoordinatorError, abort_with
+from coordinator.billing import Admission, Billing, crash_if
+from coordinator.errors import CoordinatorError, LeaseNotFound, abort_with
 from coordinator.listings import list_models, list_nodes
 from coordinator.outcome import RelayOutcome
 from coordinator.registry import NodeRegistry
 from coordinator.relay import Relay
 from coordinator.router import Router
-from coordinator.settings import CoordinatorSettings
+from coordinator.settings import CoordinatorSettings, FaultPoint
 from coordinator.validation import validate_request
 
 log = logging.getLogger(__name__)
@@ -42,25 +48,46 @@ class InferenceServicer:
         settings: CoordinatorSettings,
         *,
         router: Router | None = None,
+        billing: Billing | None = None,
     ) -> None:
         self._registry = registry
         self._settings = settings
         self._router = router if router is not None else Router(registry, settings)
+        self._billing = billing
         self._relay = Relay(registry, self._router, settings)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        billing = self._billing
+        admission: Admission | None = None
         try:
+            principal = await billing.authenticate(context) if billing is not None else None
             valid = validate_request(request, self._settings)
+            if billing is not None and principal is not None:
+                valid = await billing.constrain(principal, valid)
+            elif valid.worker_request.lease_id:
+                raise LeaseNotFound(
+                    f"lease_id: lease {valid.worker_request.lease_id!r} does not exist (this "
+                    "coordinator runs without billing, so it has no leases); leave lease_id "
+                    "empty for serverless"
+                )
             routed = self._router.first(valid)
+            if billing is not None and principal is not None:
+                # Failover and resume never go above these candidates' prices (relay).
+                admission = await billing.admit(principal, valid, routed.listings)
         except CoordinatorError as exc:
             await abort_with(context, exc)
         outcome = RelayOutcome(valid.request_id)
         try:
             async for chunk in self._relay.stream(valid, routed, context, outcome):
                 yield chunk
-        except CoordinatorError as exc:
+        except BaseException as exc:
+            # Failed or cancelled: bill what has a receipt, release the rest of the hold.
+            if billing is not None and admission is not None:
+                billing.settle_in_background(admission, outcome.segments)
+            if not isinstance(exc, CoordinatorError):
+                raise
             if len(outcome.delivered):
                 # Clients that read only messages see why the stream stops early.
                 yield inference_pb2.GenerateResponse(
@@ -68,17 +95,35 @@ class InferenceServicer:
                 ).SerializeToString()
             await abort_with(context, exc)
         final = outcome.final()
+        if billing is not None and admission is not None:
+            crash_if(self._settings, FaultPoint.EXIT_BEFORE_SETTLE)
+            try:
+                charge = await billing.settle(admission, outcome.segments)
+            except CoordinatorError as exc:
+                await abort_with(context, exc)
+            final.cost_micro_usd = charge.cost_micro_usd
+            final.receipts.extend(charge.receipts)
+            crash_if(self._settings, FaultPoint.EXIT_AFTER_RELAY)
         yield inference_pb2.GenerateResponse(final=final).SerializeToString()
 
     async def ListNodes(
         self, request: inference_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListNodesResponse:
+        await self._authenticate(context)
         return list_nodes(self._registry, request.model)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
+        await self._authenticate(context)
         return list_models(self._registry.snapshot())
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if self._billing is not None:
+            try:
+                await self._billing.authenticate(context)
+            except CoordinatorError as exc:
+                await abort_with(context, exc)
 
 
 def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

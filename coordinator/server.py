@@ -1,14 +1,18 @@
 """The coordinator process: one grpc.aio server on one port.
 
-Serves InferenceService (clients), NodeControlService (nodes), grpc.health.v1 and server
-reflection. :func:`run_coordinator` runs until SIGINT/SIGTERM; :class:`Coordinator` is
-the same thing as an object for tests and embedding (start, address, stop).
+Serves InferenceService (clients), NodeControlService (nodes), AccountService (clients'
+balances, receipts, usage and leases; with billing), grpc.health.v1 and server
+reflection. With billing on (the default) the ledger is opened, and what a crash left
+unsettled is settled, before the server takes its first call. :func:`run_coordinator`
+runs until SIGINT/SIGTERM; :class:`Coordinator` is the same thing as an object for tests
+and embedding (start, address, stop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import signal
@@ -22,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mercato.v1 import inference_pb2, node_pb2, node_pb2_grpc
 
 from coordinator.api import InferenceServicer, generic_handler
+from coordinator.billing import Billing
 from coordinator.control import NodeControlServicer
 from coordinator.registry import NodeRegistry
 from coordinator.settings import CoordinatorSettings
@@ -43,6 +48,9 @@ class Coordinator:
         self.settings = settings
         self.identity = Identity.load_or_create(settings.identity_path)
         self.registry = NodeRegistry(settings)
+        self.billing = (
+            Billing(settings, self.identity, self.registry) if settings.billing_enabled else None
+        )
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self.port = 0
@@ -53,6 +61,8 @@ class Coordinator:
         return f"{self._bind_host()}:{self.port}"
 
     async def start(self) -> None:
+        if self.billing is not None:
+            await self.billing.start()  # recovers what a crash left before any new call
         server = grpc.aio.server(
             options=(
                 ("grpc.so_reuseport", 0),
@@ -63,15 +73,18 @@ class Coordinator:
                 ),
             )
         )
-        inference = InferenceServicer(self.registry, self.settings)
+        inference = InferenceServicer(self.registry, self.settings, billing=self.billing)
         server.add_generic_rpc_handlers((generic_handler(inference),))
+        service_names = list(SERVICE_NAMES)
+        if self.billing is not None and _account_service_available():
+            service_names.append(self._add_account_service(server))
         node_pb2_grpc.add_NodeControlServiceServicer_to_server(
             NodeControlServicer(self.registry, self.settings, self.identity.public_key), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
-                *SERVICE_NAMES,
+                *service_names,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -86,9 +99,31 @@ class Coordinator:
         await server.start()
         self._server = server
         self.registry.start()
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *service_names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("coordinator listening on %s", self.address)
+
+    def _add_account_service(self, server: grpc.aio.Server) -> str:
+        """Serve AccountService from the billing ledger; leases are priced from the live
+        offers. Returns the service's full name."""
+        from mercato.v1 import account_pb2
+
+        from coordinator.account_service import LeaseTerms, add_account_service
+
+        registry = self.registry
+
+        def lease_terms(node_id: str) -> LeaseTerms | None:
+            offer = registry.offer(node_id)
+            if offer is None or offer.price_micro_usd_per_gpu_hour <= 0:
+                return None
+            return LeaseTerms(
+                price_micro_usd_per_gpu_hour=offer.price_micro_usd_per_gpu_hour,
+                gpus=max(1, offer.gpu_count),  # a CPU node counts as one
+            )
+
+        assert self.billing is not None
+        add_account_service(server, self.billing.ledger, lease_terms=lease_terms)
+        return str(account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name)
 
     def _bind_host(self) -> str:
         host = self.settings.listen_host
@@ -102,6 +137,8 @@ class Coordinator:
             await self._server.stop(grace)
             self._server = None
         await self.registry.close()
+        if self.billing is not None:
+            await self.billing.close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -120,7 +157,16 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
         "address": coordinator.address,
         "port": coordinator.port,
         "coordinator_public_key": coordinator.identity.public_key.hex(),
+        "billing": coordinator.billing is not None,
     }
+    recovery = coordinator.billing.recovery if coordinator.billing is not None else None
+    if recovery is not None:
+        ready["recovery"] = {
+            "replayed": recovery.replayed,
+            "settled": recovery.settled,
+            "released": recovery.released,
+            "expired": recovery.expired,
+        }
     sys.stdout.write(f"{READY_PREFIX} {json.dumps(ready, sort_keys=True)}\n")
     sys.stdout.flush()
     try:
@@ -131,6 +177,11 @@ async def run_coordinator(settings: CoordinatorSettings) -> None:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
         await coordinator.stop()
+
+
+def _account_service_available() -> bool:
+    """Whether coordinator/account_service.py (AccountService) is part of this build."""
+    return importlib.util.find_spec("coordinator.account_service") is not None
 
 
 def main(settings: CoordinatorSettings) -> None:

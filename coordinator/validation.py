@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from mercato.v1 import common_pb2, inference_pb2, node_pb2
 
-from coordinator.errors import LeaseNotFound, RequestInvalid
+from coordinator.errors import RequestInvalid
 from coordinator.offers import MODEL_NAME_PATTERN, REGION_PATTERN
 from coordinator.settings import CoordinatorSettings
 
@@ -64,10 +64,9 @@ def validate_request(
     if request.lease_id:
         if len(request.lease_id) > LEASE_ID_CHARS_MAX:
             raise RequestInvalid(f"lease_id: more than {LEASE_ID_CHARS_MAX} characters")
-        raise LeaseNotFound(
-            f"lease_id: lease {request.lease_id!r} does not exist (this coordinator has no "
-            "dedicated leases yet); leave lease_id empty for serverless"
-        )
+        # Whether the lease exists and is the caller's is billing's check
+        # (coordinator.billing.Billing.constrain); the node's receipt names the lease.
+        worker.lease_id = request.lease_id
     return ValidRequest(
         request_id=request_id, model=request.model, routing=request.routing, worker_request=worker
     )

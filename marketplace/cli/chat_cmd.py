@@ -1,11 +1,18 @@
-"""`mercato chat "question"`: stream an answer from a coordinator to the terminal."""
+"""`mercato chat "question"`: stream an answer from a coordinator to the terminal.
+
+The API key is ``$MERCATO_API_KEY``, else the one ``mercato up`` stored in
+``<home>/client.key``.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import typer
+
+from marketplace.paths import default_home
 
 
 def register(app: typer.Typer) -> None:
@@ -23,12 +30,17 @@ def chat(
     seed: int | None = typer.Option(None, help="Sampler seed, for reproducible output."),
     region: list[str] = typer.Option([], help="Allowed region (repeatable); a hard constraint."),
     timeout_s: float = typer.Option(120.0, help="Deadline of the whole request, seconds."),
+    home: Path | None = typer.Option(
+        None,
+        help="Data directory whose client.key to use (default: $MERCATO_HOME or ~/.mercato); "
+        "$MERCATO_API_KEY wins over it.",
+    ),
 ) -> None:
     """Ask a question and stream the answer as it is generated."""
     import grpc
     from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-    api_key = os.environ.get("MERCATO_API_KEY", "")
+    api_key = _api_key(home)
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     messages = [common_pb2.ChatMessage(role="system", content=system)] if system else []
     messages.append(common_pb2.ChatMessage(role="user", content=question))
@@ -74,6 +86,20 @@ def chat(
                     _fail(response.error.message)
         except grpc.RpcError as exc:
             _fail(f"{exc.code().name}: {exc.details()}")
+
+
+def _api_key(home: Path | None) -> str:
+    """$MERCATO_API_KEY, else the key ``mercato up`` stored; empty if neither exists."""
+    from marketplace.cli.up_cmd import client_key_path
+
+    from_env = os.environ.get("MERCATO_API_KEY", "").strip()
+    if from_env:
+        return from_env
+    path = client_key_path((home or default_home()).expanduser())
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _finish_name(value: int) -> str:

@@ -3,10 +3,17 @@
 Everything lives in one data directory (``--home``, default ``$MERCATO_HOME`` or
 ``~/.mercato``). The first run prepares the packaged model with a progress display;
 later runs reuse it. Ctrl-C stops the node, then the coordinator, and waits for both.
+
+Billing is on, as in production: the first run also creates a local client account
+(``local``) with demo credits and an API key, stores the key in ``<home>/client.key``
+(mode 0600) and prints it once; ``mercato chat`` reads it from there (or from
+``$MERCATO_API_KEY``). The ledger is ``$MERCATO_DATABASE_URL``, else SQLite at
+``<home>/mercato.db`` -- the same database the coordinator and the operator CLI open.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -17,6 +24,69 @@ import typer
 from marketplace.paths import default_home
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+CLIENT_KEY_FILE = "client.key"
+LOCAL_ACCOUNT = "local"
+DEMO_CREDITS_MICRO_USD = 10_000_000  # 10 USD: tens of thousands of demo requests
+
+
+def client_key_path(home: Path) -> Path:
+    """Where ``mercato up`` keeps the local client's API key."""
+    return home / CLIENT_KEY_FILE
+
+
+def ensure_client_key(
+    home: Path,
+    database_url: str | None = None,
+    *,
+    account: str = LOCAL_ACCOUNT,
+    credits_micro_usd: int = DEMO_CREDITS_MICRO_USD,
+    key_path: Path | None = None,
+) -> tuple[str, bool]:
+    """The API key of the local client account, made on first use: the account (with
+    ``credits_micro_usd`` deposited once) and a key written to ``key_path`` (default
+    ``home/client.key``, mode 0600). Returns ``(key, created)``; a stored key that the
+    ledger no longer accepts (revoked, or a new database) is replaced."""
+    from marketplace.ledger.api_keys import parse_key, secret_matches
+    from marketplace.ledger.errors import LedgerError, UnknownAccount
+    from marketplace.ledger.models import AccountKind
+    from marketplace.ledger.settings import LedgerSettings
+    from marketplace.ledger.store import LedgerStore
+
+    path = key_path or client_key_path(home)
+    settings = LedgerSettings()
+    if database_url is not None:
+        settings = LedgerSettings(database_url=database_url)
+    elif "database_url" not in settings.model_fields_set:
+        settings = LedgerSettings(database_url=f"sqlite:///{home / 'mercato.db'}")
+    store = LedgerStore.open(settings)
+    try:
+        if path.exists():
+            stored = path.read_text().strip()
+            try:
+                key_id, secret = parse_key(stored)
+                record = store.key_record(key_id)
+            except LedgerError:
+                record = None
+            if (
+                record is not None
+                and not record.revoked
+                and secret_matches(secret, record.secret_sha256)
+            ):
+                return stored, False
+        try:
+            view = store.account(account)
+        except UnknownAccount:
+            view = store.create_account(AccountKind.CLIENT, account)
+        store.deposit(view.id, credits_micro_usd, f"demo-credits-{view.id}")
+        issued = store.issue_key(view.id, "mercato-up")
+    finally:
+        store.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(issued.secret_key + "\n")
+    os.chmod(path, 0o600)
+    return issued.secret_key, True
 
 
 def register(app: typer.Typer) -> None:
@@ -47,6 +117,18 @@ def up(
     from node.model_store import ensure_model  # the edge: lazy import
 
     ensure_model(home / "models", model, show_progress=True)
+
+    api_key, created = ensure_client_key(home)
+    if created:
+        console.print(
+            Panel.fit(
+                f"Created the local client account [bold]{LOCAL_ACCOUNT}[/bold] with "
+                f"{DEMO_CREDITS_MICRO_USD / 1_000_000:.2f} USD of demo credits.\n"
+                f"Its API key (shown once; stored in {client_key_path(home)}):\n"
+                f"[bold]{api_key}[/bold]",
+                title="API key",
+            )
+        )
 
     services = []
 

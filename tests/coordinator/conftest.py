@@ -25,6 +25,9 @@ def fast_settings(home: Path, **overrides: object) -> CoordinatorSettings:
         "connect_timeout_s": 2.0,
         "first_token_timeout_s": 2.0,
         "shutdown_grace_s": 0,
+        # The relay and routing tests run without keys; tests/coordinator/test_billing.py
+        # turns billing on.
+        "billing_enabled": False,
     }
     values.update(overrides)
     return CoordinatorSettings(**values)  # type: ignore[arg-type]

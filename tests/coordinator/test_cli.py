@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from mercato.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -42,7 +43,11 @@ def test_start_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert key.stat().st_mode & 0o777 == 0o600
         with grpc.insecure_channel(ready["address"]) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            assert stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models == []
+            # Billing is on by default: a call without an API key is refused.
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ready["billing"] is True
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mercato.v1 import common_pb2, inference_pb2
 
-from coordinator.errors import LeaseNotFound, RequestInvalid
+from coordinator.errors import RequestInvalid
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import validate_request
 
@@ -92,6 +92,8 @@ def test_stop_strings() -> None:
         validate_request(r, SETTINGS)
 
 
-def test_lease_is_not_found() -> None:
-    with pytest.raises(LeaseNotFound, match=r"^lease_id"):
-        validate_request(request(lease_id="l-1"), SETTINGS)
+def test_lease_goes_to_the_node() -> None:
+    # Whether the lease exists is billing's check; the node's receipt names the lease.
+    assert validate_request(request(lease_id="l-1"), SETTINGS).worker_request.lease_id == "l-1"
+    with pytest.raises(RequestInvalid, match=r"^lease_id"):
+        validate_request(request(lease_id="l" * 129), SETTINGS)

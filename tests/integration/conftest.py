@@ -2,13 +2,20 @@
 
 The engine is loaded once per node process, and the processes live for the whole test
 session. Every child is stopped at the end; children also die with the test process.
+
+Billing is on in every coordinator (the default): :meth:`Cluster.start_coordinator`
+gives each one a funded client account and puts its API key in the service's ready
+dict (``ready["api_key"]``); :func:`authorized_channel` sends it on every call.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +25,31 @@ from marketplace.cli.processes import Service, mercato_command, start_service
 from tests.conftest import MODEL
 from tests.conftest import test_models_dir as models_dir
 
+# API key of the funded test client of each coordinator, by address.
+API_KEYS: dict[str, str] = {}
+TEST_CREDITS_MICRO_USD = 100_000_000  # 100 USD
+
+
+def funded_key(
+    home: Path,
+    database_url: str | None = None,
+    *,
+    account: str = "test-client",
+    credits_micro_usd: int = TEST_CREDITS_MICRO_USD,
+) -> str:
+    """An API key of a client account with ``credits_micro_usd`` deposited once, in the
+    ledger a coordinator with this home uses (``database_url``, else home/mercato.db)."""
+    from marketplace.cli.up_cmd import ensure_client_key
+
+    key, _ = ensure_client_key(
+        home,
+        database_url or f"sqlite:///{home / 'mercato.db'}",
+        account=account,
+        credits_micro_usd=credits_micro_usd,
+        key_path=home / f"{account}.key",
+    )
+    return key
+
 
 class Cluster:
     """Processes started for the tests, stopped together."""
@@ -26,16 +58,32 @@ class Cluster:
         self.root = root
         self.services: list[Service] = []
 
-    def start_coordinator(self, name: str = "coordinator", *extra: str) -> Service:
+    def start_coordinator(
+        self,
+        name: str = "coordinator",
+        *extra: str,
+        env: dict[str, str] | None = None,
+        database_url: str | None = None,
+    ) -> Service:
+        """Start a coordinator (home: root/name) with a funded client key in
+        ``ready["api_key"]``; ``database_url`` sets MERCATO_DATABASE_URL (PostgreSQL)."""
         home = self.root / name
+        child_env = dict(env or {})
+        if database_url is not None:
+            child_env["MERCATO_DATABASE_URL"] = database_url
         service = start_service(
             name,
             mercato_command("coordinator", "start", "--home", str(home), "--port", "0", *extra),
             "MERCATO_COORDINATOR_READY",
             home / "log.txt",
+            env=child_env,
             timeout_s=60,
         )
         self.services.append(service)
+        if service.ready.get("billing"):
+            key = funded_key(home, database_url)
+            service.ready["api_key"] = key
+            API_KEYS[str(service.ready["address"])] = key
         return service
 
     def start_node(
@@ -76,10 +124,52 @@ class Cluster:
         self.services.clear()
 
 
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call."""
+
+    def __init__(self, api_key: str) -> None:
+        self._header = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, details: Any) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), self._header],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+
+@contextmanager
+def authorized_channel(address: str, api_key: str | None = None) -> Iterator[grpc.Channel]:
+    """A channel to ``address`` that sends the API key (default: the funded test key of
+    the coordinator at ``address``) on every call."""
+    key = api_key if api_key is not None else API_KEYS.get(address)
+    with grpc.insecure_channel(address) as channel:
+        yield grpc.intercept_channel(channel, _BearerKey(key)) if key else channel
+
+
 def wait_for_nodes(address: str, model: str, count: int, timeout_s: float = 60.0) -> None:
     """Wait until the coordinator lists ``model`` on ``count`` live nodes."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with authorized_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         while True:
             listed = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)

@@ -16,12 +16,18 @@ pytestmark = pytest.mark.integration
 DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
-def test_api_example_streams_an_answer(coordinator_address: str, node: Service) -> None:
+def test_api_example_streams_an_answer(
+    coordinator: Service, coordinator_address: str, node: Service
+) -> None:
     match = re.search(r"<!-- tested: [^>]*-->\n```python\n(.*?)```", DOC.read_text(), re.S)
     assert match, "docs/api.md lost its tested example"
     completed = subprocess.run(
         [sys.executable, "-c", match.group(1)],
-        env={**os.environ, "MERCATO_ADDRESS": coordinator_address},
+        env={
+            **os.environ,
+            "MERCATO_ADDRESS": coordinator_address,
+            "MERCATO_API_KEY": coordinator.ready["api_key"],
+        },
         capture_output=True,
         text=True,
         timeout=120,

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from .conftest import MODEL, Cluster, wait_for_nodes
+from .conftest import MODEL, Cluster, authorized_channel, wait_for_nodes
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_killed_node_is_dropped_and_avoided(cluster: Cluster) -> None:
     victim = cluster.start_node("node-c", address, "--region", "us-east")
     wait_for_nodes(address, MODEL, 2)
 
-    with grpc.insecure_channel(address) as channel:
+    with authorized_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         served = {_generate(stub).node_id for _ in range(6)}
         assert served <= {survivor.ready["node_id"], victim.ready["node_id"]}

@@ -11,7 +11,7 @@ from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from marketplace.cli.processes import Service
 
-from .conftest import MODEL
+from .conftest import MODEL, authorized_channel
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def _collect(stub: inference_pb2_grpc.InferenceServiceStub, request, timeout_s: 
 
 @pytest.fixture(scope="module")
 def stub(coordinator_address: str, node: Service):
-    with grpc.insecure_channel(coordinator_address) as channel:
+    with authorized_channel(coordinator_address) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 

@@ -1,0 +1,483 @@
+"""Billing on the request path: API keys, holds, settlement and leases, on the ledger.
+
+One :class:`Billing` per coordinator owns the :class:`~marketplace.ledger.Ledger`
+(started with the server; ``recover_unsettled`` runs first, so a settlement a crash left
+in the intent log is committed before any new request). For one Generate::
+
+    principal = await billing.authenticate(context)        # "authorization: Bearer <key>"
+    valid = await billing.constrain(principal, valid)      # lease -> its node only;
+                                                           # serverless -> no leased node
+    admission = await billing.admit(principal, valid, candidates)   # the hold
+    ... relay ...
+    charge = await billing.settle(admission, segments)      # cost + countersigned receipts
+
+**The hold** (the request's maximum cost, reserved before routing) is
+``ceil((input_max * price_in + max_tokens * price_out) / 1e6)`` micro-USD with
+
+* ``input_max`` = the UTF-8 bytes of the text (a byte-level BPE never yields more tokens
+  than bytes) + ``template_overhead_tokens_max`` (BOS, a default system prompt, the
+  generation prompt) + ``message_overhead_tokens_max`` per chat message (role markers),
+  plus each role name's bytes. No tokenizer is needed on the coordinator.
+* ``price_in``, ``price_out`` = the highest input and output prices among the eligible
+  candidates (each is within the request's price caps, so the caps bound the hold too).
+
+A request under a dedicated lease holds nothing and settles at zero per-token cost: the
+lease pays (its price was taken into escrow when it was created).
+
+**Settlement.** Every segment with a node receipt is billed from the coordinator's own
+counts: output tokens it relayed, and the node's input-token count accepted only up to
+the provable bound above (plus the tokens a resumed segment was given), at the matched
+offer's prices. The ledger checks each receipt against these numbers. A receipt that
+is forged, miscounted or replayed is refused and recorded by the ledger, and that
+segment is charged *nothing* (client not charged, provider not paid): a provider is
+paid only against its own valid signature, and the client is never charged for a number
+nobody signed. A segment without a receipt (its node died, or the client cancelled
+before the node's final) is not billed either. No billable segment: the hold is
+released. Charges never exceed the hold (``money.cap_to_hold``).
+
+The request path never waits for a disk flush: holds are admitted in memory, the
+settlement is in the ledger's intent log (one ``write``) before the final goes out, and
+the commit happens in the ledger's group-commit writer.
+
+**Leases.** A refresh task re-reads the active leases every
+``lease_refresh_interval_s``: their nodes take no serverless traffic, and a leased node
+this coordinator saw live and then saw leave the market ends its leases with a refund
+(``node_failed=True``). The ledger's sweeper charges elapsed lease periods.
+
+Errors: a ledger refusal becomes :class:`BillingRefused`, a CoordinatorError carrying
+the ledger error's gRPC status and message (UNAUTHENTICATED, PERMISSION_DENIED,
+RESOURCE_EXHAUSTED, FAILED_PRECONDITION "insufficient balance: need X, have Y",
+NOT_FOUND for an unknown lease). API keys are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from mercato.v1 import inference_pb2, market_pb2, node_pb2
+
+from coordinator.errors import CoordinatorError, NoNodeAvailable
+from coordinator.registry import NodeRegistry
+from coordinator.settings import CoordinatorSettings, FaultPoint
+from coordinator.validation import ValidRequest
+from marketplace.identity import Identity
+from marketplace.ledger import (
+    BadReceipt,
+    Ledger,
+    LedgerError,
+    LedgerSettings,
+    Principal,
+    RecoveryReport,
+    RelayedSegment,
+    Unauthenticated,
+    check_receipt,
+    max_cost_micro_usd,
+)
+
+__all__ = [
+    "Admission",
+    "Billing",
+    "BillingRefused",
+    "Charge",
+    "ServedPart",
+    "api_key_from_metadata",
+    "crash_if",
+    "hold_prices",
+    "input_tokens_max",
+    "ledger_settings",
+]
+
+log = logging.getLogger(__name__)
+
+AUTHORIZATION_METADATA = "authorization"
+FAULT_EXIT_CODE = 70  # what a process killed by a FaultPoint exits with
+
+
+class BillingRefused(CoordinatorError):
+    """A ledger refusal, with the ledger error's gRPC status and message."""
+
+    def __init__(self, error: LedgerError) -> None:
+        super().__init__(str(error))
+        self.status_code = error.grpc_status
+        self.error = error
+
+
+class ServedPart(Protocol):
+    """What billing reads of one node's part of a request (the relay's SegmentOutcome)."""
+
+    node_id: str
+    worker_request_id: str
+    segment_index: int
+    price_input_micro_usd_per_mtok: int
+    price_output_micro_usd_per_mtok: int
+    resumed_tokens: int
+    input_tokens: int
+    output_tokens: int
+    receipt: market_pb2.SignedReceipt | None
+
+
+class _HasTerms(Protocol):
+    def terms_for(self, model: str) -> Any: ...
+
+
+@dataclass
+class Admission:
+    """A request admitted by billing: who pays, its hold, and its lease."""
+
+    request_id: str
+    model: str
+    principal: Principal
+    hold_micro_usd: int  # 0: nothing held (a lease request, or free prices)
+    input_tokens_max: int  # the bound of the hold rule
+    lease_id: str = ""
+    finished: bool = False  # settled or released
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What the client pays for a request, with the countersigned receipts."""
+
+    cost_micro_usd: int
+    receipts: list[market_pb2.SignedReceipt] = field(default_factory=list)
+    refused_segments: int = 0  # receipts refused (forged, miscounted, replayed): unbilled
+    unreceipted_segments: int = 0  # segments whose node sent no receipt: unbilled
+
+
+# ---------------------------------------------------------------- pure rules
+
+
+def ledger_settings(settings: CoordinatorSettings, identity: Identity) -> LedgerSettings:
+    """The ledger's settings for this coordinator: the environment's (MERCATO_DATABASE_URL,
+    MERCATO_LEDGER_*) where set, else SQLite at ``home/mercato.db`` (the database the
+    operator CLI opens by default), the intent log under ``home/coordinator`` and the
+    coordinator's node id as the hold owner (what crash recovery releases)."""
+    from_env = LedgerSettings()
+    defaults: dict[str, Any] = {
+        "database_url": f"sqlite:///{settings.home / 'mercato.db'}",
+        "intent_log_dir": settings.home / "coordinator" / "ledger-intents",
+        "owner": identity.node_id[-64:],
+    }
+    return LedgerSettings(
+        **{k: v for k, v in defaults.items() if k not in from_env.model_fields_set}
+    )
+
+
+def api_key_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """The key of an ``authorization: Bearer <key>`` metadata entry; Unauthenticated if
+    there is none or it is not a bearer key. The key itself is never put in a message."""
+    for name, value in metadata or ():
+        if name != AUTHORIZATION_METADATA or not isinstance(value, str):
+            continue
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        raise Unauthenticated(
+            "authorization metadata must be 'Bearer <API key>'; issue a key with "
+            "'mercato keys issue'"
+        )
+    raise Unauthenticated(
+        "missing API key: send gRPC metadata 'authorization: Bearer <API key>' (issue one "
+        "with 'mercato keys issue'; 'mercato up' stores one in <home>/client.key)"
+    )
+
+
+def input_tokens_max(
+    worker_request: node_pb2.WorkerGenerateRequest, settings: CoordinatorSettings
+) -> int:
+    """An upper bound on the prompt tokens of ``worker_request``, without a tokenizer."""
+    bound = settings.template_overhead_tokens_max
+    if worker_request.WhichOneof("input") == "prompt":
+        return bound + len(worker_request.prompt.encode("utf-8"))
+    for message in worker_request.chat.messages:
+        bound += settings.message_overhead_tokens_max
+        bound += len(message.role.encode("utf-8")) + len(message.content.encode("utf-8"))
+    return bound
+
+
+def hold_prices(candidates: Sequence[_HasTerms], model: str) -> tuple[int, int]:
+    """The highest input and output prices among the candidates that may serve ``model``."""
+    price_in = price_out = 0
+    for candidate in candidates:
+        terms = candidate.terms_for(model)
+        if terms is not None:
+            price_in = max(price_in, terms.price_input_micro_usd_per_mtok)
+            price_out = max(price_out, terms.price_output_micro_usd_per_mtok)
+    return price_in, price_out
+
+
+def crash_if(settings: CoordinatorSettings, point: FaultPoint) -> None:
+    """Test hook: end the process at once (no cleanup, like a kill) at ``point``."""
+    if settings.fault is point and point is not FaultPoint.NONE:
+        log.error("fault injection: exiting at %s", point.value)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(FAULT_EXIT_CODE)
+
+
+# ---------------------------------------------------------------- the service
+
+
+class Billing:
+    """The coordinator's ledger and the billing steps of every request."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        identity: Identity,
+        registry: NodeRegistry,
+        *,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self.ledger = ledger or Ledger(ledger_settings(settings, identity), coordinator=identity)
+        self._leased: dict[str, str] = {}  # node id -> lease id, active leases
+        self._seen_live: set[str] = set()  # leased nodes seen in the market
+        self._refresher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.recovery: RecoveryReport | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> RecoveryReport | None:
+        """Open the ledger and settle what a crash left; start the lease refresher."""
+        self.recovery = await self.ledger.start(recover=True)
+        if self.recovery is not None:
+            log.info(
+                "ledger recovery: %d settlement(s) replayed from the intent log (%d newly "
+                "settled), %d orphaned hold(s) released, %d expired",
+                self.recovery.replayed,
+                self.recovery.settled,
+                self.recovery.released,
+                self.recovery.expired,
+            )
+        await self.refresh_leases()
+        self._refresher = asyncio.get_running_loop().create_task(
+            self._refresh_forever(), name="billing-leases"
+        )
+        return self.recovery
+
+    async def close(self) -> None:
+        """Stop the refresher, let pending settlements finish, close the ledger."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.ledger.close()
+
+    # ------------------------------------------------------------ keys
+
+    async def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
+        """The caller's principal from its metadata; BillingRefused otherwise."""
+        try:
+            return await self.ledger.authenticate(
+                api_key_from_metadata(context.invocation_metadata())
+            )
+        except LedgerError as exc:
+            raise BillingRefused(exc) from None
+
+    # ------------------------------------------------------------ leases and routing
+
+    async def constrain(self, principal: Principal, request: ValidRequest) -> ValidRequest:
+        """``request`` with billing's routing constraints: a lease request may go only
+        to its lease's node; a serverless one never to a node under an active lease."""
+        lease_id = request.worker_request.lease_id
+        routing = inference_pb2.RoutingPreferences()
+        routing.CopyFrom(request.routing)
+        if lease_id:
+            try:
+                principal.require_client()
+                node_id = await self.ledger.lease_node(principal, lease_id)
+            except LedgerError as exc:
+                raise BillingRefused(exc) from None
+            if node_id not in self._registry:
+                raise NoNodeAvailable(
+                    f"the node of lease {lease_id!r} ({node_id}) is not live now; retry later "
+                    "or end the lease (its unused part is refunded)"
+                )
+            del routing.only_nodes[:]
+            routing.only_nodes.append(node_id)
+            self._leased.setdefault(node_id, lease_id)
+        elif self._leased:
+            routing.ignore_nodes.extend(sorted(self._leased.keys() - set(routing.ignore_nodes)))
+        else:
+            return request
+        return dataclasses.replace(request, routing=routing)
+
+    async def refresh_leases(self) -> None:
+        """Re-read the active leases; end those whose node left the market."""
+        try:
+            leases = await self.ledger.active_leases()
+        except LedgerError as exc:
+            log.warning("cannot read the active leases: %s", exc)
+            return
+        live = {node.node_id for node in self._registry.snapshot().nodes}
+        leased: dict[str, str] = {}
+        for lease in leases:
+            node_id = lease.node_id
+            if node_id in live:
+                self._seen_live.add(node_id)
+            elif node_id in self._seen_live:
+                log.warning("node %s left the market: ending lease %s", node_id, lease.lease_id)
+                try:
+                    await self.ledger.end_lease(lease.lease_id, node_failed=True)
+                except LedgerError as exc:
+                    log.warning("cannot end lease %s: %s", lease.lease_id, exc)
+                continue
+            leased[node_id] = lease.lease_id
+        self._seen_live &= leased.keys()
+        self._leased = leased
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.lease_refresh_interval_s)
+            try:
+                await self.refresh_leases()
+            except Exception:  # keep refreshing; a bug here must not stop billing
+                log.exception("lease refresh failed")
+
+    # ------------------------------------------------------------ holds
+
+    async def admit(
+        self, principal: Principal, request: ValidRequest, candidates: Sequence[_HasTerms]
+    ) -> Admission:
+        """Hold the request's maximum cost on the caller's account (see the module doc)."""
+        worker = request.worker_request
+        bound = input_tokens_max(worker, self._settings)
+        admission = Admission(
+            request_id=request.request_id,
+            model=request.model,
+            principal=principal,
+            hold_micro_usd=0,
+            input_tokens_max=bound,
+            lease_id=worker.lease_id,
+        )
+        try:
+            principal.require_client()
+            if worker.lease_id:
+                return admission
+            price_in, price_out = hold_prices(candidates, request.model)
+            amount = max_cost_micro_usd(bound, worker.sampling.max_tokens, price_in, price_out)
+            if amount > 0:
+                await self.ledger.place_hold(request.request_id, principal, amount)
+                admission.hold_micro_usd = amount
+        except LedgerError as exc:
+            raise BillingRefused(exc) from None
+        return admission
+
+    def release(self, admission: Admission) -> None:
+        """Release the hold (nothing was delivered); idempotent."""
+        if admission.finished:
+            return
+        admission.finished = True
+        if admission.hold_micro_usd:
+            self.ledger.release_hold(admission.request_id)
+
+    # ------------------------------------------------------------ settlement
+
+    def relayed_segments(
+        self, admission: Admission, parts: Sequence[ServedPart]
+    ) -> tuple[list[market_pb2.SignedReceipt], list[RelayedSegment], int]:
+        """Receipts and the coordinator's own counts of every segment that has a receipt;
+        and how many segments had none."""
+        receipts: list[market_pb2.SignedReceipt] = []
+        relayed: list[RelayedSegment] = []
+        missing = 0
+        for part in parts:
+            if part.receipt is None or not part.receipt.receipt:
+                missing += 1
+                continue
+            bound = admission.input_tokens_max + part.resumed_tokens
+            receipts.append(part.receipt)
+            relayed.append(
+                RelayedSegment(
+                    worker_request_id=part.worker_request_id,
+                    node_id=part.node_id,
+                    model=admission.model,
+                    input_tokens=min(part.input_tokens, bound),
+                    output_tokens=part.output_tokens,
+                    price_input_micro_usd_per_mtok=part.price_input_micro_usd_per_mtok,
+                    price_output_micro_usd_per_mtok=part.price_output_micro_usd_per_mtok,
+                    segment_index=part.segment_index,
+                    lease_id=admission.lease_id,
+                )
+            )
+        return receipts, relayed, missing
+
+    async def settle(self, admission: Admission, parts: Sequence[ServedPart]) -> Charge:
+        """Settle what was delivered (see the module doc); release the hold if nothing is
+        billable. Never waits for the disk. Raises BillingRefused only when the ledger
+        itself is unavailable (the hold then expires)."""
+        if admission.finished:
+            raise AssertionError(f"request {admission.request_id} was settled already")
+        receipts, relayed, missing = self.relayed_segments(admission, parts)
+        refused = 0
+        while relayed:
+            try:
+                outcome = await self.ledger.settle(
+                    admission.request_id,
+                    receipts,
+                    relayed,
+                    account_id=admission.principal.account_id,
+                    lease_id=admission.lease_id or None,
+                )
+            except BadReceipt:
+                bad = _first_bad(receipts, relayed)
+                if bad is None:  # refused for the set, not one receipt (count mismatch)
+                    break
+                refused += 1
+                del receipts[bad], relayed[bad]
+                continue
+            except LedgerError as exc:
+                log.error("request %s could not be settled: %s", admission.request_id, exc)
+                raise BillingRefused(exc) from None
+            admission.finished = True
+            return Charge(
+                cost_micro_usd=outcome.record.cost_micro_usd,
+                receipts=outcome.receipts,
+                refused_segments=refused,
+                unreceipted_segments=missing,
+            )
+        self.release(admission)
+        return Charge(0, [], refused_segments=refused, unreceipted_segments=missing)
+
+    def settle_in_background(self, admission: Admission, parts: Sequence[ServedPart]) -> None:
+        """Settle (or release) a failed or cancelled request without blocking its handler."""
+        if admission.finished:
+            return
+        parts = list(parts)
+
+        async def run() -> None:
+            try:
+                await self.settle(admission, parts)
+            except CoordinatorError as exc:
+                log.error("request %s: settlement failed: %s", admission.request_id, exc)
+
+        task = asyncio.get_running_loop().create_task(run(), name="billing-settle")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _first_bad(
+    receipts: Sequence[market_pb2.SignedReceipt], relayed: Sequence[RelayedSegment]
+) -> int | None:
+    for index, (signed, segment) in enumerate(zip(receipts, relayed, strict=True)):
+        try:
+            check_receipt(signed, segment)
+        except BadReceipt:
+            return index
+    return None

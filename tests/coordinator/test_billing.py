@@ -1,0 +1,362 @@
+"""coordinator.billing with a real ledger (SQLite in tmp): keys, the hold rule,
+settlement of good, forged, miscounted and missing receipts, leases."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from mercato.v1 import common_pb2, inference_pb2, market_pb2
+
+from coordinator.billing import (
+    Billing,
+    BillingRefused,
+    api_key_from_metadata,
+    hold_prices,
+    input_tokens_max,
+    ledger_settings,
+)
+from coordinator.settings import CoordinatorSettings
+from coordinator.validation import ValidRequest, validate_request
+from marketplace.identity import Identity
+from marketplace.ledger import (
+    Ledger,
+    LedgerSettings,
+    Unauthenticated,
+    sign_receipt,
+)
+from marketplace.ledger.models import AccountKind
+
+MODEL = "SmolLM2-135M-Instruct"
+PRICE_IN = 100_000
+PRICE_OUT = 200_000
+FEE_BPS = 1_000
+NODE = Identity.from_seed(b"n" * 32)
+OTHER_NODE = Identity.from_seed(b"o" * 32)
+
+
+@dataclass
+class Part:
+    """A relayed segment as the relay's SegmentOutcome carries it."""
+
+    node_id: str
+    worker_request_id: str
+    segment_index: int = 0
+    price_input_micro_usd_per_mtok: int = PRICE_IN
+    price_output_micro_usd_per_mtok: int = PRICE_OUT
+    resumed_tokens: int = 0
+    input_tokens: int = 20
+    output_tokens: int = 10
+    receipt: market_pb2.SignedReceipt | None = None
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.live: set[str] = set()
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.live
+
+    def snapshot(self) -> SimpleNamespace:
+        return SimpleNamespace(nodes=[SimpleNamespace(node_id=n) for n in sorted(self.live)])
+
+
+class Context:
+    def __init__(self, key: str | None) -> None:
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+def receipt(
+    part: Part, node: Identity = NODE, lease_id: str = "", **changes: int
+) -> market_pb2.SignedReceipt:
+    usage = market_pb2.UsageReceipt(
+        request_id=part.worker_request_id,
+        node_id=node.node_id,
+        model=MODEL,
+        input_tokens=part.input_tokens,
+        output_tokens=part.output_tokens,
+        price_input_micro_usd_per_mtok=part.price_input_micro_usd_per_mtok,
+        price_output_micro_usd_per_mtok=part.price_output_micro_usd_per_mtok,
+        segment_index=part.segment_index,
+        lease_id=lease_id,
+    )
+    for name, value in changes.items():
+        setattr(usage, name, value)
+    return sign_receipt(usage, node)
+
+
+@dataclass
+class Setup:
+    billing: Billing
+    ledger: Ledger
+    registry: FakeRegistry
+    settings: CoordinatorSettings
+    key: str
+    account_id: str
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    settings = CoordinatorSettings(home=tmp_path, port=0)
+    ledger = Ledger(
+        LedgerSettings(
+            database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+            intent_log_dir=tmp_path / "intents",
+            hold_sweep_interval_s=3600,
+            platform_fee_bps=FEE_BPS,
+        ),
+        coordinator=Identity.from_seed(b"c" * 32),
+    )
+    registry = FakeRegistry()
+    billing = Billing(settings, Identity.from_seed(b"c" * 32), registry, ledger=ledger)  # type: ignore[arg-type]
+    await billing.start()
+    store = ledger.store
+    account = store.create_account(AccountKind.CLIENT, "alice")
+    store.deposit(account.id, 1_000_000, "fund-alice")
+    issued = store.issue_key(account.id, "k")
+    yield Setup(billing, ledger, registry, settings, issued.secret_key, account.id)
+    await billing.close()
+
+
+def valid(settings: CoordinatorSettings, **fields: object) -> ValidRequest:
+    values: dict[str, object] = {"sampling": common_pb2.SamplingParams(max_tokens=16), **fields}
+    request = inference_pb2.GenerateRequest(
+        model=MODEL,
+        chat=common_pb2.ChatInput(
+            messages=[common_pb2.ChatMessage(role="user", content="Say hi, in ünicode.")]
+        ),
+        **values,  # type: ignore[arg-type]
+    )
+    return validate_request(request, settings)
+
+
+def candidate(price_in: int = PRICE_IN, price_out: int = PRICE_OUT) -> SimpleNamespace:
+    terms = SimpleNamespace(
+        price_input_micro_usd_per_mtok=price_in, price_output_micro_usd_per_mtok=price_out
+    )
+    return SimpleNamespace(terms_for=lambda model: terms if model == MODEL else None)
+
+
+async def available(setup: Setup, account: str | None = None) -> int:
+    await setup.ledger.flush()
+    return (await setup.ledger.balance(account or setup.account_id)).available_micro_usd
+
+
+# ---------------------------------------------------------------- pure rules
+
+
+def test_bearer_key_from_metadata() -> None:
+    assert api_key_from_metadata([("x", "y"), ("authorization", "Bearer mk_a_b")]) == "mk_a_b"
+    assert api_key_from_metadata([("authorization", "bearer  mk_a_b ")]) == "mk_a_b"
+    with pytest.raises(Unauthenticated, match="missing API key"):
+        api_key_from_metadata([])
+    with pytest.raises(Unauthenticated, match="Bearer"):
+        api_key_from_metadata([("authorization", "Basic abc")])
+
+
+def test_input_bound_counts_bytes_and_overheads() -> None:
+    settings = CoordinatorSettings(template_overhead_tokens_max=100, message_overhead_tokens_max=7)
+    request = valid(settings)
+    text = "Say hi, in ünicode."
+    assert input_tokens_max(request.worker_request, settings) == (
+        100 + 7 + len(b"user") + len(text.encode())
+    )
+    assert len(text.encode()) == len(text) + 1  # the bound counts bytes, not characters
+    prompt = validate_request(
+        inference_pb2.GenerateRequest(model=MODEL, prompt="€uro"), settings
+    ).worker_request
+    assert input_tokens_max(prompt, settings) == 100 + len("€uro".encode())
+
+
+def test_hold_prices_are_the_highest_among_candidates() -> None:
+    candidates = [candidate(10, 500), candidate(30, 200), SimpleNamespace(terms_for=lambda m: None)]
+    assert hold_prices(candidates, MODEL) == (30, 500)
+    assert hold_prices([], MODEL) == (0, 0)
+
+
+def test_ledger_settings_default_to_sqlite_in_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
+    monkeypatch.delenv("MERCATO_LEDGER_DATABASE_URL", raising=False)
+    identity = Identity.from_seed(b"c" * 32)
+    settings = ledger_settings(CoordinatorSettings(home=tmp_path), identity)
+    assert settings.database_url == f"sqlite:///{tmp_path / 'mercato.db'}"
+    assert settings.intent_log_dir == tmp_path / "coordinator" / "ledger-intents"
+    assert settings.owner == identity.node_id
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    monkeypatch.setenv("MERCATO_DATABASE_URL", url)
+    assert ledger_settings(CoordinatorSettings(home=tmp_path), identity).database_url == url
+
+
+# ---------------------------------------------------------------- keys
+
+
+async def test_authenticate_missing_invalid_revoked(setup: Setup) -> None:
+    principal = await setup.billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    assert principal.account_id == setup.account_id
+    for key in (None, "mk_0123456789abcdef_" + "A" * 43, "not-a-key"):
+        with pytest.raises(BillingRefused) as caught:
+            await setup.billing.authenticate(Context(key))  # type: ignore[arg-type]
+        assert caught.value.status_code == grpc.StatusCode.UNAUTHENTICATED
+        assert not key or key not in str(caught.value)  # the key is never echoed
+    await setup.ledger.revoke_key(principal.key_id)
+    with pytest.raises(BillingRefused) as caught:
+        await setup.billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    assert caught.value.status_code == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in str(caught.value)
+
+
+async def test_provider_key_may_not_generate(setup: Setup) -> None:
+    store = setup.ledger.store
+    provider = store.create_account(AccountKind.PROVIDER, "gpu-1", node_id=NODE.node_id)
+    key = store.issue_key(provider.id, "p").secret_key
+    principal = await setup.billing.authenticate(Context(key))  # type: ignore[arg-type]
+    with pytest.raises(BillingRefused) as caught:
+        await setup.billing.admit(principal, valid(setup.settings), [candidate()])
+    assert caught.value.status_code == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ---------------------------------------------------------------- holds and settlement
+
+
+async def test_hold_is_the_maximum_cost(setup: Setup) -> None:
+    principal = await setup.billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    request = valid(setup.settings)
+    admission = await setup.billing.admit(
+        principal, request, [candidate(), candidate(PRICE_IN * 2, PRICE_OUT)]
+    )
+    bound = input_tokens_max(request.worker_request, setup.settings)
+    expected = math.ceil((bound * PRICE_IN * 2 + 16 * PRICE_OUT) / 1_000_000)
+    assert admission.hold_micro_usd == expected
+    assert await available(setup) == 1_000_000 - expected
+    setup.billing.release(admission)
+    assert await available(setup) == 1_000_000
+
+
+async def test_insufficient_balance_names_need_and_have(setup: Setup) -> None:
+    principal = await setup.billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    request = valid(setup.settings, sampling=common_pb2.SamplingParams(max_tokens=32_000))
+    with pytest.raises(BillingRefused) as caught:
+        await setup.billing.admit(principal, request, [candidate(PRICE_IN, 100_000_000)])
+    assert caught.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "insufficient balance: need " in str(caught.value)
+    assert "have 1000000" in str(caught.value)
+
+
+async def test_settle_charges_the_coordinators_count(setup: Setup) -> None:
+    principal = await setup.billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    request = valid(setup.settings)
+    admission = await setup.billing.admit(principal, request, [candidate()])
+    part = Part(NODE.node_id, request.worker_request.request_id)
+    part.receipt = receipt(part)
+    charge = await setup.billing.settle(admission, [part])
+    cost = math.ceil((20 * PRICE_IN + 10 * PRICE_OUT) / 1_000_000)
+    assert charge.cost_micro_usd == cost
+    assert len(charge.receipts) == 1 and charge.receipts[0].coordinator_signature
+    assert await available(setup) == 1_000_000 - cost
+    fee = cost * FEE_BPS // 10_000
+    assert (await setup.ledger.balance(NODE.node_id)).posted_micro_usd == cost - fee
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    ["forged", "more_output", "input_over_bound", "missing"],
+)
+async def test_bad_or_missing_receipt_is_not_billed(setup: Setup, tamper: str) -> None:
+    principal = await setup.billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    request = valid(setup.settings)
+    admission = await setup.billing.admit(principal, request, [candidate()])
+    part = Part(NODE.node_id, request.worker_request.request_id)
+    if tamper == "forged":
+        part.receipt = receipt(part)
+        part.receipt.node_signature = bytes(64)
+    elif tamper == "more_output":
+        part.receipt = receipt(part, output_tokens=part.output_tokens + 5)
+    elif tamper == "input_over_bound":
+        part.input_tokens = admission.input_tokens_max + 1  # the node's claim
+        part.receipt = receipt(part)
+    charge = await setup.billing.settle(admission, [part])
+    assert charge.cost_micro_usd == 0 and charge.receipts == []
+    assert await available(setup) == 1_000_000  # hold released, nothing charged
+    if tamper != "missing":
+        assert charge.refused_segments == 1
+        rejected = setup.ledger.store.rejections(request.request_id)
+        assert len(rejected) == 1 and rejected[0]["node_id"] == NODE.node_id
+
+
+async def test_only_the_valid_segment_is_billed(setup: Setup) -> None:
+    principal = await setup.billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    request = valid(setup.settings)
+    admission = await setup.billing.admit(principal, request, [candidate()])
+    rid = request.worker_request.request_id
+    first = Part(OTHER_NODE.node_id, rid, output_tokens=4)
+    first.receipt = receipt(first, node=OTHER_NODE, output_tokens=40)  # miscounted
+    second = Part(NODE.node_id, f"{rid}:1", segment_index=1, resumed_tokens=4, input_tokens=24)
+    second.receipt = receipt(second)
+    charge = await setup.billing.settle(admission, [first, second])
+    cost = math.ceil((24 * PRICE_IN + 10 * PRICE_OUT) / 1_000_000)
+    assert charge.cost_micro_usd == cost and charge.refused_segments == 1
+    assert await available(setup) == 1_000_000 - cost
+
+
+# ---------------------------------------------------------------- leases
+
+
+async def test_lease_routing_and_refund_when_its_node_leaves(setup: Setup) -> None:
+    billing, ledger = setup.billing, setup.ledger
+    principal = await billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    setup.registry.live = {NODE.node_id, OTHER_NODE.node_id}
+    lease = await ledger.create_lease(
+        principal, NODE.node_id, gpus=1, price_micro_usd_per_gpu_hour=100_000, hours=2
+    )
+    await billing.refresh_leases()
+
+    leased = await billing.constrain(principal, valid(setup.settings, lease_id=lease.lease_id))
+    assert list(leased.routing.only_nodes) == [NODE.node_id]
+    serverless = await billing.constrain(principal, valid(setup.settings))
+    assert list(serverless.routing.ignore_nodes) == [NODE.node_id]
+
+    # Under the lease: no hold, zero per-token charge, receipts countersigned.
+    admission = await billing.admit(principal, leased, [candidate()])
+    assert admission.hold_micro_usd == 0
+    part = Part(NODE.node_id, leased.worker_request.request_id)
+    part.receipt = receipt(part, lease_id=lease.lease_id)
+    charge = await billing.settle(admission, [part])
+    assert charge.cost_micro_usd == 0 and len(charge.receipts) == 1
+
+    for lease_id, code in (
+        ("no-such-lease", grpc.StatusCode.NOT_FOUND),
+        (lease.lease_id, grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        store = ledger.store
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            bob = store.create_account(AccountKind.CLIENT, "bob")
+            key = store.issue_key(bob.id, "b").secret_key
+            caller = await billing.authenticate(Context(key))  # type: ignore[arg-type]
+        else:
+            caller = principal
+        with pytest.raises(BillingRefused) as caught:
+            await billing.constrain(caller, valid(setup.settings, lease_id=lease_id))
+        assert caught.value.status_code == code
+
+    # The node leaves the market: its lease ends with a refund; it takes traffic again.
+    setup.registry.live = {OTHER_NODE.node_id}
+    await billing.refresh_leases()
+    ended = await ledger.lease(lease.lease_id)
+    assert ended is not None and ended.status == "failed"
+    assert ended.refunded_micro_usd == ended.total_micro_usd - ended.charged_micro_usd > 0
+    with pytest.raises(BillingRefused) as caught:
+        await billing.constrain(principal, valid(setup.settings, lease_id=lease.lease_id))
+    assert caught.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        list((await billing.constrain(principal, valid(setup.settings))).routing.ignore_nodes) == []
+    )
