@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ async def _measure(models_dir: Path | None) -> dict[str, Any]:
                     paths.reverse()
                 for name, one in paths:
                     rate = await _timed(one, count, concurrency)
+                    print(
+                        f"round {round_index} c{concurrency} {name}: {rate:.1f} tok/s",
+                        file=sys.stderr,
+                    )
                     samples.setdefault(f"{name}_tokens_per_s_c{concurrency}", []).append(rate)
     finally:
         await channel.close()
@@ -114,6 +119,7 @@ async def _measure(models_dir: Path | None) -> dict[str, Any]:
             3,
         )
     result["engine_load_s"] = round(load_s, 1)
+    result["engine_dtype"] = settings.engine_dtype.value
     result["samples"] = {k: [round(x, 1) for x in v] for k, v in samples.items()}
     result["rounds"] = ROUNDS
     result["new_tokens_per_request"] = NEW_TOKENS
@@ -144,7 +150,6 @@ def run(json_output: bool, models_dir: Path | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     import json
-    import sys
 
     directory = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     print(json.dumps(run(json_output=True, models_dir=directory), sort_keys=True))
