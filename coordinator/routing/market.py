@@ -4,7 +4,8 @@ One :class:`Market` lives in the coordinator's event loop (it is not thread-safe
 server feeds it:
 
 - ``upsert_node(listing)`` on a verified registration, ``remove_node`` when a node leaves
-  or goes silent (or call ``expire_silent``);
+  or goes silent (or call ``expire_silent``); a node that comes back gets its
+  measurements and breaker back (``MarketConfig.departed_remembered``);
 - ``update_load(node_id, LoadReport)`` on each heartbeat, ``record_rtt`` with the
   heartbeat's round trip as the coordinator timed it;
 - ``dispatch_started`` / ``record_first_token`` / ``record_decode`` /
@@ -56,12 +57,18 @@ class MarketConfig:
     # max(overlay_compaction_min, live nodes / overlay_compaction_divisor) views.
     overlay_compaction_min: int = 256
     overlay_compaction_divisor: int = 32
+    # Measurements and breakers of removed nodes kept (least recently removed forgotten
+    # first), so a node that reconnects after a blip keeps its history and cannot shed
+    # an open breaker by re-registering.
+    departed_remembered: int = 10_000
 
     def __post_init__(self) -> None:
         if not (self.latency_half_life_s > 0 and self.reliability_half_life_s > 0):
             raise ValueError("latency_half_life_s and reliability_half_life_s: must be > 0")
         if self.overlay_compaction_min < 1 or self.overlay_compaction_divisor < 1:
             raise ValueError("overlay_compaction_min and overlay_compaction_divisor: must be >= 1")
+        if self.departed_remembered < 0:
+            raise ValueError("departed_remembered: must be >= 0")
 
 
 class _NodeState:
@@ -140,6 +147,8 @@ class Market:
         self._next_slot = 0
         self._version = 0
         self._changed = True
+        # node id -> (measurements, breaker) of removed nodes, oldest first.
+        self._departed: dict[str, tuple[NodeMeasurements, CircuitBreaker]] = {}
 
     # ----------------------------------------------------------------- membership
 
@@ -150,6 +159,9 @@ class Market:
         if state is None:
             slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
             state = _NodeState(listing, slot, self._config, now_s)
+            departed = self._departed.pop(listing.node_id, None)
+            if departed is not None:
+                state.measurements, state.breaker = departed
             self._nodes[listing.node_id] = state
             self._set_slot_by_id(listing.node_id, slot)
             self._join_buckets(listing)
@@ -167,6 +179,10 @@ class Market:
         if state is None:
             return False
         self._leave_buckets(state.listing)
+        if self._config.departed_remembered:
+            self._departed[node_id] = (state.measurements, state.breaker)
+            if len(self._departed) > self._config.departed_remembered:
+                del self._departed[next(iter(self._departed))]
         if self._slot_by_id_shared:
             self._slot_by_id = dict(self._slot_by_id)
             self._slot_by_id_shared = False

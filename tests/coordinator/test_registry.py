@@ -9,6 +9,7 @@ from mercato.v1 import node_pb2
 
 from coordinator.errors import CapacityExhausted, HeartbeatInvalid, OfferInvalid, SessionInvalid
 from coordinator.registry import NodeRegistry
+from coordinator.routing import BreakerState, DispatchOutcome
 from marketplace.identity import Identity
 
 from .conftest import fast_settings
@@ -195,3 +196,21 @@ async def test_session_token_never_in_repr_or_logs(
     assert token not in caplog.text
     assert token not in str(caught.value)
     assert token not in repr(registry.__dict__)
+
+
+async def test_a_node_that_comes_back_keeps_its_measurements_and_breaker(
+    registry: NodeRegistry,
+) -> None:
+    identity = Identity.generate()
+    token = registry.register(signed(identity, sequence=1)).session_token
+    registry.record_pong(identity.node_id, token, 0.004)
+    market = registry.market
+    for _ in range(3):  # the default breaker threshold
+        market.dispatch_started(identity.node_id)
+        market.dispatch_finished(identity.node_id, DispatchOutcome.FAILURE)
+    assert market.breaker_state(identity.node_id) is BreakerState.OPEN
+    registry.drop(identity.node_id, "blip")
+    registry.register(signed(identity, sequence=2))
+    [node] = registry.snapshot().nodes
+    assert node.rtt_s == pytest.approx(0.004)
+    assert market.breaker_state(identity.node_id) is BreakerState.OPEN  # not shed
