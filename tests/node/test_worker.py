@@ -18,8 +18,9 @@ from .conftest import MODEL, PRICE_INPUT, PRICE_OUTPUT, WorkerHarness, chat_requ
 async def test_streams_deltas_then_a_final_with_counts(harness: WorkerHarness) -> None:
     deltas, final = await collect(harness.stub.Generate(chat_request(max_tokens=5)))
     assert final is not None
-    assert len(deltas) == 5
-    assert all(len(d.token_ids) == 1 and d.text for d in deltas)
+    # Deltas that arrive while a write is in flight go out merged (see node.worker).
+    assert sum(len(d.token_ids) for d in deltas) == 5
+    assert all(d.token_ids and d.text for d in deltas)
     assert final.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert final.output_tokens == 5
     prompt_ids = harness.engine.render_chat([("user", "hello")])
