@@ -115,10 +115,13 @@ def start(
 
     from node.daemon import run_node  # the edge: lazy import
     from node.errors import NodeError
+    from node.orphan_guard import install_orphan_guard
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # This process is the node's own: its engine core process must die with it.
+    install_orphan_guard()
     try:
         uvloop.run(run_node(settings))
     except NodeError as exc:
