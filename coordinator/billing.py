@@ -41,8 +41,8 @@ the commit happens in the ledger's group-commit writer.
 
 **Leases.** A refresh task re-reads the active leases every
 ``lease_refresh_interval_s``: their nodes take no serverless traffic, and a leased node
-this coordinator saw live and then saw leave the market ends its leases with a refund
-(``node_failed=True``). The ledger's sweeper charges elapsed lease periods.
+this coordinator saw live and then saw leave the market (and stay away for
+``lease_node_grace_s``) ends its leases with a refund (``node_failed=True``). The ledger's sweeper charges elapsed lease periods.
 
 Errors: a ledger refusal becomes :class:`BillingRefused`, a CoordinatorError carrying
 the ledger error's gRPC status and message (UNAUTHENTICATED, PERMISSION_DENIED,
@@ -58,6 +58,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -244,6 +245,7 @@ class Billing:
         self.ledger = ledger or Ledger(ledger_settings(settings, identity), coordinator=identity)
         self._leased: dict[str, str] = {}  # node id -> lease id, active leases
         self._seen_live: set[str] = set()  # leased nodes seen in the market
+        self._missing_since_s: dict[str, float] = {}  # seen leased nodes now gone
         self._refresher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.recovery: RecoveryReport | None = None
@@ -326,12 +328,17 @@ class Billing:
             log.warning("cannot read the active leases: %s", exc)
             return
         live = {node.node_id for node in self._registry.snapshot().nodes}
+        now_s = time.monotonic()
         leased: dict[str, str] = {}
         for lease in leases:
             node_id = lease.node_id
             if node_id in live:
                 self._seen_live.add(node_id)
-            elif node_id in self._seen_live:
+                self._missing_since_s.pop(node_id, None)
+            elif node_id in self._seen_live and (
+                now_s - self._missing_since_s.setdefault(node_id, now_s)
+                >= self._settings.lease_node_grace_s
+            ):
                 log.warning("node %s left the market: ending lease %s", node_id, lease.lease_id)
                 try:
                     await self.ledger.end_lease(lease.lease_id, node_failed=True)
@@ -340,6 +347,8 @@ class Billing:
                 continue
             leased[node_id] = lease.lease_id
         self._seen_live &= leased.keys()
+        for node_id in self._missing_since_s.keys() - leased.keys():
+            del self._missing_since_s[node_id]
         self._leased = leased
 
     async def _refresh_forever(self) -> None:

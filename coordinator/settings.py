@@ -256,6 +256,13 @@ class CoordinatorSettings(BaseSettings):
         description="How often the active leases are read (nodes under a lease take no "
         "serverless traffic) and nodes dropped from the market end their leases, seconds.",
     )
+    lease_node_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="A leased node that left the market ends its leases (with a refund) once "
+        "it has stayed away this long, seconds (a node that flaps under load keeps them).",
+    )
     fault: FaultPoint = Field(
         default=FaultPoint.NONE,
         description="Test hook: exit the process at this point of a request (crash tests).",

@@ -105,7 +105,7 @@ class Setup:
 
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
-    settings = CoordinatorSettings(home=tmp_path, port=0)
+    settings = CoordinatorSettings(home=tmp_path, port=0, lease_node_grace_s=0)
     ledger = Ledger(
         LedgerSettings(
             database_url=f"sqlite:///{tmp_path / 'ledger.db'}",

@@ -326,12 +326,13 @@ def _crash(market: Market, fault: str, request_id: str) -> Service:
         authorized_channel(market.address, market.key) as channel,
         pytest.raises(grpc.RpcError) as caught,
     ):
-        _generate(channel, _request(request_id))
+        _generate(channel, _request(request_id, max_tokens=8))
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
     assert crashing.process.wait(timeout=30) == FAULT_EXIT_CODE
     return market.restart_coordinator()
 
 
+@pytest.mark.timeout(900)  # two or three coordinator restarts, each waiting for the node
 def test_crash_after_relay_settles_exactly_once(market: Market) -> None:
     store = market.store()
     try:
@@ -355,6 +356,7 @@ def test_crash_after_relay_settles_exactly_once(market: Market) -> None:
     assert market.cli("receipts", "verify", request_id)["ok"] is True
 
 
+@pytest.mark.timeout(900)
 def test_crash_before_settle_releases_the_hold(market: Market) -> None:
     store = market.store()
     try:
