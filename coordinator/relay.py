@@ -210,7 +210,13 @@ class Relay:
         resumed.CopyFrom(request.worker_request)
         resumed.request_id = segment.worker_request_id
         resumed.segment_index = segment.segment_index
-        token_ids = outcome.token_ids()
+        try:
+            token_ids = outcome.token_ids()
+        except DecodeError as exc:
+            raise NodeFailed(
+                "an earlier node sent malformed output, so the stream cannot be resumed; "
+                "retry the request"
+            ) from exc
         resumed.resume_token_ids.extend(token_ids)
         resumed.sampling.max_tokens = request.worker_request.sampling.max_tokens - len(token_ids)
         return resumed

@@ -111,7 +111,9 @@ class CoordinatorSettings(BaseSettings):
         default=3,
         ge=1,
         le=64,
-        description="Most nodes tried for one request before it fails (failover before the first token).",
+        description="Most nodes tried before the first token of a segment (the first node's "
+        "output, or a resumed part) before the request fails; also the most candidates "
+        "in one routing decision.",
     )
     connect_timeout_s: float = Field(
         default=3.0,

@@ -262,8 +262,10 @@ async def test_pings_measure_the_round_trip(
     node = await make_node()
     quiet = await make_node()
     quiet.answer_pings = False
-    await wait_until(lambda: node.pings_received >= 1 and quiet.pings_received >= 1)
-    await wait_until(lambda: coordinator.registry.snapshot().get(node.node_id).rtt_s is not None)
+    await wait_until(lambda: node.pings_received >= 1 and quiet.pings_received >= 1, 20)
+    await wait_until(
+        lambda: coordinator.registry.snapshot().get(node.node_id).rtt_s is not None, 20
+    )
     listed = await client.ListNodes(inference_pb2.ListNodesRequest(), timeout=5)
     rtt = {n.node_id: n.measurements.rtt_us for n in listed.nodes}
     assert 0 < rtt[node.node_id] < 5_000_000
