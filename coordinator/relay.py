@@ -2,8 +2,9 @@
 
 Contract with the API (and billing)::
 
+    routed = router.first(valid_request)  # raises ModelNotFound / NoNodeAvailable
     outcome = RelayOutcome(request_id)
-    async for delta_bytes in relay.stream(valid_request, candidates, context, outcome):
+    async for delta_bytes in relay.stream(valid_request, routed, context, outcome):
         yield delta_bytes                  # GenerateResponse wire bytes, deltas only
     final = outcome.final()                # GenerateFinal: request_id, finish_reason,
                                            # input_tokens (first segment's), output_tokens
@@ -28,11 +29,19 @@ length, nothing else) is kept and forwarded as is, and only the rare other messa
 token ids come from one parse of their concatenation when needed (protobuf merges a
 repeated embedded field: repeated ``token_ids`` concatenate).
 
-Attempts: candidates are tried in order. A node that fails or refuses before anything
-reached the client is skipped for the next. After the first delta a failure ends the
-request for now; resuming on the next node (``resume_token_ids`` =
-:meth:`RelayOutcome.token_ids`, ``segment_index`` + 1) plugs in at the one marked
-place in :meth:`Relay.stream`.
+Attempts (see docs/design/routing.md): the candidates of the router's first decision
+are tried in order; when they run out, the router decides again on a fresh snapshot
+with every tried node excluded (:meth:`coordinator.router.Router.again`: same hard
+constraints, price caps at most the first decision's prices). Before the first token
+of a segment a failing, refusing or silent node (``first_token_timeout_s``) is skipped
+for the next, at most ``max_attempts`` per segment. After it, the stream resumes: the
+next node gets ``resume_token_ids`` = every output token id relayed so far,
+``segment_index`` + 1, a fresh worker request id (``<request id>:<segment index>``) and
+``max_tokens`` = what is left, and its deltas follow the earlier ones, so the client
+sees neither a gap nor a repeat (at most ``max_resumes`` times; never when the request
+set ``allow_fallbacks = false``). Every attempt reports to the routing market: dispatch
+started, first token (TTFT), decode (TPOT), and finished as SUCCESS, FAILURE, or
+ABANDONED (client cancel or deadline, or the request's own fault).
 """
 
 from __future__ import annotations
