@@ -18,7 +18,7 @@ import logging
 import random
 from dataclasses import dataclass, replace
 
-from coordinator.errors import CoordinatorError, ModelNotFound, NoNodeAvailable
+from coordinator.errors import CoordinatorError, ModelNotFound, NoNodeAvailable, RequestInvalid
 from coordinator.registry import NodeRegistry
 from coordinator.routing import (
     Constraint,
@@ -141,6 +141,10 @@ class Router:
             request.model
         ):
             return ModelNotFound(self._unknown_model_message(request.model))
+        if reason.constraint is Constraint.CONTEXT_LENGTH:
+            # No live node could ever take this prompt: the request, not the market, is at
+            # fault, so retrying later would not help.
+            return RequestInvalid(f"prompt too long: {reason.message}; shorten the prompt")
         return NoNodeAvailable(self.explain(reason))
 
     @staticmethod

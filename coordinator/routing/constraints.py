@@ -89,7 +89,7 @@ class Eligibility:
             else prefs.max_price_output_micro_usd_per_mtok
         )
         # The prompt plus at least one output token must fit.
-        self.min_context_length = request.input_tokens + 1
+        self.min_context_length = request.input_tokens_floor + 1
         self.now_s = now_s
 
     def admits(
@@ -185,9 +185,9 @@ def diagnose(snapshot: MarketSnapshot, request: RouteRequest, now_s: float) -> E
         ),
         (
             Constraint.CONTEXT_LENGTH,
-            lambda r: r[3] >= request.input_tokens + 1,
+            lambda r: r[3] >= request.input_tokens_floor + 1,
             lambda before: (
-                f"the prompt (about {request.input_tokens} tokens) does not fit the context "
+                f"the prompt (at least {request.input_tokens_floor} tokens) does not fit the context "
                 f"length of any of the {len(before)} eligible {what} "
                 f"(largest: {max(r[3] for r in before)})"
             ),

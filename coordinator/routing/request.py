@@ -19,6 +19,9 @@ DEFAULT_MAX_TOKENS = 256
 # Rough characters per token of English text with a BPE tokenizer; only used to estimate
 # the expected cost for ranking, never to bill.
 _CHARACTERS_PER_TOKEN = 4
+# input_tokens_floor = input_tokens / this: an estimate at 4 characters per token becomes
+# a bound at 16 characters per token, which real tokenizers do not exceed on average.
+_CONTEXT_FILTER_SLACK = 4
 # Template tokens per chat message (role markers, separators), roughly.
 _TOKENS_PER_CHAT_MESSAGE = 4
 
@@ -110,6 +113,16 @@ class RouteRequest:
             raise InvalidRoutingRequestError(
                 f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}"
             )
+
+    @property
+    def input_tokens_floor(self) -> int:
+        """A deliberately low bound on the prompt's tokens, for the context-length filter.
+
+        ``input_tokens`` is an estimate (characters / 4) that can exceed the true count, and
+        a hard filter on it would refuse prompts that fit; a quarter of it (characters / 16)
+        only refuses prompts that cannot fit. The node checks the exact count anyway.
+        """
+        return self.input_tokens // _CONTEXT_FILTER_SLACK
 
     def excluding(self, node_ids: Iterable[str]) -> RouteRequest:
         """The same request with ``node_ids`` added to the tried set (for failover/resume)."""

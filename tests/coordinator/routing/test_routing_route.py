@@ -178,7 +178,7 @@ def test_max_candidates_bounds_the_fallbacks() -> None:
             "all 3 nodes serving 'm' in regions [eu-west] are above max_price_output_micro_usd_per_mtok=100",
         ),
         (
-            [NodeSpec(listing("a", context_length=50))],
+            [NodeSpec(listing("a", context_length=20))],
             request(),
             Constraint.CONTEXT_LENGTH,
             "context length",
