@@ -140,6 +140,8 @@ def up(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C stops everything, even where a parent started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with console.status("starting the coordinator…"):
             coordinator = start_service(
