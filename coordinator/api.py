@@ -13,6 +13,8 @@ With billing (:mod:`coordinator.billing`) every call first authenticates its API
 Generate also holds the request's maximum cost before routing (a lease request goes only
 to its lease's node, a serverless one never to a leased node) and settles what was
 delivered before the final, which then carries the cost and the countersigned receipts.
+A call that ends without its final (cancelled, deadline, failed) settles in the
+background, after the late receipts of the segments it cut off (see coordinator.billing).
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ class InferenceServicer:
             async for chunk in self._relay.stream(valid, routed, context, outcome):
                 yield chunk
         except BaseException as exc:
-            # Failed or cancelled: bill what has a receipt, release the rest of the hold.
+            # Failed or cancelled: bill what has a receipt, a late one included (a live
+            # node whose stream was cut sends it on its heartbeat); release the rest.
             if billing is not None and admission is not None:
+                outcome.count_unfinished()
                 billing.settle_in_background(admission, outcome.segments)
             if not isinstance(exc, CoordinatorError):
                 raise

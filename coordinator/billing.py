@@ -31,9 +31,26 @@ offer's prices. The ledger checks each receipt against these numbers. A receipt 
 is forged, miscounted or replayed is refused and recorded by the ledger, and that
 segment is charged *nothing* (client not charged, provider not paid): a provider is
 paid only against its own valid signature, and the client is never charged for a number
-nobody signed. A segment without a receipt (its node died, or the client cancelled
-before the node's final) is not billed either. No billable segment: the hold is
-released. Charges never exceed the hold (``money.cap_to_hold``).
+nobody signed. No billable segment: the hold is released. Charges never exceed the hold
+(``money.cap_to_hold``).
+
+**Cut-off segments and late receipts.** A segment the coordinator stopped reading before
+the node's final (the client cancelled, its deadline passed, or the request failed) has
+no receipt from the relay; a live node signs one anyway for what it wrote to the stream
+and sends it on its heartbeat stream (:meth:`Billing.accept_late_receipt`, called by
+``coordinator.control``). Such a request settles in the background
+(:meth:`Billing.settle_in_background`) after waiting at most ``late_receipt_wait_s`` for
+the late receipts of its cut-off segments whose nodes are still in the market (a dead
+node sends nothing), then once with what it has. A late receipt is checked like any
+other, except that its output count may exceed what the coordinator relayed (tokens in
+flight when the call was cut) up to what the node was asked for, never fall short of
+it; the client pays the coordinator's count. A segment still without a receipt is not
+billed. A request that completes settles at once (its final is not delayed); it uses the
+late receipts that arrived by then. A late receipt that is forged, sent by another node,
+or awaited by no pending settlement (settled or released already, unknown) is refused and
+recorded; a late copy of a receipt already billed is ignored. Pending settlements live
+only in memory: a coordinator that crashes while waiting releases the hold on restart,
+like any hold its crash orphaned.
 
 The request path never waits for a disk flush: holds are admitted in memory, the
 settlement is in the ledger's intent log (one ``write``) before the final goes out, and
@@ -74,6 +91,7 @@ from coordinator.validation import ValidRequest
 from marketplace.identity import Identity
 from marketplace.ledger import (
     BadReceipt,
+    ForgedReceipt,
     Ledger,
     LedgerError,
     LedgerSettings,
@@ -81,8 +99,11 @@ from marketplace.ledger import (
     RecoveryReport,
     RelayedSegment,
     Unauthenticated,
+    UnmatchedReceipt,
+    check_node_signature,
     check_receipt,
     max_cost_micro_usd,
+    parse_receipt,
 )
 
 __all__ = [
@@ -90,6 +111,7 @@ __all__ = [
     "Billing",
     "BillingRefused",
     "Charge",
+    "LateReceipt",
     "ServedPart",
     "api_key_from_metadata",
     "crash_if",
@@ -125,10 +147,20 @@ class ServedPart(Protocol):
     input_tokens: int
     output_tokens: int
     receipt: market_pb2.SignedReceipt | None
+    completed: bool  # the node's final arrived (False: it died, or the stream was cut)
 
 
 class _HasTerms(Protocol):
     def terms_for(self, model: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class LateReceipt:
+    """A node's receipt for a segment cut off before its final, from its heartbeat
+    stream: the node's signature checked, sent by the node it names."""
+
+    signed: market_pb2.SignedReceipt
+    usage: market_pb2.UsageReceipt
 
 
 @dataclass
@@ -142,6 +174,16 @@ class Admission:
     input_tokens_max: int  # the bound of the hold rule
     lease_id: str = ""
     finished: bool = False  # settled or released
+    max_tokens: int = 0  # sampling.max_tokens of the request (0: unknown, no bound)
+    # Late receipts received while the request awaits settlement, by (worker request id,
+    # node id): a node cannot crowd out the receipt of the node that served the segment.
+    late_receipts: dict[tuple[str, str], LateReceipt] = field(default_factory=dict, repr=False)
+    # Set when a late receipt arrives (or billing closes): wakes a waiting settlement.
+    late_arrival: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # True once settlement has begun: late receipts are refused from then on.
+    settling: bool = False
+    # Node signatures of the receipts settlement has in hand (late copies are no news).
+    known_receipts: set[bytes] = field(default_factory=set, repr=False)
 
 
 @dataclass(frozen=True)
@@ -152,6 +194,7 @@ class Charge:
     receipts: list[market_pb2.SignedReceipt] = field(default_factory=list)
     refused_segments: int = 0  # receipts refused (forged, miscounted, replayed): unbilled
     unreceipted_segments: int = 0  # segments whose node sent no receipt: unbilled
+    late_segments: int = 0  # segments billed on a late receipt (cut off before the final)
 
 
 # ---------------------------------------------------------------- pure rules
@@ -248,6 +291,10 @@ class Billing:
         self._missing_since_s: dict[str, float] = {}  # seen leased nodes now gone
         self._refresher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # Admitted requests not yet settled or released, by request id: where late
+        # receipts go.
+        self._pending: dict[str, Admission] = {}
+        self._closing = False
         self.recovery: RecoveryReport | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -271,7 +318,11 @@ class Billing:
         return self.recovery
 
     async def close(self) -> None:
-        """Stop the refresher, let pending settlements finish, close the ledger."""
+        """Stop the refresher, let pending settlements finish (without waiting for more
+        late receipts), close the ledger."""
+        self._closing = True
+        for admission in self._pending.values():
+            admission.late_arrival.set()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -374,24 +425,31 @@ class Billing:
             hold_micro_usd=0,
             input_tokens_max=bound,
             lease_id=worker.lease_id,
+            max_tokens=worker.sampling.max_tokens,
         )
         try:
             principal.require_client()
-            if worker.lease_id:
-                return admission
-            price_in, price_out = hold_prices(candidates, request.model)
-            amount = max_cost_micro_usd(bound, worker.sampling.max_tokens, price_in, price_out)
-            if amount > 0:
-                await self.ledger.place_hold(request.request_id, principal, amount)
-                admission.hold_micro_usd = amount
+            if not worker.lease_id:
+                price_in, price_out = hold_prices(candidates, request.model)
+                amount = max_cost_micro_usd(bound, worker.sampling.max_tokens, price_in, price_out)
+                if amount > 0:
+                    await self.ledger.place_hold(request.request_id, principal, amount)
+                    admission.hold_micro_usd = amount
         except LedgerError as exc:
             raise BillingRefused(exc) from None
+        self._pending[admission.request_id] = admission
         return admission
 
     def release(self, admission: Admission) -> None:
         """Release the hold (nothing was delivered); idempotent."""
         if admission.finished:
             return
+        self._stop_taking_late_receipts(admission, ())
+        if self._pending.get(admission.request_id) is admission:
+            del self._pending[admission.request_id]
+        self._release_hold(admission)
+
+    def _release_hold(self, admission: Admission) -> None:
         admission.finished = True
         if admission.hold_micro_usd:
             self.ledger.release_hold(admission.request_id)
@@ -401,38 +459,65 @@ class Billing:
     def relayed_segments(
         self, admission: Admission, parts: Sequence[ServedPart]
     ) -> tuple[list[market_pb2.SignedReceipt], list[RelayedSegment], int]:
-        """Receipts and the coordinator's own counts of every segment that has a receipt;
-        and how many segments had none."""
+        """Receipts and the coordinator's own counts of every segment that has a receipt
+        (its node's final's, or a late one for a cut-off segment); and how many segments
+        had none."""
         receipts: list[market_pb2.SignedReceipt] = []
         relayed: list[RelayedSegment] = []
         missing = 0
         for part in parts:
-            if part.receipt is None or not part.receipt.receipt:
+            late = None if part.completed else admission.late_receipts.get(_late_key(part))
+            if late is not None:
+                signed, claimed_input = late.signed, late.usage.input_tokens
+                ceiling: int | None = _output_ceiling(admission, part)
+            elif _has_receipt(part):
+                assert part.receipt is not None
+                signed, claimed_input, ceiling = part.receipt, part.input_tokens, None
+            else:
                 missing += 1
                 continue
             bound = admission.input_tokens_max + part.resumed_tokens
-            receipts.append(part.receipt)
+            receipts.append(signed)
             relayed.append(
                 RelayedSegment(
                     worker_request_id=part.worker_request_id,
                     node_id=part.node_id,
                     model=admission.model,
-                    input_tokens=min(part.input_tokens, bound),
+                    input_tokens=min(claimed_input, bound),
                     output_tokens=part.output_tokens,
                     price_input_micro_usd_per_mtok=part.price_input_micro_usd_per_mtok,
                     price_output_micro_usd_per_mtok=part.price_output_micro_usd_per_mtok,
                     segment_index=part.segment_index,
                     lease_id=admission.lease_id,
+                    output_tokens_max=ceiling,
                 )
             )
         return receipts, relayed, missing
 
-    async def settle(self, admission: Admission, parts: Sequence[ServedPart]) -> Charge:
-        """Settle what was delivered (see the module doc); release the hold if nothing is
-        billable. Never waits for the disk. Raises BillingRefused only when the ledger
-        itself is unavailable (the hold then expires)."""
+    async def settle(
+        self,
+        admission: Admission,
+        parts: Sequence[ServedPart],
+        *,
+        late_wait_s: float = 0.0,
+    ) -> Charge:
+        """Settle what was delivered (see the module doc), after waiting at most
+        ``late_wait_s`` for the late receipts of cut-off segments whose nodes are live;
+        release the hold if nothing is billable. Never waits for the disk. Raises
+        BillingRefused only when the ledger itself is unavailable (the hold then
+        expires)."""
         if admission.finished:
             raise AssertionError(f"request {admission.request_id} was settled already")
+        try:
+            if late_wait_s > 0:
+                await self._await_late_receipts(admission, parts, late_wait_s)
+            self._stop_taking_late_receipts(admission, parts)
+            return await self._settle(admission, parts)
+        finally:
+            if self._pending.get(admission.request_id) is admission:
+                del self._pending[admission.request_id]
+
+    async def _settle(self, admission: Admission, parts: Sequence[ServedPart]) -> Charge:
         receipts, relayed, missing = self.relayed_segments(admission, parts)
         refused = 0
         while relayed:
@@ -460,25 +545,143 @@ class Billing:
                 receipts=outcome.receipts,
                 refused_segments=refused,
                 unreceipted_segments=missing,
+                late_segments=sum(1 for segment in relayed if segment.cut_off),
             )
-        self.release(admission)
+        self._release_hold(admission)
         return Charge(0, [], refused_segments=refused, unreceipted_segments=missing)
 
     def settle_in_background(self, admission: Admission, parts: Sequence[ServedPart]) -> None:
-        """Settle (or release) a failed or cancelled request without blocking its handler."""
+        """Settle (or release) a failed or cancelled request without blocking its handler,
+        once the late receipts of its cut-off segments are in (``late_receipt_wait_s``)."""
         if admission.finished:
             return
         parts = list(parts)
 
         async def run() -> None:
             try:
-                await self.settle(admission, parts)
+                await self.settle(admission, parts, late_wait_s=self._settings.late_receipt_wait_s)
             except CoordinatorError as exc:
                 log.error("request %s: settlement failed: %s", admission.request_id, exc)
 
         task = asyncio.get_running_loop().create_task(run(), name="billing-settle")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------ late receipts
+
+    def accept_late_receipt(self, node_id: str, signed: market_pb2.SignedReceipt) -> None:
+        """Take a late receipt from the heartbeat stream of ``node_id`` for the request
+        awaiting it (checked against the relayed counts at settlement). One that is
+        forged, sent by another node than it names, or awaited by no pending settlement
+        is refused and recorded; a copy of a receipt already in hand is ignored. Never
+        raises and never waits: it runs in the heartbeat handler."""
+        request_id = ""
+        try:
+            usage = parse_receipt(signed)
+            request_id = _request_id_of(usage)  # to record a refusal under its request
+            check_node_signature(signed)
+            if usage.node_id != node_id:
+                raise ForgedReceipt(
+                    f"late receipt names node {usage.node_id} but came on the heartbeat "
+                    f"stream of node {node_id}"
+                )
+            self._take_late_receipt(request_id, LateReceipt(signed, usage))
+        except BadReceipt as exc:
+            self._reject_late(request_id, node_id, signed, exc)
+        except Exception:  # a bug here must not end the node's heartbeat stream
+            log.exception("late receipt from node %s could not be handled", node_id)
+
+    def _take_late_receipt(self, request_id: str, late: LateReceipt) -> None:
+        worker_request_id = late.usage.request_id
+        admission = self._pending.get(request_id)
+        if admission is not None and late.signed.node_signature in admission.known_receipts:
+            return  # a late copy of the final's receipt
+        if admission is None or admission.settling:
+            if self.ledger.settled_with(request_id, late.signed):
+                return  # a late copy of a receipt billed already
+            raise UnmatchedReceipt(
+                f"late receipt for node request {worker_request_id!r} arrived after its "
+                f"request {request_id!r} was settled or released (or the request is unknown)"
+            )
+        key = (worker_request_id, late.usage.node_id)
+        known = admission.late_receipts.get(key)
+        if known is not None:
+            if _same_receipt(known.signed, late.signed):
+                return  # sent again (the node had no answer to the heartbeat carrying it)
+            raise UnmatchedReceipt(
+                f"a second, different late receipt for node request {worker_request_id!r}"
+            )
+        admission.late_receipts[key] = late
+        admission.late_arrival.set()
+
+    async def _await_late_receipts(
+        self, admission: Admission, parts: Sequence[ServedPart], wait_s: float
+    ) -> None:
+        """Wait until every cut-off segment whose node is still live has its late receipt,
+        at most ``wait_s``, and not once billing is closing."""
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + wait_s
+        while not self._closing:
+            awaited = [p.node_id for p in parts if self._awaits_late_receipt(admission, p)]
+            if not awaited:
+                return
+            remaining_s = deadline_s - loop.time()
+            if remaining_s <= 0:
+                log.info(
+                    "request %s: no late receipt from node(s) %s within %.1f s; settling "
+                    "without (those segments are not billed)",
+                    admission.request_id,
+                    ", ".join(awaited),
+                    wait_s,
+                )
+                return
+            admission.late_arrival.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(admission.late_arrival.wait(), remaining_s)
+
+    def _awaits_late_receipt(self, admission: Admission, part: ServedPart) -> bool:
+        """A segment cut off before its final, that relayed output, from a node still in
+        the market (a dead node sends nothing), whose late receipt has not come."""
+        return (
+            not part.completed
+            and not _has_receipt(part)
+            and part.output_tokens > 0
+            and _late_key(part) not in admission.late_receipts
+            and part.node_id in self._registry
+        )
+
+    def _stop_taking_late_receipts(self, admission: Admission, parts: Sequence[ServedPart]) -> None:
+        """From now on late receipts for ``admission`` are refused (unless they copy one
+        in hand); those it got for no cut-off segment of ``parts`` are refused now."""
+        admission.settling = True
+        admission.known_receipts.update(
+            part.receipt.node_signature for part in parts if part.receipt is not None
+        )
+        cut_off = {_late_key(part) for part in parts if not part.completed}
+        for key, late in list(admission.late_receipts.items()):
+            if key in cut_off:
+                continue
+            del admission.late_receipts[key]
+            worker_request_id = key[0]
+            if late.signed.node_signature in admission.known_receipts:
+                continue
+            self._reject_late(
+                admission.request_id,
+                late.usage.node_id,
+                late.signed,
+                UnmatchedReceipt(
+                    f"late receipt for node request {worker_request_id!r} matches no "
+                    f"segment of request {admission.request_id!r} cut off before its final"
+                ),
+            )
+
+    def _reject_late(
+        self, request_id: str, node_id: str, signed: market_pb2.SignedReceipt, error: BadReceipt
+    ) -> None:
+        try:
+            self.ledger.reject_receipt(request_id, node_id, error, bytes(signed.receipt))
+        except LedgerError as exc:
+            log.warning("late receipt refused (%s) but not recorded: %s", error, exc)
 
 
 def _first_bad(
@@ -490,3 +693,32 @@ def _first_bad(
         except BadReceipt:
             return index
     return None
+
+
+def _has_receipt(part: ServedPart) -> bool:
+    return part.receipt is not None and bool(part.receipt.receipt)
+
+
+def _late_key(part: ServedPart) -> tuple[str, str]:
+    return part.worker_request_id, part.node_id
+
+
+def _same_receipt(a: market_pb2.SignedReceipt, b: market_pb2.SignedReceipt) -> bool:
+    return a.receipt == b.receipt and a.node_signature == b.node_signature
+
+
+def _output_ceiling(admission: Admission, part: ServedPart) -> int:
+    """Most output tokens a cut-off segment's node may claim: what it was asked for (the
+    request's max_tokens less the resumed tokens), never below what was relayed."""
+    if not admission.max_tokens:
+        return 2**32 - 1  # unknown: a uint32 count is the only bound
+    return max(admission.max_tokens - part.resumed_tokens, part.output_tokens)
+
+
+def _request_id_of(usage: market_pb2.UsageReceipt) -> str:
+    """The client's request id of a node request id: ``<request id>`` for the first
+    segment, ``<request id>:<segment index>`` for a resumed one (the relay's naming)."""
+    suffix = f":{usage.segment_index}"
+    if usage.segment_index and usage.request_id.endswith(suffix):
+        return usage.request_id[: -len(suffix)]
+    return usage.request_id

@@ -10,6 +10,12 @@ The coordinator measures the round trip too, for routing (RTT): every
 ``pong_id`` is that id; the time between the two, on the coordinator's clock, goes to
 the market (:meth:`NodeRegistry.record_pong`). A pong is not answered. Only the latest
 few pings are remembered; an unknown pong id counts only as a sign of life.
+
+A heartbeat may carry late usage receipts (``late_receipts``): the node's signed
+receipts for worker calls the coordinator cut off before their final (client cancel,
+deadline). Each goes to billing (:meth:`coordinator.billing.Billing.accept_late_receipt`,
+which never blocks) before the heartbeat is answered, so the answer acknowledges them.
+Without billing they are ignored.
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import grpc.aio
-from mercato.v1 import node_pb2, node_pb2_grpc
+from mercato.v1 import market_pb2, node_pb2, node_pb2_grpc
 
 from coordinator.errors import (
     CoordinatorError,
@@ -42,6 +48,9 @@ SESSION_METADATA = "x-mercato-session"
 # Pings awaiting their pong, per stream; older ones are forgotten.
 PINGS_REMEMBERED = 8
 
+# Takes one late receipt from the heartbeat stream of a node: (node id, receipt).
+LateReceiptSink = Callable[[str, market_pb2.SignedReceipt], None]
+
 
 class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
     """Registration and heartbeats of nodes."""
@@ -51,10 +60,13 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
         registry: NodeRegistry,
         settings: CoordinatorSettings,
         coordinator_public_key: bytes,
+        *,
+        late_receipts: LateReceiptSink | None = None,
     ) -> None:
         self._registry = registry
         self._settings = settings
         self._coordinator_public_key = coordinator_public_key
+        self._late_receipts = late_receipts
 
     async def Register(
         self, request: node_pb2.RegisterRequest, context: grpc.aio.ServicerContext
@@ -110,6 +122,8 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
                         f"{last_sequence}); number heartbeats 0, 1, 2, ... on each stream"
                     )
                 last_sequence = heartbeat.sequence
+                if heartbeat.late_receipts:
+                    self._take_late_receipts(node_id, heartbeat)
                 if heartbeat.pong_id:
                     sent_s = pings.pop(heartbeat.pong_id, None)
                     rtt_s = None if sent_s is None else time.perf_counter() - sent_s
@@ -130,6 +144,17 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await pinger
             self._registry.end_session(node_id, session_token, reason)
+
+    def _take_late_receipts(self, node_id: str, heartbeat: node_pb2.HeartbeatRequest) -> None:
+        if self._late_receipts is None:
+            log.debug(
+                "node %s sent %d late receipt(s); ignored (billing is off)",
+                node_id,
+                len(heartbeat.late_receipts),
+            )
+            return
+        for signed in heartbeat.late_receipts:
+            self._late_receipts(node_id, signed)
 
     async def _ping_forever(
         self,

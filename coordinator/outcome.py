@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
 from mercato.v1 import common_pb2, inference_pb2, market_pb2
 
 
@@ -59,7 +60,9 @@ class SegmentOutcome:
     output_tokens: int = 0
     # The node's FinishReason; UNSPECIFIED while streaming or when the node died.
     finish_reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
-    # The node's signed receipt from its WorkerFinal; None when it sent no final (died).
+    # The node's signed receipt from its WorkerFinal; None when it sent no final (it
+    # died, or the stream was cut off: then a live node sends its receipt late, on its
+    # heartbeat stream, and billing matches it by worker_request_id).
     receipt: market_pb2.SignedReceipt | None = None
     # True once the node's final arrived (the segment ended normally).
     completed: bool = False
@@ -114,6 +117,19 @@ class RelayOutcome:
         Raises DecodeError if one was malformed."""
         stop = self._segment_stop(segment)
         segment.output_tokens = len(self.delivered.merged(segment.first_message, stop).token_ids)
+
+    def count_unfinished(self) -> None:
+        """Count the output relayed by every segment without a final. The relay counts a
+        segment at its final or when its node fails; one cut off by a client cancel or
+        deadline is counted here, so billing sees what was relayed (0 if a delta was
+        malformed: nothing is billed on output that cannot be counted)."""
+        for segment in self.segments:
+            if segment.completed:
+                continue
+            try:
+                self.count_segment(segment)
+            except DecodeError:
+                segment.output_tokens = 0
 
     def derive_input_tokens(self) -> None:
         """Fill in input_tokens of segments whose node died before its final, from a

@@ -251,6 +251,14 @@ class CoordinatorSettings(BaseSettings):
         le=1_000_000,
         description="Hold rule: most tokens a chat template adds around each chat message.",
     )
+    late_receipt_wait_s: float = Field(
+        default=3.0,
+        ge=0,
+        le=600,
+        description="A request cut off before a node's final (client cancel, deadline, "
+        "failure) settles after waiting at most this long for the late receipts of its live "
+        "nodes (sent on their heartbeat streams), seconds; 0: settle at once.",
+    )
     lease_refresh_interval_s: float = Field(
         default=1.0,
         gt=0,

@@ -13,6 +13,12 @@ dropped the node, takes it back. The coordinator pings on the heartbeat stream
 (``ping_id``); the agent answers each at once with a ``pong_id`` so the coordinator can
 time the round trip itself. The session token is a secret:
 it goes only into the heartbeat metadata, never into a log line.
+
+Late usage receipts (from the worker, for calls cut off before their final; see
+``node.receipts.ReceiptOutbox``) go out at once on an extra heartbeat with the load,
+at most ``LATE_RECEIPTS_PER_HEARTBEAT`` per heartbeat. The coordinator's answer to that
+heartbeat acknowledges them; those not acknowledged when a stream ends go back into the
+outbox for the next stream.
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ import grpc
 import grpc.aio
 from mercato.v1 import market_pb2, node_pb2, node_pb2_grpc
 
+from node.receipts import ReceiptOutbox
+
 logger = logging.getLogger(__name__)
 
 NODE_ID_METADATA = "x-mercato-node-id"
 SESSION_METADATA = "x-mercato-session"
 REGISTER_TIMEOUT_S = 10.0
+LATE_RECEIPTS_PER_HEARTBEAT = 64
 
 OfferSigner = Callable[[int], market_pb2.SignedOffer]
 LoadReader = Callable[[], node_pb2.NodeLoad]
@@ -48,10 +57,12 @@ class NodeAgent:
         *,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
+        late_receipts: ReceiptOutbox | None = None,
     ) -> None:
         self._address = coordinator_address
         self._sign_offer = sign_offer
         self._read_load = read_load
+        self._outbox = late_receipts if late_receipts is not None else ReceiptOutbox()
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         # Offers from one node must increase across restarts too: start at the clock.
@@ -133,6 +144,13 @@ class NodeAgent:
         sent_at: dict[int, float] = {}
         # Pings from the coordinator, answered by the request stream at once.
         pongs: asyncio.Queue[int] = asyncio.Queue()
+        outbox = self._outbox
+        # Late receipts sent on this stream and not yet acknowledged, by heartbeat sequence.
+        unacknowledged: dict[int, list[market_pb2.SignedReceipt]] = {}
+        # Set when this stream is over. grpc keeps consuming requests() after a stream
+        # the coordinator ended (cancel() is then a no-op), so it must stop by itself
+        # rather than take receipts that the next stream is to send.
+        ended = False
 
         async def requests() -> AsyncIterator[node_pb2.HeartbeatRequest]:
             loop = asyncio.get_running_loop()
@@ -143,9 +161,10 @@ class NodeAgent:
                 wait_s = next_beat_s - loop.time()
                 if not pongs.empty():
                     pong_id = pongs.get_nowait()
-                elif wait_s > 0:
-                    with contextlib.suppress(TimeoutError):
-                        pong_id = await asyncio.wait_for(pongs.get(), wait_s)
+                elif wait_s > 0 and not outbox:
+                    pong_id = await _pong_or_receipt(pongs, outbox, wait_s)
+                if ended:
+                    return
                 sequence += 1
                 if pong_id:
                     # A pong: the coordinator times its ping's round trip from it.
@@ -154,7 +173,12 @@ class NodeAgent:
                 sent_at[sequence] = time.monotonic()
                 if len(sent_at) > 64:
                     sent_at.pop(min(sent_at))
-                yield node_pb2.HeartbeatRequest(sequence=sequence, load=self._read_load())
+                beat = node_pb2.HeartbeatRequest(sequence=sequence, load=self._read_load())
+                late = outbox.take(LATE_RECEIPTS_PER_HEARTBEAT)
+                if late:
+                    beat.late_receipts.extend(late)
+                    unacknowledged[sequence] = late
+                yield beat
                 next_beat_s = loop.time() + interval_s
 
         call = stub.Heartbeat(
@@ -178,8 +202,27 @@ class NodeAgent:
                 if answer.ping_id:
                     pongs.put_nowait(answer.ping_id)
                     continue
+                unacknowledged.pop(answer.sequence, None)
                 sent = sent_at.pop(answer.sequence, None)
                 if sent is not None:
                     self.heartbeat_round_trip_s = time.monotonic() - sent
         finally:
+            ended = True
             call.cancel()
+            # Not acknowledged: maybe never delivered; the next stream sends them again.
+            outbox.put_back(
+                r for sequence in sorted(unacknowledged) for r in unacknowledged[sequence]
+            )
+
+
+async def _pong_or_receipt(pongs: asyncio.Queue[int], outbox: ReceiptOutbox, wait_s: float) -> int:
+    """Wait at most ``wait_s`` for a ping to answer (its id) or a late receipt to send (0)."""
+    pong = asyncio.ensure_future(pongs.get())
+    receipt = asyncio.ensure_future(outbox.wait())
+    try:
+        await asyncio.wait((pong, receipt), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (pong, receipt):
+            if not waiter.done():
+                waiter.cancel()
+    return pong.result() if pong.done() and not pong.cancelled() else 0

@@ -32,6 +32,7 @@ from node.engine.registry import build_engine, needs_model_files
 from node.errors import EngineDeadError
 from node.hardware import HardwareInfo, probe
 from node.offer import build_offer, sign_offer
+from node.receipts import ReceiptOutbox
 from node.settings import NodeSettings
 from node.worker import NodeWorker
 from node.worker_server import set_not_serving, start_worker_server
@@ -105,12 +106,15 @@ async def _serve(
     engine: Engine,
     stop: asyncio.Event,
 ) -> None:
+    # Receipts of calls cut off before their final: from the worker to the agent.
+    late_receipts = ReceiptOutbox()
     worker = NodeWorker(
         engine,
         identity,
         price_input_micro_usd_per_mtok=settings.price_input_micro_usd_per_mtok,
         price_output_micro_usd_per_mtok=settings.price_output_micro_usd_per_mtok,
         max_concurrency=settings.max_concurrency,
+        on_late_receipt=late_receipts.put,
     )
     server, port, health_servicer = await start_worker_server(
         worker, settings.listen_host, settings.port
@@ -134,6 +138,7 @@ async def _serve(
         lambda: node_load(engine, worker),
         backoff_initial_s=settings.register_backoff_initial_ms / 1000,
         backoff_max_s=settings.register_backoff_max_ms / 1000,
+        late_receipts=late_receipts,
     )
     agent.start()
     engine_died = False
@@ -163,6 +168,7 @@ async def _serve(
         await agent.stop()
         await set_not_serving(health_servicer)
         await server.stop(settings.shutdown_grace_s)
+        late_receipts.close("the node stopped; the coordinator connection is gone")
     if engine_died:
         raise EngineDeadError("the engine died; restart the node")
 

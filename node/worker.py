@@ -5,6 +5,10 @@ prompt and append ``resume_token_ids``, check the context length, stream the eng
 deltas as ``TextDelta`` messages, end with ``WorkerFinal`` carrying the token counts and a
 receipt signed by the node. A client that cancels, or whose deadline passes, cancels
 the handler task; the engine stream is closed at once and the engine request aborted.
+Such a call ends without a final, so when output had gone out the node signs the
+receipt anyway, for the prompt and the output tokens it wrote to the stream, and hands
+it to ``on_late_receipt`` (the agent sends it on the heartbeat stream): the coordinator
+bills what it relayed against it (see docs/design/ledger.md).
 
 The handler only awaits the engine's stream; nothing in it blocks the loop. A task per
 request reads the engine's stream while the handler writes (:func:`coalesced`): when the
@@ -21,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 import grpc
@@ -49,6 +53,9 @@ _ERROR_CODES = {
     grpc.StatusCode.INTERNAL: common_pb2.ERROR_CODE_INTERNAL,
 }
 
+# Takes the signed receipt of a call cut off after output went out; must not block.
+LateReceiptSink = Callable[[market_pb2.SignedReceipt], None]
+
 
 class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
     """Serves Generate for one engine, signing a receipt for every finished request."""
@@ -61,6 +68,7 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         price_input_micro_usd_per_mtok: int,
         price_output_micro_usd_per_mtok: int,
         max_concurrency: int,
+        on_late_receipt: LateReceiptSink | None = None,
     ) -> None:
         self._engine = engine
         self._identity = identity
@@ -68,6 +76,7 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         self._price_input = price_input_micro_usd_per_mtok
         self._price_output = price_output_micro_usd_per_mtok
         self._max_concurrency = max_concurrency
+        self._on_late_receipt = on_late_receipt
         self._in_flight = 0
 
     @property
@@ -132,10 +141,19 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
                 async for delta in stream:
                     token_ids = delta.token_ids
                     if token_ids or delta.text:
+                        # Counted before the write: a delta cut off mid-write counts too,
+                        # so the node's count is never below what the coordinator got.
                         output_tokens += len(token_ids)
                         yield response_cls(delta=delta_cls(text=delta.text, token_ids=token_ids))
                     if delta.finish_reason is not None:
                         finish_reason = delta.finish_reason
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cut off (client cancel, deadline): no final will carry the receipt.
+            if output_tokens:
+                self._late_receipt(
+                    self._receipt(request, len(prompt_ids), output_tokens, started_at_unix_ms)
+                )
+            raise
         except NodeError as exc:
             code = exc.status_code
             logger.warning("request %s failed: %s", request.request_id, exc)
@@ -145,11 +163,36 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
                 )
             )
             await context.abort(code, str(exc))
-        receipt = market_pb2.UsageReceipt(
+        receipt = self._receipt(request, len(prompt_ids), output_tokens, started_at_unix_ms)
+        try:
+            yield response_cls(
+                final=node_pb2.WorkerFinal(
+                    finish_reason=_FINISH_REASONS[finish_reason],
+                    input_tokens=len(prompt_ids),
+                    output_tokens=output_tokens,
+                    receipt=receipt,
+                )
+            )
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cut off while the final was being written: the coordinator may not have it
+            # (a copy of a receipt it has is ignored there).
+            if output_tokens:
+                self._late_receipt(receipt)
+            raise
+
+    def _receipt(
+        self,
+        request: node_pb2.WorkerGenerateRequest,
+        input_tokens: int,
+        output_tokens: int,
+        started_at_unix_ms: int,
+    ) -> market_pb2.SignedReceipt:
+        """The node's signed receipt for ``request``, finished now."""
+        usage = market_pb2.UsageReceipt(
             request_id=request.request_id,
             node_id=self._node_id,
-            model=engine.model_name,
-            input_tokens=len(prompt_ids),
+            model=self._engine.model_name,
+            input_tokens=input_tokens,
             output_tokens=output_tokens,
             price_input_micro_usd_per_mtok=self._price_input,
             price_output_micro_usd_per_mtok=self._price_output,
@@ -158,14 +201,18 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
             segment_index=request.segment_index,
             lease_id=request.lease_id,
         )
-        yield response_cls(
-            final=node_pb2.WorkerFinal(
-                finish_reason=_FINISH_REASONS[finish_reason],
-                input_tokens=len(prompt_ids),
-                output_tokens=output_tokens,
-                receipt=sign_receipt(self._identity, receipt),
-            )
-        )
+        return sign_receipt(self._identity, usage)
+
+    def _late_receipt(self, signed: market_pb2.SignedReceipt) -> None:
+        """Hand the receipt of a cut-off call to the agent; never raises (the handler is
+        being cancelled, and its cleanup must go on)."""
+        if self._on_late_receipt is None:
+            logger.debug("no late receipt sink: a cut-off call's receipt is not sent")
+            return
+        try:
+            self._on_late_receipt(signed)
+        except Exception:
+            logger.exception("late receipt could not be queued")
 
 
 async def coalesced(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

@@ -24,8 +24,9 @@ node's first earning if the operator has not made one), and the platform's own:
 ``platform.clearing`` (requests in flight, nets to zero), ``platform.lease_escrow``.
 
 **One settlement, exactly once.** ``settle`` verifies each node's receipt (signature,
-and every billed field equal to what the coordinator relayed and counted itself),
-countersigns it, appends the settlement to the intent log (one ``write``, survives a
+and every billed field equal to what the coordinator relayed and counted itself; for a
+segment the coordinator cut off, the node's late receipt may count more output than was
+relayed, never less, and the relayed count is billed), countersigns it, appends the settlement to the intent log (one ``write``, survives a
 killed process), and queues it. The settlement row is keyed by request id and every
 receipt by the node's request id, so retries and replays never charge twice; recovery
 replays the intent log through the same idempotent path.
@@ -81,6 +82,7 @@ from marketplace.ledger.errors import (
     Unauthenticated,
     UnknownAccount,
     UnknownLease,
+    UnmatchedReceipt,
 )
 from marketplace.ledger.ledger import Hold, Ledger, Principal, RecoveryReport, SettleOutcome
 from marketplace.ledger.models import AccountKind, LeaseStatus, TransferKind, TransferPhase
@@ -99,8 +101,10 @@ from marketplace.ledger.operations import (
 )
 from marketplace.ledger.receipts import (
     RelayedSegment,
+    check_node_signature,
     check_receipt,
     countersign,
+    parse_receipt,
     sign_receipt,
     verify_offline,
 )
@@ -155,10 +159,13 @@ __all__ = [
     "Unauthenticated",
     "UnknownAccount",
     "UnknownLease",
+    "UnmatchedReceipt",
     "UsageRow",
+    "check_node_signature",
     "check_receipt",
     "countersign",
     "max_cost_micro_usd",
+    "parse_receipt",
     "sign_receipt",
     "split_fee",
     "token_cost_micro_usd",

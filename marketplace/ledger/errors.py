@@ -28,7 +28,8 @@ LedgerError                      INTERNAL           a bug or a broken invariant
 │   ├── MalformedReceipt         INVALID_ARGUMENT   bytes that do not parse, missing fields
 │   ├── MiscountedReceipt        INVALID_ARGUMENT   counts/prices/ids differ from what was relayed
 │   ├── ForgedReceipt            PERMISSION_DENIED  a signature that does not verify
-│   └── ReplayedReceipt          ALREADY_EXISTS     a receipt already settled for another request
+│   ├── ReplayedReceipt          ALREADY_EXISTS     a receipt already settled for another request
+│   └── UnmatchedReceipt         FAILED_PRECONDITION a late receipt no pending settlement awaits
 └── LedgerUnavailable            UNAVAILABLE        the writer is stopped or the database is down
 ```
 
@@ -173,6 +174,15 @@ class ForgedReceipt(BadReceipt):
 class ReplayedReceipt(BadReceipt):
     grpc_status = grpc.StatusCode.ALREADY_EXISTS
     code = "replayed_receipt"
+
+
+class UnmatchedReceipt(BadReceipt):
+    """A late receipt (sent on a node's heartbeat stream) that no pending settlement
+    awaits: its request was settled or released already, is unknown, or relayed nothing
+    from that node request."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    code = "unmatched_receipt"
 
 
 class LedgerUnavailable(LedgerError):

@@ -586,6 +586,32 @@ class Ledger:
         )
         return error
 
+    def reject_receipt(
+        self, request_id: str, node_id: str, error: BadReceipt, receipt: bytes | None
+    ) -> asyncio.Future[Any]:
+        """Record a receipt refused outside a settlement (a late receipt that is forged or
+        that no pending settlement awaits). Queued like any write; never waits."""
+        future = self._submit(
+            RecordRejection(
+                request_id=request_id,
+                node_id=node_id,
+                reason=error.code,
+                detail=str(error),
+                receipt=receipt or None,
+            )
+        )
+        log.warning("receipt refused for request %s from node %s: %s", request_id, node_id, error)
+        return future
+
+    def settled_with(self, request_id: str, signed: market_pb2.SignedReceipt) -> bool:
+        """Whether this process settled ``request_id`` (recently) with this very receipt:
+        the same bytes and node signature. A late copy of such a receipt is no news."""
+        outcome = self._settled.get(request_id)
+        return outcome is not None and any(
+            known.receipt == signed.receipt and known.node_signature == signed.node_signature
+            for known in outcome.receipts
+        )
+
     # ------------------------------------------------------------ recovery and expiry
 
     async def recover_unsettled(self) -> RecoveryReport:

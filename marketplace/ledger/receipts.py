@@ -8,6 +8,13 @@ receipt + node_signature``. Verifiers parse the stored bytes and never re-encode
 The coordinator never bills a number the node merely claims: every field that sets the
 price (request id, node, model, token counts, prices, segment, lease) must equal what the
 coordinator relayed and counted itself, or the receipt is refused.
+
+One variant: a segment the coordinator cut off (client cancel, deadline) has no final,
+so its receipt comes late, on the node's heartbeat stream (``HeartbeatRequest.
+late_receipts``). The node counts what it wrote to the stream, and tokens in flight when
+the call was cut never reached the coordinator, so the receipt's output count may exceed
+the relayed count (up to what the node was asked for), never fall short of it. Such a
+segment sets ``RelayedSegment.output_tokens_max``; the bill is still the relayed count.
 """
 
 from __future__ import annotations
@@ -43,6 +50,16 @@ class RelayedSegment:
     price_output_micro_usd_per_mtok: int
     segment_index: int = 0
     lease_id: str = ""
+    # None: the node's stream ended with its final, so the receipt counts exactly
+    # output_tokens. Set: the coordinator cut the stream off and the receipt came late;
+    # the node's count may lie in [output_tokens, output_tokens_max] (tokens in flight
+    # when the call was cut); output_tokens is billed either way.
+    output_tokens_max: int | None = None
+
+    @property
+    def cut_off(self) -> bool:
+        """Whether the coordinator cut this segment off before the node's final."""
+        return self.output_tokens_max is not None
 
     @property
     def cost_micro_usd(self) -> int:
@@ -87,7 +104,8 @@ def check_node_signature(signed: market_pb2.SignedReceipt) -> market_pb2.UsageRe
 def check_receipt(
     signed: market_pb2.SignedReceipt, relayed: RelayedSegment
 ) -> market_pb2.UsageReceipt:
-    """Verify the node's signature and that the receipt says what was relayed."""
+    """Verify the node's signature and that the receipt says what was relayed: every
+    field exactly, except the output count of a cut-off segment (see the module doc)."""
     usage = check_node_signature(signed)
     expected = {
         "request_id": relayed.worker_request_id,
@@ -100,6 +118,9 @@ def check_receipt(
         "segment_index": relayed.segment_index,
         "lease_id": relayed.lease_id,
     }
+    if relayed.cut_off:
+        del expected["output_tokens"]
+        _check_cut_off_output(usage, relayed)
     for field, want in expected.items():
         got = getattr(usage, field)
         if got != want:
@@ -108,6 +129,25 @@ def check_receipt(
                 f"(request {relayed.worker_request_id}, node {relayed.node_id})"
             )
     return usage
+
+
+def _check_cut_off_output(usage: market_pb2.UsageReceipt, relayed: RelayedSegment) -> None:
+    """A late receipt's output count: at least what the coordinator relayed (a node cannot
+    have written fewer tokens than were received), at most what the node was asked for."""
+    got, relayed_tokens = usage.output_tokens, relayed.output_tokens
+    ceiling = relayed.output_tokens_max
+    assert ceiling is not None
+    if got < relayed_tokens:
+        raise MiscountedReceipt(
+            f"late receipt output_tokens is {got} but the coordinator relayed "
+            f"{relayed_tokens}: a node cannot have sent fewer tokens than were received "
+            f"(request {relayed.worker_request_id}, node {relayed.node_id})"
+        )
+    if got > ceiling:
+        raise MiscountedReceipt(
+            f"late receipt output_tokens is {got}, more than the {ceiling} the node was "
+            f"asked for (request {relayed.worker_request_id}, node {relayed.node_id})"
+        )
 
 
 def countersign(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -14,9 +14,13 @@ import grpc.aio
 from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
 
 from marketplace.identity import Identity
+from marketplace.ledger import sign_receipt
 
 MODEL = "tiny-model"
 OFFER_DOMAIN = "mercato.v1.NodeOffer"
+
+# Told, when a Generate is cut off, the request and how many deltas (tokens) it yielded.
+CutOffHook = Callable[[node_pb2.WorkerGenerateRequest, int], None]
 
 
 def now_unix_ms() -> int:
@@ -100,6 +104,7 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         self.time_remaining_s: list[float | None] = []
         self.cancelled = asyncio.Event()
         self.started = asyncio.Event()
+        self.on_cut_off: CutOffHook | None = None
 
     async def Generate(
         self, request: node_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
@@ -108,6 +113,7 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         self.time_remaining_s.append(context.time_remaining())
         self.started.set()
         b = self.behaviour
+        sent = 0
         try:
             if b.refuse is not None:
                 await context.abort(b.refuse[0], b.refuse[1])
@@ -128,6 +134,7 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died")
                 if b.delay_s:
                     await asyncio.sleep(b.delay_s)
+                sent += 1
                 yield node_pb2.WorkerGenerateResponse(
                     delta=common_pb2.TextDelta(text=text, token_ids=[b.first_token_id + index])
                 )
@@ -141,8 +148,10 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
             if b.receipt:
                 final.receipt.receipt = b"receipt:" + request.request_id.encode()
             yield node_pb2.WorkerGenerateResponse(final=final)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.set()
+            if sent and self.on_cut_off is not None:
+                self.on_cut_off(request, sent)
             raise
 
 
@@ -176,6 +185,11 @@ class FakeNode:
         self.pings_received = 0
         # Whether pings on the heartbeat stream are answered with a pong.
         self.answer_pings = True
+        # Receipts of cut-off calls, sent on the next heartbeat (a real node's late
+        # receipts); only when send_late_receipts is set.
+        self.late_receipts: list[market_pb2.SignedReceipt] = []
+        self.send_late_receipts = False
+        self.worker.on_cut_off = self._cut_off
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._silent = asyncio.Event()
 
@@ -240,8 +254,11 @@ class FakeNode:
                 if pong_id and self.answer_pings:
                     yield node_pb2.HeartbeatRequest(sequence=sequence, pong_id=pong_id)
                 elif not pong_id:
+                    late, self.late_receipts = self.late_receipts, []
                     yield node_pb2.HeartbeatRequest(
-                        sequence=sequence, load=node_pb2.NodeLoad(running_requests=0)
+                        sequence=sequence,
+                        load=node_pb2.NodeLoad(running_requests=0),
+                        late_receipts=late,
                     )
                     next_beat_s = loop.time() + interval_s
                 else:
@@ -266,6 +283,23 @@ class FakeNode:
         finally:
             # A task cancelled before the call is set up does not cancel the call itself.
             call.cancel()
+
+    def _cut_off(self, request: node_pb2.WorkerGenerateRequest, sent: int) -> None:
+        """Sign a receipt for the deltas a cut-off call yielded, as a real node does."""
+        if not self.send_late_receipts:
+            return
+        usage = market_pb2.UsageReceipt(
+            request_id=request.request_id,
+            node_id=self.identity.node_id,
+            model=request.model,
+            input_tokens=self.worker.behaviour.input_tokens + len(request.resume_token_ids),
+            output_tokens=sent,
+            price_input_micro_usd_per_mtok=self.price_input,
+            price_output_micro_usd_per_mtok=self.price_output,
+            segment_index=request.segment_index,
+            lease_id=request.lease_id,
+        )
+        self.late_receipts.append(sign_receipt(usage, self.identity))
 
     def go_silent(self) -> None:
         """Stop beating but keep the heartbeat stream open."""

@@ -3,15 +3,18 @@ settlement of good, forged, miscounted and missing receipts, leases."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+import grpc.aio
 import pytest
-from mercato.v1 import common_pb2, inference_pb2, market_pb2
+from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc, market_pb2
 
 from coordinator.billing import (
     Billing,
@@ -21,6 +24,7 @@ from coordinator.billing import (
     input_tokens_max,
     ledger_settings,
 )
+from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import ValidRequest, validate_request
 from marketplace.identity import Identity
@@ -29,8 +33,13 @@ from marketplace.ledger import (
     LedgerSettings,
     Unauthenticated,
     sign_receipt,
+    verify_ledger,
+    verify_offline,
 )
 from marketplace.ledger.models import AccountKind
+
+from . import fakes
+from .conftest import fast_settings
 
 MODEL = "SmolLM2-135M-Instruct"
 PRICE_IN = 100_000
@@ -38,6 +47,7 @@ PRICE_OUT = 200_000
 FEE_BPS = 1_000
 NODE = Identity.from_seed(b"n" * 32)
 OTHER_NODE = Identity.from_seed(b"o" * 32)
+COORDINATOR = Identity.from_seed(b"c" * 32)
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Part:
     input_tokens: int = 20
     output_tokens: int = 10
     receipt: market_pb2.SignedReceipt | None = None
+    completed: bool = True  # False: cut off before the node's final
 
 
 class FakeRegistry:
@@ -360,3 +371,255 @@ async def test_lease_routing_and_refund_when_its_node_leaves(setup: Setup) -> No
     assert (
         list((await billing.constrain(principal, valid(setup.settings))).routing.ignore_nodes) == []
     )
+
+
+# ---------------------------------------------------------------- late receipts
+
+
+def cut_part(request: ValidRequest, output_tokens: int = 6) -> Part:
+    """A segment cut off before its node's final (client cancel, deadline): no receipt,
+    no input count from the node, the output tokens the coordinator relayed."""
+    return Part(
+        NODE.node_id,
+        request.worker_request.request_id,
+        input_tokens=0,
+        output_tokens=output_tokens,
+        completed=False,
+    )
+
+
+def late_receipt(part: Part, node: Identity = NODE, **changes: int) -> market_pb2.SignedReceipt:
+    """The node's receipt for a cut-off part: its own prompt count (20) and output count."""
+    return receipt(
+        part, node, **{"input_tokens": 20, "output_tokens": part.output_tokens, **changes}
+    )
+
+
+async def settled(setup: Setup, request_id: str, timeout_s: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await setup.ledger.flush()
+        row = setup.ledger.store.settlement(request_id)
+        if row is not None:
+            return row
+        assert time.monotonic() < deadline, f"request {request_id} was never settled"
+        await asyncio.sleep(0.02)
+
+
+async def rejections(setup: Setup, request_id: str) -> list[dict]:
+    await setup.ledger.flush()
+    return setup.ledger.store.rejections(request_id)
+
+
+async def admitted(setup: Setup) -> tuple[ValidRequest, object]:
+    principal = await setup.billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    request = valid(setup.settings)  # max_tokens 16
+    return request, await setup.billing.admit(principal, request, [candidate()])
+
+
+async def test_cancelled_request_is_charged_the_relayed_tokens_on_the_late_receipt(
+    setup: Setup,
+) -> None:
+    billing = setup.billing
+    setup.registry.live = {NODE.node_id}
+    request, admission = await admitted(setup)
+    part = cut_part(request, output_tokens=6)
+    settling = asyncio.create_task(billing.settle(admission, [part], late_wait_s=10))  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    assert not settling.done()  # waiting for the node's late receipt
+    # The node wrote 8 tokens; 2 were in flight when the call was cut.
+    billing.accept_late_receipt(NODE.node_id, late_receipt(part, output_tokens=8))
+    charge = await asyncio.wait_for(settling, 5)
+
+    cost = math.ceil((20 * PRICE_IN + 6 * PRICE_OUT) / 1_000_000)
+    assert charge.cost_micro_usd == cost and charge.late_segments == 1
+    [signed] = charge.receipts
+    usage = verify_offline(signed, [COORDINATOR.public_key])  # node-signed, countersigned
+    assert (usage.node_id, usage.output_tokens) == (NODE.node_id, 8)
+    row = await settled(setup, request.request_id)
+    assert (row["cost_micro_usd"], row["output_tokens"]) == (cost, 6)  # the relayed count
+    assert await available(setup) == 1_000_000 - cost
+    fee = cost * FEE_BPS // 10_000
+    assert (await setup.ledger.balance(NODE.node_id)).posted_micro_usd == cost - fee
+    assert await rejections(setup, request.request_id) == []
+    assert verify_ledger(setup.ledger.store.engine).ok
+
+
+async def test_background_settlement_takes_a_receipt_that_came_before_it(setup: Setup) -> None:
+    billing = setup.billing
+    setup.registry.live = {NODE.node_id}
+    request, admission = await admitted(setup)
+    part = cut_part(request, output_tokens=3)
+    billing.accept_late_receipt(NODE.node_id, late_receipt(part))  # before the relay ended
+    started = time.monotonic()
+    billing.settle_in_background(admission, [part])  # type: ignore[arg-type]
+    row = await settled(setup, request.request_id)
+    assert time.monotonic() - started < setup.settings.late_receipt_wait_s  # no wait
+    assert row["cost_micro_usd"] == math.ceil((20 * PRICE_IN + 3 * PRICE_OUT) / 1_000_000)
+
+
+async def test_late_receipt_after_the_settlement_is_refused_and_recorded(setup: Setup) -> None:
+    billing = setup.billing
+    setup.registry.live = {NODE.node_id}
+    request, admission = await admitted(setup)
+    part = cut_part(request)
+    first = late_receipt(part)
+    billing.accept_late_receipt(NODE.node_id, first)
+    charge = await billing.settle(admission, [part], late_wait_s=1)  # type: ignore[arg-type]
+    assert charge.cost_micro_usd > 0
+    after = await available(setup)
+
+    billing.accept_late_receipt(NODE.node_id, first)  # the same receipt again: no news
+    assert await rejections(setup, request.request_id) == []
+    billing.accept_late_receipt(NODE.node_id, late_receipt(part, output_tokens=9))
+    [rejected] = await rejections(setup, request.request_id)
+    assert rejected["reason"] == "unmatched_receipt" and rejected["node_id"] == NODE.node_id
+    assert "settled or released" in rejected["detail"]
+    assert await available(setup) == after  # nothing charged again
+
+
+@pytest.mark.parametrize("forgery", ["bad_signature", "sent_by_another_node", "garbage"])
+async def test_forged_late_receipt_is_refused_and_recorded(setup: Setup, forgery: str) -> None:
+    billing = setup.billing
+    setup.registry.live = {NODE.node_id, OTHER_NODE.node_id}
+    request, admission = await admitted(setup)
+    part = cut_part(request)
+    signed = late_receipt(part)
+    if forgery == "bad_signature":
+        signed.node_signature = bytes(64)
+    elif forgery == "sent_by_another_node":  # OTHER_NODE's own receipt for NODE's segment
+        signed = late_receipt(part, node=OTHER_NODE)
+    else:
+        signed = market_pb2.SignedReceipt(receipt=b"\xff\xff", node_public_key=NODE.public_key)
+    billing.accept_late_receipt(
+        OTHER_NODE.node_id if forgery == "sent_by_another_node" else NODE.node_id, signed
+    )
+    if forgery == "sent_by_another_node":  # stashed under OTHER_NODE, refused at settlement
+        assert await rejections(setup, request.request_id) == []
+    charge = await billing.settle(admission, [part], late_wait_s=0.2)  # type: ignore[arg-type]
+    assert charge.cost_micro_usd == 0 and charge.unreceipted_segments == 1
+    assert await available(setup) == 1_000_000  # hold released, nothing charged
+    recorded = await rejections(setup, "" if forgery == "garbage" else request.request_id)
+    reasons = {row["reason"] for row in recorded}
+    expected = {
+        "bad_signature": "forged_receipt",
+        "sent_by_another_node": "unmatched_receipt",
+        "garbage": "malformed_receipt",
+    }[forgery]
+    assert reasons == {expected}
+
+
+async def test_receipt_naming_another_node_than_its_sender_is_forged(setup: Setup) -> None:
+    setup.registry.live = {NODE.node_id}
+    request, _ = await admitted(setup)
+    signed = late_receipt(cut_part(request))  # NODE's valid receipt, relayed by OTHER_NODE
+    setup.billing.accept_late_receipt(OTHER_NODE.node_id, signed)
+    [rejected] = await rejections(setup, request.request_id)
+    assert rejected["reason"] == "forged_receipt" and rejected["node_id"] == OTHER_NODE.node_id
+
+
+@pytest.mark.parametrize("live", [True, False])
+async def test_no_late_receipt_releases_the_hold_after_the_grace(setup: Setup, live: bool) -> None:
+    setup.registry.live = {NODE.node_id} if live else set()
+    request, admission = await admitted(setup)
+    started = time.monotonic()
+    charge = await setup.billing.settle(admission, [cut_part(request)], late_wait_s=0.3)  # type: ignore[arg-type]
+    waited_s = time.monotonic() - started
+    assert charge.cost_micro_usd == 0 and charge.unreceipted_segments == 1
+    assert await available(setup) == 1_000_000
+    assert setup.ledger.store.settlement(request.request_id) is None
+    if live:
+        assert waited_s >= 0.3  # a live node gets the grace
+    else:
+        assert waited_s < 0.3  # a dead node sends nothing: no wait
+
+
+@pytest.mark.parametrize(
+    ("node_count", "refused"),
+    [(5, True), (6, False), (16, False), (17, True)],  # relayed 6, asked for 16
+)
+async def test_late_count_below_relayed_or_above_asked_is_refused(
+    setup: Setup, node_count: int, refused: bool
+) -> None:
+    setup.registry.live = {NODE.node_id}
+    request, admission = await admitted(setup)
+    part = cut_part(request, output_tokens=6)
+    setup.billing.accept_late_receipt(NODE.node_id, late_receipt(part, output_tokens=node_count))
+    charge = await setup.billing.settle(admission, [part], late_wait_s=1)  # type: ignore[arg-type]
+    recorded = await rejections(setup, request.request_id)
+    if refused:
+        assert charge.cost_micro_usd == 0 and charge.refused_segments == 1
+        assert [row["reason"] for row in recorded] == ["miscounted_receipt"]
+        assert await available(setup) == 1_000_000
+    else:
+        cost = math.ceil((20 * PRICE_IN + 6 * PRICE_OUT) / 1_000_000)
+        assert charge.cost_micro_usd == cost and recorded == []
+
+
+async def test_late_copy_of_a_final_receipt_is_ignored(setup: Setup) -> None:
+    """A node cut off while writing its final sends the receipt late too."""
+    setup.registry.live = {NODE.node_id}
+    request, admission = await admitted(setup)
+    part = Part(NODE.node_id, request.worker_request.request_id)
+    part.receipt = receipt(part)
+    await setup.billing.settle(admission, [part])  # type: ignore[arg-type]
+    setup.billing.accept_late_receipt(NODE.node_id, part.receipt)
+    assert await rejections(setup, request.request_id) == []
+
+
+async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole coordinator (billing on, SQLite) and a fake node that sends the receipt of
+    its cut-off call on its heartbeat stream, as a real node does."""
+    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
+    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
+    await coordinator.start()
+    node = fakes.FakeNode(coordinator.address)
+    try:
+        await node.start()
+        node.send_late_receipts = True
+        node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(40)], delay_s=0.05)
+        assert coordinator.billing is not None
+        ledger = coordinator.billing.ledger
+        account = ledger.store.create_account(AccountKind.CLIENT, "carol")
+        ledger.store.deposit(account.id, 1_000_000, "fund-carol")
+        key = ledger.store.issue_key(account.id, "k").secret_key
+        request = inference_pb2.GenerateRequest(
+            request_id="cut-1",
+            model=fakes.MODEL,
+            prompt="Count.",
+            sampling=common_pb2.SamplingParams(max_tokens=64),
+        )
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+                request, metadata=(("authorization", f"Bearer {key}"),), timeout=30
+            )
+            received = 0
+            async for response in call:
+                assert response.WhichOneof("chunk") == "delta"
+                received += 1
+                if received == 3:
+                    break
+            call.cancel()
+
+        deadline = time.monotonic() + 10
+        while (row := ledger.store.settlement("cut-1")) is None:
+            assert time.monotonic() < deadline, "the cancelled request was never settled"
+            await asyncio.sleep(0.05)
+        relayed = row["output_tokens"]
+        assert received <= relayed < 40  # cut off mid-stream
+        cost = math.ceil((7 * node.price_input + relayed * node.price_output) / 1_000_000)
+        assert row["cost_micro_usd"] == cost > 0
+        [signed] = ledger.store.receipts("cut-1")
+        usage = verify_offline(signed, [coordinator.identity.public_key])
+        assert usage.node_id == node.node_id and usage.output_tokens >= relayed
+        await ledger.flush()
+        fee = cost * ledger.settings.platform_fee_bps // 10_000
+        assert ledger.store.account(account.id).posted_micro_usd == 1_000_000 - cost
+        assert ledger.store.account(account.id).pending_debits_micro_usd == 0
+        assert ledger.store.account(node.node_id).posted_micro_usd == cost - fee
+        assert ledger.store.rejections("cut-1") == []
+    finally:
+        await node.stop()
+        await coordinator.stop(grace_s=0)

@@ -18,6 +18,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert settings.heartbeat_interval_ms == 1000
     assert settings.liveness_timeout_ms == 3000
     assert settings.default_max_tokens == 256
+    assert settings.late_receipt_wait_s == 3.0
     assert settings.home == tmp_path
     assert settings.identity_path == tmp_path / "coordinator" / "identity.key"
 
@@ -35,7 +36,13 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("port", -1), ("port", 65536), ("heartbeat_interval_ms", 0), ("max_tokens_limit", 0)],
+    [
+        ("port", -1),
+        ("port", 65536),
+        ("heartbeat_interval_ms", 0),
+        ("max_tokens_limit", 0),
+        ("late_receipt_wait_s", -1),
+    ],
 )
 def test_bounds(field: str, value: int) -> None:
     with pytest.raises(ValidationError, match=field):

@@ -226,6 +226,90 @@ def test_paid_request_moves_exactly_the_final_cost(market: Market) -> None:
     assert verified["ok"] is True and len(verified["receipts"]) == 1
 
 
+def _story(request_id: str, max_tokens: int) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        request_id=request_id,
+        model=MODEL,
+        chat=common_pb2.ChatInput(
+            messages=[
+                common_pb2.ChatMessage(
+                    role="user", content="Write a long story about a dragon who learns to cook."
+                )
+            ]
+        ),
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
+
+
+def test_client_cancel_mid_stream_pays_for_what_it_was_sent(market: Market) -> None:
+    """The client reads a few tokens and cancels: no final, so the node's receipt comes
+    late, on its heartbeat stream; the client pays for the tokens the coordinator relayed
+    to it (those it read, and the few in flight when it cancelled), the provider earns
+    its share, and the receipt is the node's, countersigned."""
+    max_tokens = 256
+    request_id = f"cut-{secrets.token_hex(4)}"
+    store = market.store()
+    try:
+        try:
+            before_provider = _posted(store, market.node_id)
+        except Exception:  # the provider account appears with the first earning
+            before_provider = 0
+        before_fees = _posted(store, "platform.fees")
+        with authorized_channel(market.address, market.key) as channel:
+            accounts = account_pb2_grpc.AccountServiceStub(channel)
+            before = accounts.GetBalance(account_pb2.GetBalanceRequest(), timeout=30)
+            call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+                _story(request_id, max_tokens), timeout=300
+            )
+            received = 0
+            for response in call:
+                assert response.HasField("delta"), "the request ended before the cancel"
+                received += len(response.delta.token_ids)
+                if received >= 4:
+                    break
+            call.cancel()
+
+            deadline = time.monotonic() + 30
+            while not (
+                page := accounts.ListReceipts(
+                    account_pb2.ListReceiptsRequest(request_id=request_id), timeout=30
+                )
+            ).receipts:
+                assert time.monotonic() < deadline, "the cancelled request was never billed"
+                time.sleep(0.1)
+            [item] = page.receipts
+            _until(
+                lambda: (
+                    accounts.GetBalance(account_pb2.GetBalanceRequest(), timeout=30).held_micro_usd
+                    == before.held_micro_usd
+                )
+            )
+            after = accounts.GetBalance(account_pb2.GetBalanceRequest(), timeout=30)
+
+        usage = market_pb2.UsageReceipt.FromString(item.receipt.receipt)
+        assert usage.request_id == request_id and usage.node_id == market.node_id
+        assert received <= item.output_tokens < max_tokens  # relayed, cut off mid-stream
+        assert usage.output_tokens >= item.output_tokens  # the node wrote at least as many
+        assert item.input_tokens == usage.input_tokens > 0
+        cost = math.ceil(
+            (
+                item.input_tokens * usage.price_input_micro_usd_per_mtok
+                + item.output_tokens * usage.price_output_micro_usd_per_mtok
+            )
+            / 1_000_000
+        )
+        assert item.cost_micro_usd == cost > 0
+        assert before.posted_micro_usd - after.posted_micro_usd == cost
+        fee = cost * FEE_BPS // 10_000
+        assert _posted(store, market.node_id) == before_provider + cost - fee
+        assert _posted(store, "platform.fees") == before_fees + fee
+        assert store.rejections(request_id) == []
+    finally:
+        store.close()
+    verified = market.cli("receipts", "verify", request_id)
+    assert verified["ok"] is True and len(verified["receipts"]) == 1
+
+
 def test_insufficient_balance_is_failed_precondition(market: Market) -> None:
     store = market.store()
     try:

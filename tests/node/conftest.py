@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc.aio
 import pytest
-from mercato.v1 import common_pb2, node_pb2, node_pb2_grpc
+from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
 
 from marketplace.identity import Identity
 from node.engine.fake_engine import FakeEngine
@@ -27,6 +27,8 @@ class WorkerHarness:
     stub: node_pb2_grpc.NodeWorkerServiceStub
     channel: grpc.aio.Channel
     address: str
+    # Receipts of calls cut off before their final, as the worker handed them over.
+    late_receipts: list[market_pb2.SignedReceipt] = field(default_factory=list)
 
 
 async def start_harness(
@@ -35,18 +37,21 @@ async def start_harness(
     engine = FakeEngine(MODEL, tokens_per_s=tokens_per_s, context_length=context_length)
     await engine.start(timeout_s=5)
     identity = Identity.from_seed(bytes(range(32)))
+    late_receipts: list[market_pb2.SignedReceipt] = []
     worker = NodeWorker(
         engine,
         identity,
         price_input_micro_usd_per_mtok=PRICE_INPUT,
         price_output_micro_usd_per_mtok=PRICE_OUTPUT,
         max_concurrency=max_concurrency,
+        on_late_receipt=late_receipts.append,
     )
     server, port, _health = await start_worker_server(worker, "127.0.0.1", 0)
     address = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(address)
     stub = node_pb2_grpc.NodeWorkerServiceStub(channel)
-    return WorkerHarness(engine, identity, worker, stub, channel, address), server
+    harness = WorkerHarness(engine, identity, worker, stub, channel, address, late_receipts)
+    return harness, server
 
 
 @pytest.fixture

@@ -22,6 +22,9 @@ class RecordingControl(node_pb2_grpc.NodeControlServiceServicer):
         self.heartbeats: list[tuple[dict[str, str], node_pb2.HeartbeatRequest]] = []
         self.heartbeat_seen = asyncio.Event()
         self.end_streams_after: int | None = None  # end each stream after N heartbeats
+        # End this many streams at a heartbeat carrying late receipts, without answering
+        # it (the receipts are not acknowledged).
+        self.drop_late_receipts = 0
 
     async def Register(
         self, request: node_pb2.RegisterRequest, context: grpc.aio.ServicerContext
@@ -49,6 +52,9 @@ class RecordingControl(node_pb2_grpc.NodeControlServiceServicer):
         async for heartbeat in request_iterator:
             self.heartbeats.append((metadata, heartbeat))
             self.heartbeat_seen.set()
+            if heartbeat.late_receipts and self.drop_late_receipts > 0:
+                self.drop_late_receipts -= 1
+                return
             yield node_pb2.HeartbeatResponse(sequence=heartbeat.sequence)
             count += 1
             if self.end_streams_after is not None and count >= self.end_streams_after:

@@ -12,12 +12,15 @@ from marketplace.identity import Identity
 from node.agent import NODE_ID_METADATA, SESSION_METADATA, NodeAgent
 from node.hardware import HardwareInfo
 from node.offer import build_offer, sign_offer
+from node.receipts import ReceiptOutbox, sign_receipt
 from node.settings import NodeSettings
 
 from .control_fake import SESSION_TOKEN, RecordingControl, start_control
 
 
-def _agent(address: str, identity: Identity, tmp_path) -> NodeAgent:  # type: ignore[no-untyped-def]
+def _agent(  # type: ignore[no-untyped-def]
+    address: str, identity: Identity, tmp_path, outbox: ReceiptOutbox | None = None
+) -> NodeAgent:
     settings = NodeSettings(home=tmp_path)
     hardware = HardwareInfo(cpu_cores=2, memory_bytes=2**30, cpu_model="x")
 
@@ -40,6 +43,7 @@ def _agent(address: str, identity: Identity, tmp_path) -> NodeAgent:  # type: ig
         lambda: node_pb2.NodeLoad(running_requests=3, output_tokens_per_s=42),
         backoff_initial_s=0.05,
         backoff_max_s=0.2,
+        late_receipts=outbox,
     )
 
 
@@ -114,3 +118,90 @@ async def test_comes_back_after_the_coordinator_restarts(
         await agent.stop()
         await server.stop(0)
     assert SESSION_TOKEN not in caplog.text
+
+
+def _late_receipt(identity: Identity, request_id: str) -> market_pb2.SignedReceipt:
+    usage = market_pb2.UsageReceipt(
+        request_id=request_id, node_id=identity.node_id, model="m", output_tokens=3
+    )
+    return sign_receipt(identity, usage)
+
+
+def _sent_receipts(control: RecordingControl) -> list[str]:
+    return [
+        market_pb2.UsageReceipt.FromString(signed.receipt).request_id
+        for _, heartbeat in control.heartbeats
+        for signed in heartbeat.late_receipts
+    ]
+
+
+async def test_late_receipts_go_out_at_once_on_a_heartbeat(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    control = RecordingControl(heartbeat_interval_ms=30_000)  # one periodic beat, then none
+    server, port = await start_control(control)
+    identity = Identity.generate()
+    outbox = ReceiptOutbox()
+    agent = _agent(f"127.0.0.1:{port}", identity, tmp_path, outbox)
+    agent.start()
+    try:
+        await _until(lambda: len(control.heartbeats) >= 1)
+        outbox.put(_late_receipt(identity, "r-1"))
+        outbox.put(_late_receipt(identity, "r-2"))
+        await _until(lambda: len(_sent_receipts(control)) == 2, timeout_s=5)
+        assert _sent_receipts(control) == ["r-1", "r-2"]
+        _, beat = next((m, hb) for m, hb in control.heartbeats if hb.late_receipts)
+        assert beat.load.running_requests == 3  # a full heartbeat, with the load
+        assert len(outbox) == 0
+    finally:
+        await agent.stop()
+        await server.stop(0)
+
+
+async def test_unacknowledged_late_receipts_are_sent_again_on_the_next_stream(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    control = RecordingControl(heartbeat_interval_ms=30_000)
+    control.drop_late_receipts = 1  # the first stream ends without answering the receipt
+    server, port = await start_control(control)
+    identity = Identity.generate()
+    outbox = ReceiptOutbox()
+    agent = _agent(f"127.0.0.1:{port}", identity, tmp_path, outbox)
+    agent.start()
+    try:
+        await _until(lambda: len(control.heartbeats) >= 1)
+        outbox.put(_late_receipt(identity, "r-1"))
+        await _until(lambda: len(_sent_receipts(control)) == 2)
+        assert _sent_receipts(control) == ["r-1", "r-1"]
+        assert len(control.offers) == 2  # it registered again in between
+        await asyncio.sleep(0.2)
+        assert len(_sent_receipts(control)) == 2 and len(outbox) == 0  # acknowledged now
+    finally:
+        await agent.stop()
+        await server.stop(0)
+
+
+def test_outbox_is_bounded_and_keeps_the_newest(caplog: pytest.LogCaptureFixture) -> None:
+    identity = Identity.generate()
+    outbox = ReceiptOutbox(max_receipts=3)
+
+    def ids() -> list[str]:
+        taken = outbox.take(10)
+        outbox.put_back(taken)
+        return [market_pb2.UsageReceipt.FromString(r.receipt).request_id for r in taken]
+
+    outbox.put(_late_receipt(identity, "a"))
+    outbox.put(_late_receipt(identity, "b"))
+    taken = outbox.take(1)
+    outbox.put(_late_receipt(identity, "c"))
+    outbox.put_back(taken)  # not acknowledged: ahead of the newer ones
+    assert ids() == ["a", "b", "c"] and outbox.dropped == 0
+    outbox.put(_late_receipt(identity, "d"))
+    assert ids() == ["b", "c", "d"] and outbox.dropped == 1
+    assert "dropped 1 late usage receipt" in caplog.text
+
+
+def test_closed_outbox_drops_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    identity = Identity.generate()
+    outbox = ReceiptOutbox()
+    outbox.put(_late_receipt(identity, "a"))
+    outbox.close("the node stopped")
+    outbox.put(_late_receipt(identity, "b"))
+    assert len(outbox) == 0 and outbox.dropped == 2
+    assert "the node stopped" in caplog.text

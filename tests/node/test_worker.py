@@ -270,3 +270,92 @@ async def test_health_and_reflection_are_served(harness: WorkerHarness) -> None:
         names = {s.name for s in response.list_services_response.service}
         assert "mercato.v1.NodeWorkerService" in names
         break
+
+
+async def _until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 (state owned by grpc tasks)
+            await asyncio.sleep(0.01)
+
+
+async def test_cancelled_call_hands_over_a_signed_late_receipt() -> None:
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=50)
+    try:
+        request = chat_request(max_tokens=200, request_id="cut-1:1")
+        request.segment_index = 1
+        request.lease_id = "lease-3"
+        call = harness.stub.Generate(request)
+        received = 0
+        async for response in call:
+            assert response.HasField("delta")
+            received += len(response.delta.token_ids)
+            if received >= 3:
+                break
+        call.cancel()
+        await _until(lambda: harness.late_receipts)
+        [signed] = harness.late_receipts
+        assert signed.node_public_key == harness.identity.public_key
+        assert verify(signed.node_public_key, RECEIPT_DOMAIN, signed.receipt, signed.node_signature)
+        usage = market_pb2.UsageReceipt.FromString(signed.receipt)
+        assert (usage.request_id, usage.node_id, usage.model) == (
+            "cut-1:1",
+            harness.identity.node_id,
+            MODEL,
+        )
+        assert (usage.segment_index, usage.lease_id) == (1, "lease-3")
+        assert usage.input_tokens == len(harness.engine.render_chat([("user", "hello")]))
+        assert received <= usage.output_tokens < 200  # what it wrote, in flight included
+        assert (usage.price_input_micro_usd_per_mtok, usage.price_output_micro_usd_per_mtok) == (
+            PRICE_INPUT,
+            PRICE_OUTPUT,
+        )
+        assert usage.started_at_unix_ms <= usage.finished_at_unix_ms
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_deadline_cut_call_hands_over_a_late_receipt() -> None:
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=50)
+    try:
+        received = 0
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for response in harness.stub.Generate(
+                chat_request(max_tokens=200, request_id="slow"), timeout=0.4
+            ):
+                received += len(response.delta.token_ids)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _until(lambda: harness.late_receipts)
+        [signed] = harness.late_receipts
+        usage = market_pb2.UsageReceipt.FromString(signed.receipt)
+        assert usage.request_id == "slow" and 0 < received <= usage.output_tokens < 200
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_no_late_receipt_for_a_call_cut_before_any_output() -> None:
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=1)  # the first token after 1 s
+    try:
+        call = harness.stub.Generate(chat_request(max_tokens=5, request_id="early"))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        await _until(lambda: "early" in harness.engine.aborted_request_ids)
+        await _until(lambda: harness.worker.in_flight == 0)
+        assert harness.late_receipts == []  # nothing went out: nothing to bill
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_no_late_receipt_for_a_finished_call(harness: WorkerHarness) -> None:
+    _, final = await collect(harness.stub.Generate(chat_request(max_tokens=3)))
+    assert final is not None and final.receipt.receipt  # the receipt went in the final
+    await _until(lambda: harness.worker.in_flight == 0)
+    assert harness.late_receipts == []

@@ -59,9 +59,10 @@ class NodeControlServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request_iterator, context):
-        """Keeps a node live: the node streams its load; the coordinator answers each
-        heartbeat so the node can measure the round trip. Metadata "x-mercato-node-id"
-        and "x-mercato-session" (from RegisterResponse) identify the node.
+        """Keeps a node live: the node streams its load (and late usage receipts); the
+        coordinator answers each heartbeat so the node can measure the round trip.
+        Metadata "x-mercato-node-id" and "x-mercato-session" (from RegisterResponse)
+        identify the node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +171,8 @@ class NodeWorkerServiceServicer:
 
     def Generate(self, request, context):
         """Generates text, streamed: deltas, then one final message with a signed receipt.
+        A call cancelled after output went out ends without a final; the node then sends
+        the receipt on its heartbeat stream (HeartbeatRequest.late_receipts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -83,3 +83,48 @@ def test_offline_refuses_missing_or_untrusted_countersignature() -> None:
     out.coordinator_signature = bytes(64)
     with pytest.raises(ForgedReceipt):
         verify_offline(out)
+
+
+def test_completed_segment_counts_must_match_exactly() -> None:
+    """A receipt from a node's final may not count more output than was relayed."""
+    signed, relayed = receipt_for(NODE, "r1#0", 10, 20)
+    from dataclasses import replace
+
+    with pytest.raises(
+        MiscountedReceipt, match="output_tokens is 20 but the coordinator relayed 18"
+    ):
+        check_receipt(signed, replace(relayed, output_tokens=18))
+
+
+@pytest.mark.parametrize(
+    ("relayed_tokens", "ceiling", "ok"),
+    [
+        (20, 20, True),  # all that was written was relayed
+        (17, 32, True),  # 3 tokens were in flight when the call was cut
+        (21, 32, False),  # the node cannot have written fewer than were received
+        (10, 19, False),  # more than the node was asked for
+    ],
+)
+def test_cut_off_segment_accepts_a_late_count_between_relayed_and_asked(
+    relayed_tokens: int, ceiling: int, ok: bool
+) -> None:
+    signed, relayed = receipt_for(NODE, "r1#0", 10, 20)  # the node counts 20 output tokens
+    from dataclasses import replace
+
+    cut = replace(relayed, output_tokens=relayed_tokens, output_tokens_max=ceiling)
+    assert cut.cut_off and not relayed.cut_off
+    if ok:
+        assert check_receipt(signed, cut).output_tokens == 20
+    else:
+        with pytest.raises(MiscountedReceipt, match="late receipt output_tokens is 20"):
+            check_receipt(signed, cut)
+
+
+def test_cut_off_segment_checks_every_other_field_exactly() -> None:
+    signed, relayed = receipt_for(NODE, "r1#0", 10, 20)
+    from dataclasses import replace
+
+    with pytest.raises(MiscountedReceipt, match="input_tokens"):
+        check_receipt(
+            signed, replace(relayed, output_tokens=5, output_tokens_max=64, input_tokens=9)
+        )
