@@ -135,6 +135,26 @@ class NodeSettings(BaseSettings):
             "nobind, auto, or a list like 0-3. Pinning was 10x slower on a shared host."
         ),
     )
+    stream_interval_max: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description=(
+            "Most output tokens the engine gathers into one streamed delta when it is busy "
+            "(vLLM's stream interval); 1 sends every token at once. The first token and "
+            "the last are always sent at once."
+        ),
+    )
+    stream_interval_step_requests: int = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description=(
+            "Each this many requests already running when a request starts add one token "
+            "to its stream interval (up to stream_interval_max): a lightly loaded node "
+            "streams every token, a busy one sends fewer, larger deltas."
+        ),
+    )
     kv_cache_space_gib: int = Field(
         default=2,
         ge=1,

@@ -25,7 +25,7 @@ MODEL = "SmolLM2-135M-Instruct"
 NEW_TOKENS = 128
 ROUNDS = 3
 CONCURRENCY_LEVELS = (1, 32)
-REQUESTS_AT_C1 = 2
+REQUESTS_AT_C1 = 4
 
 _TOPICS = [
     "the water cycle",

@@ -36,6 +36,8 @@ def _build_vllm(settings: NodeSettings, model_path: Path | None) -> Engine:
         use_gpu=use_gpu,
         dtype=dtype.value,
         cpu_omp_threads_bind=settings.cpu_omp_threads_bind,
+        stream_interval_max=settings.stream_interval_max,
+        stream_interval_step_requests=settings.stream_interval_step_requests,
     )
 
 

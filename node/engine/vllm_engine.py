@@ -101,7 +101,11 @@ class VllmEngine(Engine):
         dtype: str = "bfloat16",
         cpu_omp_threads_bind: str = "nobind",
         seed: int = 0,
+        stream_interval_max: int = 1,
+        stream_interval_step_requests: int = 8,
     ) -> None:
+        if stream_interval_max < 1 or stream_interval_step_requests < 1:
+            raise ValueError("stream_interval_max and stream_interval_step_requests: must be >= 1")
         self._model_path = Path(model_path)
         self._model_name = model_name
         self._max_model_len = max_model_len
@@ -111,6 +115,8 @@ class VllmEngine(Engine):
         self._dtype = dtype
         self._cpu_omp_threads_bind = cpu_omp_threads_bind
         self._seed = seed
+        self._stream_interval_max = stream_interval_max
+        self._stream_interval_step = stream_interval_step_requests
         self._llm: Any = None
         self._tokenizer: Any = None
         self._vocab_size = 0
@@ -245,7 +251,23 @@ class VllmEngine(Engine):
             output_tokens_per_s=self._meter.rate(),
         )
 
+    def stream_interval(self, running_requests: int) -> int:
+        """Output tokens gathered per streamed delta for a request that starts while
+        ``running_requests`` others run: 1 on a lightly loaded engine; one more for each
+        ``stream_interval_step_requests`` running, up to ``stream_interval_max``.
+
+        Every delta costs the same host work however many tokens it carries (a pass of
+        the output processor, a gRPC message through node, coordinator and client), and
+        on a busy engine that work is taken from the forward passes: sending fewer,
+        larger deltas when many streams run keeps throughput close to the engine's own.
+        The price is burstier text for those streams (the first token still comes at
+        once); at low load nothing changes. vLLM's ``stream_interval`` does the gathering.
+        """
+        interval = 1 + running_requests // self._stream_interval_step
+        return max(1, min(self._stream_interval_max, interval))
+
     def _sampling_params(self, request: GenerationRequest) -> Any:
+        running = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
         return self._sampling_params_cls(
             n=1,
             max_tokens=request.max_tokens,
@@ -255,6 +277,7 @@ class VllmEngine(Engine):
             stop=list(request.stop) or None,
             output_kind=self._delta_kind,
             detokenize=True,
+            stream_interval=self.stream_interval(running),
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
