@@ -261,7 +261,8 @@ class Relay:
             )(worker_request, timeout=remaining_s)
             read = call.read
             try:
-                message = await asyncio.wait_for(read(), self._settings.first_token_timeout_s)
+                async with asyncio.timeout(self._settings.first_token_timeout_s):
+                    message = await read()  # no task per request, unlike wait_for
             except TimeoutError:
                 raise _AttemptFailed(
                     AttemptFailure(
