@@ -146,7 +146,7 @@ class NodeSettings(BaseSettings):
         ),
     )
     stream_interval_step_requests: int = Field(
-        default=8,
+        default=4,
         ge=1,
         le=4096,
         description=(

@@ -102,7 +102,7 @@ class VllmEngine(Engine):
         cpu_omp_threads_bind: str = "nobind",
         seed: int = 0,
         stream_interval_max: int = 1,
-        stream_interval_step_requests: int = 8,
+        stream_interval_step_requests: int = 4,
     ) -> None:
         if stream_interval_max < 1 or stream_interval_step_requests < 1:
             raise ValueError("stream_interval_max and stream_interval_step_requests: must be >= 1")
