@@ -20,9 +20,8 @@ def proto_sources() -> list[Path]:
 
 
 def generate(out_dir: Path) -> None:
-    from grpc_tools import protoc  # imported here: a build-time tool only
-
     import grpc_tools
+    from grpc_tools import protoc  # imported here: a build-time tool only
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     sources = [str(p.relative_to(PROTO_ROOT)) for p in proto_sources()]

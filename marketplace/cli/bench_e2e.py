@@ -23,7 +23,7 @@ from typing import Any
 
 MODEL = "SmolLM2-135M-Instruct"
 NEW_TOKENS = 128
-ROUNDS = 3
+ROUNDS = 5
 CONCURRENCY_LEVELS = (1, 32)
 REQUESTS_AT_C1 = 4
 
