@@ -165,6 +165,14 @@ def _posted(store: LedgerStore, ref: str) -> int:
     return store.account(ref).posted_micro_usd
 
 
+def _posted_when_idle(store: LedgerStore, ref: str) -> int:
+    """The posted balance once none of the account's requests holds money: an earlier
+    test's cut-off request may still be settling (it waits for the node's late receipt,
+    ``late_receipt_wait_s``, and is then charged for what it was sent)."""
+    _until(lambda: store.account(ref).pending_debits_micro_usd == 0)
+    return _posted(store, ref)
+
+
 def _wait_settled(store: LedgerStore, request_id: str, timeout_s: float = 30) -> dict:
     deadline = time.monotonic() + timeout_s
     while (row := store.settlement(request_id)) is None:
@@ -421,7 +429,7 @@ def test_crash_after_relay_settles_exactly_once(market: Market) -> None:
     store = market.store()
     try:
         client = store.account("test-client").id
-        before = _posted(store, client)
+        before = _posted_when_idle(store, client)
         request_id = f"crash-{secrets.token_hex(4)}"
         restarted = _crash(market, "exit-after-relay", request_id)
         assert restarted.ready["recovery"]["replayed"] == 1
@@ -445,7 +453,7 @@ def test_crash_before_settle_releases_the_hold(market: Market) -> None:
     store = market.store()
     try:
         client = store.account("test-client").id
-        before = _posted(store, client)
+        before = _posted_when_idle(store, client)
         request_id = f"lost-{secrets.token_hex(4)}"
         restarted = _crash(market, "exit-before-settle", request_id)
         assert restarted.ready["recovery"]["released"] >= 1
