@@ -4,7 +4,6 @@ paging and filters, leases, and the status codes of refusals."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ import grpc
 import grpc.aio
 import pytest
 from mercato.v1 import account_pb2, account_pb2_grpc, market_pb2
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from coordinator.account_service import LeaseTerms, add_account_service
 from marketplace.identity import Identity
@@ -26,23 +23,12 @@ from marketplace.ledger import (
     sign_receipt,
     verify_offline,
 )
+from tests.postgres import fresh_schema
 
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 NODE = Identity.from_seed(b"n" * 32)
 COORDINATOR = Identity.from_seed(b"c" * 32)
 PRICE_PER_GPU_HOUR = 2_000_000
 NODE_GPUS = 4
-
-
-def _postgres_reachable() -> bool:
-    engine = create_engine(POSTGRES_URL)
-    try:
-        with engine.connect():
-            return True
-    except OperationalError:
-        return False
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -50,18 +36,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ledger.db'}"
         return
-    if not _postgres_reachable():
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    schema = f"acct_{secrets.token_hex(6)}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with fresh_schema("acct") as url:
+        yield url
 
 
 @dataclass

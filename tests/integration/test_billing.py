@@ -31,7 +31,7 @@ from mercato.v1 import (
 from marketplace.cli.processes import Service, mercato_command
 from marketplace.ledger import LedgerSettings, LedgerStore
 from marketplace.ledger.models import AccountKind
-from tests.marketplace.ledger.conftest import POSTGRES_URL, postgres_available
+from tests.postgres import fresh_schema
 
 from .conftest import MODEL, Cluster, authorized_channel, wait_for_nodes
 
@@ -98,20 +98,8 @@ def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
     if request.param == "sqlite":
         yield None
         return
-    if not postgres_available():
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    from sqlalchemy import create_engine, text
-
-    schema = f"billing_{secrets.token_hex(6)}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with fresh_schema("billing") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,38 +1,20 @@
 """Fixtures: every ledger test runs on SQLite and on PostgreSQL (a fresh schema per test
-in the ``test`` database at 127.0.0.1:5432; skipped when the server is unreachable)."""
+in the ``test`` database at 127.0.0.1:5432: see ``tests/postgres.py``)."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from mercato.v1 import market_pb2
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import text
 
 from marketplace.identity import Identity
 from marketplace.ledger import Ledger, LedgerSettings, LedgerStore
 from marketplace.ledger.models import AccountKind
 from marketplace.ledger.receipts import RelayedSegment, sign_receipt
-
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-_postgres_ok: bool | None = None
-
-
-def postgres_available() -> bool:
-    global _postgres_ok
-    if _postgres_ok is None:
-        engine = create_engine(POSTGRES_URL)
-        try:
-            with engine.connect():
-                _postgres_ok = True
-        except OperationalError:
-            _postgres_ok = False
-        finally:
-            engine.dispose()
-    return _postgres_ok
+from tests.postgres import fresh_schema
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -40,18 +22,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ledger.db'}"
         return
-    if not postgres_available():
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    schema = f"t_{secrets.token_hex(6)}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with fresh_schema("t") as url:
+        yield url
 
 
 @pytest.fixture
