@@ -85,6 +85,7 @@ import grpc.aio
 from mercato.v1 import inference_pb2, market_pb2, node_pb2
 
 from coordinator.errors import CoordinatorError, NoNodeAvailable
+from coordinator.outcome import client_request_id
 from coordinator.registry import NodeRegistry
 from coordinator.settings import CoordinatorSettings, FaultPoint
 from coordinator.validation import ValidRequest
@@ -104,6 +105,7 @@ from marketplace.ledger import (
     check_receipt,
     max_cost_micro_usd,
     parse_receipt,
+    same_receipt,
 )
 
 __all__ = [
@@ -578,7 +580,8 @@ class Billing:
         request_id = ""
         try:
             usage = parse_receipt(signed)
-            request_id = _request_id_of(usage)  # to record a refusal under its request
+            # The client's request id, to record a refusal under it.
+            request_id = client_request_id(usage.request_id, usage.segment_index)
             check_node_signature(signed)
             if usage.node_id != node_id:
                 raise ForgedReceipt(
@@ -606,7 +609,7 @@ class Billing:
         key = (worker_request_id, late.usage.node_id)
         known = admission.late_receipts.get(key)
         if known is not None:
-            if _same_receipt(known.signed, late.signed):
+            if same_receipt(known.signed, late.signed):
                 return  # sent again (the node had no answer to the heartbeat carrying it)
             raise UnmatchedReceipt(
                 f"a second, different late receipt for node request {worker_request_id!r}"
@@ -703,22 +706,9 @@ def _late_key(part: ServedPart) -> tuple[str, str]:
     return part.worker_request_id, part.node_id
 
 
-def _same_receipt(a: market_pb2.SignedReceipt, b: market_pb2.SignedReceipt) -> bool:
-    return a.receipt == b.receipt and a.node_signature == b.node_signature
-
-
 def _output_ceiling(admission: Admission, part: ServedPart) -> int:
     """Most output tokens a cut-off segment's node may claim: what it was asked for (the
     request's max_tokens less the resumed tokens), never below what was relayed."""
     if not admission.max_tokens:
         return 2**32 - 1  # unknown: a uint32 count is the only bound
     return max(admission.max_tokens - part.resumed_tokens, part.output_tokens)
-
-
-def _request_id_of(usage: market_pb2.UsageReceipt) -> str:
-    """The client's request id of a node request id: ``<request id>`` for the first
-    segment, ``<request id>:<segment index>`` for a resumed one (the relay's naming)."""
-    suffix = f":{usage.segment_index}"
-    if usage.segment_index and usage.request_id.endswith(suffix):
-        return usage.request_id[: -len(suffix)]
-    return usage.request_id

@@ -13,6 +13,20 @@ from google.protobuf.message import DecodeError
 from mercato.v1 import common_pb2, inference_pb2, market_pb2
 
 
+def worker_request_id(request_id: str, segment_index: int) -> str:
+    """The node request id of a segment: the client's request id for the first segment,
+    ``<request id>:<segment index>`` for a resumed one."""
+    return request_id if segment_index == 0 else f"{request_id}:{segment_index}"
+
+
+def client_request_id(worker_request_id: str, segment_index: int) -> str:
+    """The client's request id of a node request id (the inverse of ``worker_request_id``)."""
+    suffix = f":{segment_index}"
+    if segment_index and worker_request_id.endswith(suffix):
+        return worker_request_id[: -len(suffix)]
+    return worker_request_id
+
+
 class DeliveredOutput:
     """Every delta relayed to the client, as GenerateResponse wire bytes, in order."""
 
@@ -118,18 +132,21 @@ class RelayOutcome:
         stop = self._segment_stop(segment)
         segment.output_tokens = len(self.delivered.merged(segment.first_message, stop).token_ids)
 
+    def count_unreadable_as_zero(self, segment: SegmentOutcome) -> None:
+        """``count_segment``, for a segment that ended without its final: 0 if a delta
+        was malformed (nothing is billed on output that cannot be counted)."""
+        try:
+            self.count_segment(segment)
+        except DecodeError:
+            segment.output_tokens = 0
+
     def count_unfinished(self) -> None:
         """Count the output relayed by every segment without a final. The relay counts a
         segment at its final or when its node fails; one cut off by a client cancel or
-        deadline is counted here, so billing sees what was relayed (0 if a delta was
-        malformed: nothing is billed on output that cannot be counted)."""
+        deadline is counted here, so billing sees what was relayed."""
         for segment in self.segments:
-            if segment.completed:
-                continue
-            try:
-                self.count_segment(segment)
-            except DecodeError:
-                segment.output_tokens = 0
+            if not segment.completed:
+                self.count_unreadable_as_zero(segment)
 
     def derive_input_tokens(self) -> None:
         """Fill in input_tokens of segments whose node died before its final, from a

@@ -63,7 +63,7 @@ from coordinator.errors import (
     NodeFailed,
     NodeRejected,
 )
-from coordinator.outcome import RelayOutcome, SegmentOutcome
+from coordinator.outcome import RelayOutcome, SegmentOutcome, worker_request_id
 from coordinator.registry import NodeRegistry
 from coordinator.router import Routed, Router
 from coordinator.routing import DispatchOutcome, RoutedCandidate, RouteRequest, RoutingDecision
@@ -200,7 +200,7 @@ class Relay:
         return SegmentOutcome(
             node_id=candidate.node_id,
             region=candidate.region,
-            worker_request_id=request.request_id if index == 0 else f"{request.request_id}:{index}",
+            worker_request_id=worker_request_id(request.request_id, index),
             segment_index=index,
             price_input_micro_usd_per_mtok=candidate.price_input_micro_usd_per_mtok,
             price_output_micro_usd_per_mtok=candidate.price_output_micro_usd_per_mtok,
@@ -330,12 +330,8 @@ class Relay:
 
     @staticmethod
     def _count_failed(outcome: RelayOutcome, segment: SegmentOutcome) -> None:
-        if segment not in outcome.segments:
-            return
-        try:
-            outcome.count_segment(segment)
-        except DecodeError:
-            segment.output_tokens = 0
+        if segment in outcome.segments:
+            outcome.count_unreadable_as_zero(segment)
 
     async def _connect(self, node_id: str, channel: grpc.aio.Channel) -> None:
         """Wait until the channel is connected, failing fast on a refused connection."""

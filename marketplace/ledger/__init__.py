@@ -105,6 +105,7 @@ from marketplace.ledger.receipts import (
     check_receipt,
     countersign,
     parse_receipt,
+    same_receipt,
     sign_receipt,
     verify_offline,
 )
@@ -166,6 +167,7 @@ __all__ = [
     "countersign",
     "max_cost_micro_usd",
     "parse_receipt",
+    "same_receipt",
     "sign_receipt",
     "split_fee",
     "token_cost_micro_usd",

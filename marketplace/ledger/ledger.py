@@ -78,7 +78,7 @@ from marketplace.ledger.operations import (
     TransferResult,
 )
 from marketplace.ledger.rate_limit import KeyRateLimiter
-from marketplace.ledger.receipts import RelayedSegment, check_receipt, countersign
+from marketplace.ledger.receipts import RelayedSegment, check_receipt, countersign, same_receipt
 from marketplace.ledger.settings import LedgerSettings
 from marketplace.ledger.store import AccountView, KeyRecord, LedgerStore, ReceiptRow, UsageRow
 from marketplace.ledger.writer import GroupCommitWriter
@@ -608,8 +608,7 @@ class Ledger:
         the same bytes and node signature. A late copy of such a receipt is no news."""
         outcome = self._settled.get(request_id)
         return outcome is not None and any(
-            known.receipt == signed.receipt and known.node_signature == signed.node_signature
-            for known in outcome.receipts
+            same_receipt(known, signed) for known in outcome.receipts
         )
 
     # ------------------------------------------------------------ recovery and expiry

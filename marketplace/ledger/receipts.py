@@ -150,6 +150,12 @@ def _check_cut_off_output(usage: market_pb2.UsageReceipt, relayed: RelayedSegmen
         )
 
 
+def same_receipt(a: market_pb2.SignedReceipt, b: market_pb2.SignedReceipt) -> bool:
+    """Whether two signed receipts are the same node-signed receipt (the same bytes and
+    node signature; countersignatures aside)."""
+    return a.receipt == b.receipt and a.node_signature == b.node_signature
+
+
 def countersign(
     signed: market_pb2.SignedReceipt, coordinator: Identity
 ) -> market_pb2.SignedReceipt:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from mercato.v1 import market_pb2, node_pb2
@@ -127,6 +130,24 @@ def _late_receipt(identity: Identity, request_id: str) -> market_pb2.SignedRecei
     return sign_receipt(identity, usage)
 
 
+@contextlib.asynccontextmanager
+async def _receipt_agent(
+    control: RecordingControl, tmp_path: Path
+) -> AsyncIterator[tuple[Identity, ReceiptOutbox]]:
+    """An agent with an outbox, registered with ``control`` and past its first heartbeat."""
+    server, port = await start_control(control)
+    identity = Identity.generate()
+    outbox = ReceiptOutbox()
+    agent = _agent(f"127.0.0.1:{port}", identity, tmp_path, outbox)
+    agent.start()
+    try:
+        await _until(lambda: len(control.heartbeats) >= 1)
+        yield identity, outbox
+    finally:
+        await agent.stop()
+        await server.stop(0)
+
+
 def _sent_receipts(control: RecordingControl) -> list[str]:
     return [
         market_pb2.UsageReceipt.FromString(signed.receipt).request_id
@@ -137,13 +158,7 @@ def _sent_receipts(control: RecordingControl) -> list[str]:
 
 async def test_late_receipts_go_out_at_once_on_a_heartbeat(tmp_path) -> None:  # type: ignore[no-untyped-def]
     control = RecordingControl(heartbeat_interval_ms=30_000)  # one periodic beat, then none
-    server, port = await start_control(control)
-    identity = Identity.generate()
-    outbox = ReceiptOutbox()
-    agent = _agent(f"127.0.0.1:{port}", identity, tmp_path, outbox)
-    agent.start()
-    try:
-        await _until(lambda: len(control.heartbeats) >= 1)
+    async with _receipt_agent(control, tmp_path) as (identity, outbox):
         outbox.put(_late_receipt(identity, "r-1"))
         outbox.put(_late_receipt(identity, "r-2"))
         await _until(lambda: len(_sent_receipts(control)) == 2, timeout_s=5)
@@ -151,30 +166,18 @@ async def test_late_receipts_go_out_at_once_on_a_heartbeat(tmp_path) -> None:  #
         _, beat = next((m, hb) for m, hb in control.heartbeats if hb.late_receipts)
         assert beat.load.running_requests == 3  # a full heartbeat, with the load
         assert len(outbox) == 0
-    finally:
-        await agent.stop()
-        await server.stop(0)
 
 
 async def test_unacknowledged_late_receipts_are_sent_again_on_the_next_stream(tmp_path) -> None:  # type: ignore[no-untyped-def]
     control = RecordingControl(heartbeat_interval_ms=30_000)
     control.drop_late_receipts = 1  # the first stream ends without answering the receipt
-    server, port = await start_control(control)
-    identity = Identity.generate()
-    outbox = ReceiptOutbox()
-    agent = _agent(f"127.0.0.1:{port}", identity, tmp_path, outbox)
-    agent.start()
-    try:
-        await _until(lambda: len(control.heartbeats) >= 1)
+    async with _receipt_agent(control, tmp_path) as (identity, outbox):
         outbox.put(_late_receipt(identity, "r-1"))
         await _until(lambda: len(_sent_receipts(control)) == 2)
         assert _sent_receipts(control) == ["r-1", "r-1"]
         assert len(control.offers) == 2  # it registered again in between
         await asyncio.sleep(0.2)
         assert len(_sent_receipts(control)) == 2 and len(outbox) == 0  # acknowledged now
-    finally:
-        await agent.stop()
-        await server.stop(0)
 
 
 def test_outbox_is_bounded_and_keeps_the_newest(caplog: pytest.LogCaptureFixture) -> None:
