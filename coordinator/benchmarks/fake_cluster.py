@@ -36,9 +36,15 @@ class FakeCluster:
 
 
 @contextlib.contextmanager
-def fake_cluster(*, tokens_per_s: float, max_concurrency: int) -> Iterator[FakeCluster]:
+def fake_cluster(
+    *, tokens_per_s: float, max_concurrency: int, stream_interval_max: int | None = None
+) -> Iterator[FakeCluster]:
     """Start a coordinator and a node whose fake engine streams ``tokens_per_s`` per
-    request; stop both on exit."""
+    request; stop both on exit. ``stream_interval_max`` sets the node's
+    ``MERCATO_NODE_STREAM_INTERVAL_MAX`` (None: whatever the environment says)."""
+    node_env = {"MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": str(tokens_per_s)}
+    if stream_interval_max is not None:
+        node_env["MERCATO_NODE_STREAM_INTERVAL_MAX"] = str(stream_interval_max)
     with (
         tempfile.TemporaryDirectory(prefix="mercato-bench-") as tmp,
         contextlib.ExitStack() as stack,
@@ -63,7 +69,7 @@ def fake_cluster(*, tokens_per_s: float, max_concurrency: int) -> Iterator[FakeC
             ],
             "MERCATO_NODE_READY",
             home / "node.log",
-            {"MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": str(tokens_per_s)},
+            node_env,
         )
         _wait_until_listed(address)
         yield FakeCluster(

@@ -13,9 +13,12 @@ coordinator's CPU time (user + system, all threads, psutil) at both ends.
 
 Where the number comes from: the coordinator's cost is almost all per message (gRPC's
 receive from the node and send to the client), so tokens per CPU-second is about
-tokens per message / CPU per message; both are reported. The node merges deltas that
-arrive while a write is in flight (``node.worker.coalesced``), so under pressure a
-message carries several tokens.
+tokens per message / CPU per message; both are reported. How many tokens a message
+carries is the node's doing, as on a real node: at 128 running requests its stream
+interval (``StreamInterval``, ``MERCATO_NODE_STREAM_INTERVAL_MAX``, default 4, set here
+explicitly) gathers up to 4 tokens per delta, and the worker merges deltas that arrive
+while a write is in flight (``node.worker.coalesced``). ``--stream-interval-max 1``
+measures the relay with every token its own delta (the node merges only what queues).
 
 Target (issue 3): relay_tokens_per_s_per_core >= 20,000.
 
@@ -47,6 +50,7 @@ CLIENT_PROCESSES = 2
 WARMUP_S = 5.0
 MEASURE_S = 20.0
 TARGET_TOKENS_PER_S_PER_CORE = 20_000
+NODE_STREAM_INTERVAL_MAX = 4
 SWEEP_TOKENS_PER_S = (25.0, 50.0, 100.0, 200.0, 400.0)
 _DELTA_TAG = 0x0A  # GenerateResponse field 1: TextDelta
 # A delta the relay forwards without a parse: field tag, one-byte length, <= 127 bytes.
@@ -64,6 +68,10 @@ class RelayLoad:
     client_processes: int = CLIENT_PROCESSES
     warmup_s: float = WARMUP_S
     measure_s: float = MEASURE_S
+    # The node's stream interval (``MERCATO_NODE_STREAM_INTERVAL_MAX``; its default, 4):
+    # with 128 streams running the node gathers up to this many tokens per delta, as a
+    # vLLM node does. 1 sends every token alone.
+    stream_interval_max: int = NODE_STREAM_INTERVAL_MAX
 
 
 # ---------------------------------------------------------------------------- client
@@ -143,7 +151,14 @@ def measure(load: RelayLoad = RelayLoad(), *, channels_per_client: int = 1) -> d
     import psutil
 
     load_before = load_average()
-    with fake_cluster(tokens_per_s=load.tokens_per_s, max_concurrency=load.streams) as cluster:
+    # Headroom over the streams: each client starts its next request the moment a final
+    # arrives, before the node's next heartbeat says the finished one is gone, and a node
+    # whose last report is at its limit is (rightly) refused as at capacity.
+    with fake_cluster(
+        tokens_per_s=load.tokens_per_s,
+        max_concurrency=2 * load.streams,
+        stream_interval_max=load.stream_interval_max,
+    ) as cluster:
         per_client = [
             load.streams // load.client_processes + (i < load.streams % load.client_processes)
             for i in range(load.client_processes)
@@ -221,6 +236,7 @@ def measure(load: RelayLoad = RelayLoad(), *, channels_per_client: int = 1) -> d
         "requests_finished_or_cut": totals["requests"],
         "request_errors": totals["errors"],
         "measure_s": round(wall_s, 2),
+        "node_stream_interval_max": load.stream_interval_max,
         "target_tokens_per_s_per_core": TARGET_TOKENS_PER_S_PER_CORE,
         "meets_target": tokens / coordinator_cpu_s >= TARGET_TOKENS_PER_S_PER_CORE,
         "load_average_before": [round(x, 2) for x in load_before],
@@ -316,18 +332,32 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=CLIENT_PROCESSES)
     parser.add_argument("--channels", type=int, default=1, help="channels per client")
     parser.add_argument("--measure-s", type=float, default=MEASURE_S)
+    parser.add_argument(
+        "--stream-interval-max",
+        type=int,
+        default=NODE_STREAM_INTERVAL_MAX,
+        help="the node's MERCATO_NODE_STREAM_INTERVAL_MAX (1: every token its own message)",
+    )
     args = parser.parse_args()
     if args.client:
         _client_main(args.client)
         return
     loads = (
-        [RelayLoad(tokens_per_s=rate, measure_s=args.measure_s) for rate in SWEEP_TOKENS_PER_S]
+        [
+            RelayLoad(
+                tokens_per_s=rate,
+                measure_s=args.measure_s,
+                stream_interval_max=args.stream_interval_max,
+            )
+            for rate in SWEEP_TOKENS_PER_S
+        ]
         if args.plot
         else [
             RelayLoad(
                 tokens_per_s=args.tokens_per_s,
                 client_processes=args.clients,
                 measure_s=args.measure_s,
+                stream_interval_max=args.stream_interval_max,
             )
         ]
     )

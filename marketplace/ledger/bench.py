@@ -60,12 +60,17 @@ def _make_ops(
     template: dict[int, tuple[bytes, bytes]] = {}
     pairs = []
     expires = now_unix_ms() + 3_600_000
+    # Identity.node_id and public_key are derived on every access (base58 of the key).
+    node_ids = [node.node_id for node in nodes]
+    public_keys = [node.public_key for node in nodes]
+    coordinator_key = coordinator.public_key
     for i in range(count):
         node = nodes[i % len(nodes)]
+        node_id = node_ids[i % len(nodes)]
         request_id = f"{tag}-{i}"
         usage = market_pb2.UsageReceipt(
             request_id=f"{request_id}#0",
-            node_id=node.node_id,
+            node_id=node_id,
             model="bench-model",
             input_tokens=200 + i % 50,
             output_tokens=100 + i % 200,
@@ -94,15 +99,15 @@ def _make_ops(
                 SettleSegment(
                     worker_request_id=f"{request_id}#0",
                     segment_index=0,
-                    node_id=node.node_id,
+                    node_id=node_id,
                     model="bench-model",
                     input_tokens=usage.input_tokens,
                     output_tokens=usage.output_tokens,
                     cost_micro_usd=cost,
                     receipt=data,
-                    node_public_key=node.public_key,
+                    node_public_key=public_keys[i % len(nodes)],
                     node_signature=sig,
-                    coordinator_public_key=coordinator.public_key,
+                    coordinator_public_key=coordinator_key,
                     coordinator_signature=csig,
                 ),
             ),

@@ -69,6 +69,32 @@ class EngineLoad:
     output_tokens_per_s: float  # over the last few seconds
 
 
+@dataclass(frozen=True, slots=True)
+class StreamInterval:
+    """How many output tokens an engine gathers into one streamed delta: 1 on a lightly
+    loaded engine; one more for each ``step_requests`` requests already running when a
+    request starts, up to ``maximum``. The first token always goes out at once.
+
+    Every delta costs the same host work however many tokens it carries (a pass of the
+    output processor, a gRPC message through node, coordinator and client), and on a
+    busy engine that work is taken from the forward passes: fewer, larger deltas when
+    many streams run keep throughput close to the engine's own. The price is burstier
+    text for those streams; at low load nothing changes. Both engines follow it (vLLM
+    through its ``stream_interval``), so the fake engine streams as a real node would.
+    """
+
+    maximum: int = 1
+    step_requests: int = 4
+
+    def __post_init__(self) -> None:
+        if self.maximum < 1 or self.step_requests < 1:
+            raise ValueError("stream_interval_max and stream_interval_step_requests: must be >= 1")
+
+    def tokens_per_delta(self, running_requests: int) -> int:
+        """The interval of a request that starts while ``running_requests`` others run."""
+        return max(1, min(self.maximum, 1 + running_requests // self.step_requests))
+
+
 class TokenRateMeter:
     """Output tokens per second over a sliding window of whole seconds; O(1) per record."""
 

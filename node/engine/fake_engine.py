@@ -9,6 +9,12 @@ What it does: the "tokenizer" maps each UTF-8 byte of the text to one token id (
 are exact and reproducible); output token ``i`` of a request is a function of the prompt
 and ``i`` only; each stream emits ``tokens_per_s`` tokens per second (0: as fast as the
 loop allows). Stop strings are honoured. It records what it aborted, for tests.
+
+It streams as the vLLM engine does under the node's :class:`~node.engine.base.StreamInterval`
+(the node passes its settings): a request that starts while many others run gets its
+tokens in deltas of up to ``stream_interval.maximum`` tokens (the first token alone),
+so relay benchmarks see the message sizes a real node of that load sends. The default
+interval is 1: every token its own delta.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from node.engine.base import (
     EngineLoad,
     FinishReason,
     GenerationRequest,
+    StreamInterval,
     TokenRateMeter,
 )
 from node.errors import EngineDeadError, EngineStartError
@@ -44,8 +51,10 @@ class FakeEngine(Engine):
         *,
         tokens_per_s: float = 1000.0,
         context_length: int = 2048,
+        stream_interval: StreamInterval | None = None,
     ) -> None:
         self._model_name = model_name
+        self._stream_interval = stream_interval if stream_interval is not None else StreamInterval()
         self._tokens_per_s = tokens_per_s
         self._context_length = context_length
         self._started = False
@@ -58,6 +67,10 @@ class FakeEngine(Engine):
     @property
     def model_name(self) -> str:
         return self._model_name
+
+    @property
+    def stream_interval(self) -> StreamInterval:
+        return self._stream_interval
 
     @property
     def context_length(self) -> int:
@@ -108,9 +121,12 @@ class FakeEngine(Engine):
         prompt_ids = self.prompt_token_ids(request)
         limit = min(request.max_tokens, self._context_length - len(prompt_ids))
         seed = zlib.crc32(bytes(i & 0xFF for i in prompt_ids)) ^ (request.seed or 0)
+        interval = self._stream_interval.tokens_per_delta(len(self._running))
         self._running.add(request.request_id)
         finished = False
         text_so_far = ""
+        pending_text = ""  # gathered, not yet yielded
+        pending_ids: list[int] = []
         interval_s = 1.0 / self._tokens_per_s if self._tokens_per_s > 0 else 0.0
         started = time.monotonic()
         try:
@@ -125,17 +141,23 @@ class FakeEngine(Engine):
                 word_index = (seed + index * 7) % len(_WORDS)
                 text = " " + _WORDS[word_index]
                 text_so_far += text
+                pending_text += text
+                pending_ids.append(256 + word_index)
                 self._meter.record(1)
                 hit = _first_stop(text_so_far, request.stop)
                 if hit is not None:
                     # Drop the stop string and what follows, as vLLM does.
-                    keep = len(text) - (len(text_so_far) - hit)
+                    keep = len(pending_text) - (len(text_so_far) - hit)
                     finished = True
-                    yield Delta(text[: max(keep, 0)], [256 + word_index], FinishReason.STOP)
+                    yield Delta(pending_text[: max(keep, 0)], pending_ids, FinishReason.STOP)
                     return
                 last = index == limit - 1
-                finished = last
-                yield Delta(text, [256 + word_index], FinishReason.LENGTH if last else None)
+                # The first token alone, then every ``interval`` tokens, and the last.
+                if last or index == 0 or len(pending_ids) >= interval:
+                    finished = last
+                    yield Delta(pending_text, pending_ids, FinishReason.LENGTH if last else None)
+                    pending_text = ""
+                    pending_ids = []
             if limit <= 0:
                 finished = True
                 yield Delta("", [], FinishReason.LENGTH)

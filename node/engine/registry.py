@@ -42,12 +42,16 @@ def _build_vllm(settings: NodeSettings, model_path: Path | None) -> Engine:
 
 
 def _build_fake(settings: NodeSettings, model_path: Path | None) -> Engine:
+    from node.engine.base import StreamInterval
     from node.engine.fake_engine import FakeEngine
 
     return FakeEngine(
         settings.model,
         tokens_per_s=settings.fake_engine_tokens_per_s,
         context_length=settings.fake_engine_context_length,
+        stream_interval=StreamInterval(
+            settings.stream_interval_max, settings.stream_interval_step_requests
+        ),
     )
 
 

@@ -35,6 +35,7 @@ from node.engine.base import (
     EngineLoad,
     FinishReason,
     GenerationRequest,
+    StreamInterval,
     TokenRateMeter,
 )
 from node.errors import EngineDeadError, EngineError, EngineStartError, RequestInvalid
@@ -104,8 +105,7 @@ class VllmEngine(Engine):
         stream_interval_max: int = 1,
         stream_interval_step_requests: int = 4,
     ) -> None:
-        if stream_interval_max < 1 or stream_interval_step_requests < 1:
-            raise ValueError("stream_interval_max and stream_interval_step_requests: must be >= 1")
+        self._stream_interval = StreamInterval(stream_interval_max, stream_interval_step_requests)
         self._model_path = Path(model_path)
         self._model_name = model_name
         self._max_model_len = max_model_len
@@ -115,8 +115,6 @@ class VllmEngine(Engine):
         self._dtype = dtype
         self._cpu_omp_threads_bind = cpu_omp_threads_bind
         self._seed = seed
-        self._stream_interval_max = stream_interval_max
-        self._stream_interval_step = stream_interval_step_requests
         self._llm: Any = None
         self._tokenizer: Any = None
         self._vocab_size = 0
@@ -253,18 +251,9 @@ class VllmEngine(Engine):
 
     def stream_interval(self, running_requests: int) -> int:
         """Output tokens gathered per streamed delta for a request that starts while
-        ``running_requests`` others run: 1 on a lightly loaded engine; one more for each
-        ``stream_interval_step_requests`` running, up to ``stream_interval_max``.
-
-        Every delta costs the same host work however many tokens it carries (a pass of
-        the output processor, a gRPC message through node, coordinator and client), and
-        on a busy engine that work is taken from the forward passes: sending fewer,
-        larger deltas when many streams run keeps throughput close to the engine's own.
-        The price is burstier text for those streams (the first token still comes at
-        once); at low load nothing changes. vLLM's ``stream_interval`` does the gathering.
-        """
-        interval = 1 + running_requests // self._stream_interval_step
-        return max(1, min(self._stream_interval_max, interval))
+        ``running_requests`` others run (:class:`~node.engine.base.StreamInterval`);
+        vLLM's ``stream_interval`` does the gathering."""
+        return self._stream_interval.tokens_per_delta(running_requests)
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
         running = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
