@@ -34,6 +34,7 @@ from coordinator.errors import CapacityExhausted, HeartbeatInvalid, OfferInvalid
 from coordinator.offers import VerifiedOffer, verify_offer
 from coordinator.routing import LoadReport, Market, MarketSnapshot, NodeListing
 from coordinator.settings import CoordinatorSettings
+from marketplace.dispatch import DISPATCH_METADATA, dispatch_tag
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,13 @@ def _same_token(expected: str, presented: str) -> bool:
 class _Entry:
     """Mutable state of one live node; only the registry touches it."""
 
-    __slots__ = ("channel", "last_seen_monotonic_s", "offer", "session_token")
+    __slots__ = (
+        "channel",
+        "dispatch_metadata",
+        "last_seen_monotonic_s",
+        "offer",
+        "session_token",
+    )
 
     def __init__(
         self, offer: VerifiedOffer, session_token: str, channel: grpc.aio.Channel, now_s: float
@@ -73,6 +80,8 @@ class _Entry:
         self.session_token = session_token
         self.channel = channel
         self.last_seen_monotonic_s = now_s
+        # Every worker call carries it, so the node can say which calls are ours.
+        self.dispatch_metadata = ((DISPATCH_METADATA, dispatch_tag(session_token)),)
 
     def __repr__(self) -> str:  # never show the session token
         return f"_Entry(node_id={self.offer.node_id!r})"
@@ -234,6 +243,12 @@ class NodeRegistry:
         """The worker channel of a live node, or None if it is gone."""
         entry = self._entries.get(node_id)
         return None if entry is None else entry.channel
+
+    def worker(self, node_id: str) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]] | None:
+        """A live node's worker channel and the metadata every call to it carries (its
+        session's dispatch tag, :mod:`marketplace.dispatch`); None if it is gone."""
+        entry = self._entries.get(node_id)
+        return None if entry is None else (entry.channel, entry.dispatch_metadata)
 
     def offer(self, node_id: str) -> VerifiedOffer | None:
         """The verified offer of a live node, or None if it is gone."""

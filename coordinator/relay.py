@@ -240,11 +240,12 @@ class Relay:
     ) -> AsyncIterator[bytes]:
         node_id = candidate.node_id
         market = self._market
-        channel = self._registry.channel(node_id)
-        if channel is None:
+        worker = self._registry.worker(node_id)
+        if worker is None:
             raise _AttemptFailed(
                 AttemptFailure(node_id, grpc.StatusCode.UNAVAILABLE, "left the market")
             )
+        channel, metadata = worker
         worker_request = self._worker_request(request, segment, outcome)
         remaining_s = context.time_remaining()
         market.dispatch_started(node_id)
@@ -258,7 +259,7 @@ class Relay:
                 WORKER_GENERATE_PATH,
                 request_serializer=node_pb2.WorkerGenerateRequest.SerializeToString,
                 response_deserializer=None,  # raw bytes: deltas are forwarded unparsed
-            )(worker_request, timeout=remaining_s)
+            )(worker_request, timeout=remaining_s, metadata=metadata)
             read = call.read
             try:
                 async with asyncio.timeout(self._settings.first_token_timeout_s):

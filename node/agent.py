@@ -33,6 +33,7 @@ import grpc
 import grpc.aio
 from mercato.v1 import market_pb2, node_pb2, node_pb2_grpc
 
+from marketplace.dispatch import dispatch_tag
 from node.receipts import ReceiptOutbox
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ LATE_RECEIPTS_PER_HEARTBEAT = 64
 
 OfferSigner = Callable[[int], market_pb2.SignedOffer]
 LoadReader = Callable[[], node_pb2.NodeLoad]
+# Open worker calls that carry a dispatch tag (marketplace.dispatch).
+DispatchedCounter = Callable[[str], int]
 
 
 class NodeAgent:
@@ -58,10 +61,12 @@ class NodeAgent:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
         late_receipts: ReceiptOutbox | None = None,
+        count_dispatched: DispatchedCounter | None = None,
     ) -> None:
         self._address = coordinator_address
         self._sign_offer = sign_offer
         self._read_load = read_load
+        self._count_dispatched = count_dispatched
         self._outbox = late_receipts if late_receipts is not None else ReceiptOutbox()
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
@@ -151,6 +156,8 @@ class NodeAgent:
         # the coordinator ended (cancel() is then a no-op), so it must stop by itself
         # rather than take receipts that the next stream is to send.
         ended = False
+        tag = dispatch_tag(registration.session_token)
+        count_dispatched = self._count_dispatched
 
         async def requests() -> AsyncIterator[node_pb2.HeartbeatRequest]:
             loop = asyncio.get_running_loop()
@@ -174,6 +181,9 @@ class NodeAgent:
                 if len(sent_at) > 64:
                     sent_at.pop(min(sent_at))
                 beat = node_pb2.HeartbeatRequest(sequence=sequence, load=self._read_load())
+                if count_dispatched is not None:
+                    # Sampled with the load: the calls of that load this coordinator sent.
+                    beat.load.coordinator_requests = count_dispatched(tag)
                 late = outbox.take(LATE_RECEIPTS_PER_HEARTBEAT)
                 if late:
                     beat.late_receipts.extend(late)

@@ -139,6 +139,7 @@ async def _serve(
         backoff_initial_s=settings.register_backoff_initial_ms / 1000,
         backoff_max_s=settings.register_backoff_max_ms / 1000,
         late_receipts=late_receipts,
+        count_dispatched=worker.in_flight_tagged,
     )
     agent.start()
     engine_died = False

@@ -32,6 +32,7 @@ import grpc
 import grpc.aio
 from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
 
+from marketplace.dispatch import DISPATCH_METADATA
 from marketplace.identity import Identity
 from node.engine.base import Delta, Engine, FinishReason, GenerationRequest
 from node.errors import CapacityExhausted, NodeError, RequestInvalid
@@ -57,6 +58,14 @@ _ERROR_CODES = {
 LateReceiptSink = Callable[[market_pb2.SignedReceipt], None]
 
 
+def _dispatch_tag_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's dispatch tag (``x-mercato-dispatch``), if a coordinator set one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == DISPATCH_METADATA:
+            return value[:64] if isinstance(value, str) else None
+    return None
+
+
 class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
     """Serves Generate for one engine, signing a receipt for every finished request."""
 
@@ -78,11 +87,17 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         self._max_concurrency = max_concurrency
         self._on_late_receipt = on_late_receipt
         self._in_flight = 0
+        self._in_flight_by_tag: dict[str, int] = {}
 
     @property
     def in_flight(self) -> int:
         """Generate calls being served now."""
         return self._in_flight
+
+    def in_flight_tagged(self, tag: str) -> int:
+        """Generate calls being served now that carry dispatch tag ``tag``
+        (:mod:`marketplace.dispatch`): the ones a coordinator session sent."""
+        return self._in_flight_by_tag.get(tag, 0)
 
     async def Generate(
         self,
@@ -95,12 +110,22 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
                 "retry on another node or later"
             )
             await context.abort(error.status_code, str(error))
+        tag = _dispatch_tag_of(context)
+        by_tag = self._in_flight_by_tag
         self._in_flight += 1
+        if tag is not None:
+            by_tag[tag] = by_tag.get(tag, 0) + 1
         try:
             async for response in self._generate(request, context):
                 yield response
         finally:
             self._in_flight -= 1
+            if tag is not None:
+                left = by_tag[tag] - 1
+                if left:
+                    by_tag[tag] = left
+                else:
+                    del by_tag[tag]
 
     async def _generate(
         self,

@@ -151,12 +151,12 @@ def measure(load: RelayLoad = RelayLoad(), *, channels_per_client: int = 1) -> d
     import psutil
 
     load_before = load_average()
-    # Headroom over the streams: each client starts its next request the moment a final
-    # arrives, before the node's next heartbeat says the finished one is gone, and a node
-    # whose last report is at its limit is (rightly) refused as at capacity.
+    # The node's limit is exactly the streams: each client starts its next request the
+    # moment a final arrives, so the coordinator must know at once that a slot is free
+    # (it counts its own requests; the node's heartbeat says which calls were ours).
     with fake_cluster(
         tokens_per_s=load.tokens_per_s,
-        max_concurrency=2 * load.streams,
+        max_concurrency=load.streams,
         stream_interval_max=load.stream_interval_max,
     ) as cluster:
         per_client = [

@@ -98,8 +98,17 @@ class _NodeState:
         self.last_seen_s = now_s
 
     def view(self) -> NodeView:
-        reported = self.load.running_requests + self.load.waiting_requests
-        occupancy = max(self.in_flight, reported + self.in_flight - self.in_flight_at_report)
+        load = self.load
+        reported = load.running_requests + load.waiting_requests
+        if load.coordinator_requests is None:
+            # Ours at the report taken as what we had in flight when it arrived: requests
+            # of ours that finished between the node's sample and its arrival stay
+            # counted until the next heartbeat.
+            others = reported - self.in_flight_at_report
+        else:
+            # The node says which of its calls are ours; ours now we count exactly.
+            others = reported - load.coordinator_requests
+        occupancy = self.in_flight + max(0, others)
         return NodeView(
             listing=self.listing,
             slot=self.slot,

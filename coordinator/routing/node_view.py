@@ -144,6 +144,9 @@ class LoadReport:
     kv_cache_usage_permille: int = 0
     # Output tokens per second over the last few seconds (as the node claims).
     output_tokens_per_s: int = 0
+    # Of the node's open calls at that moment, how many this coordinator sent (tagged,
+    # see marketplace.dispatch); None from a node that does not count them.
+    coordinator_requests: int | None = None
 
     @classmethod
     def from_proto(cls, load: Any) -> LoadReport:
@@ -153,6 +156,9 @@ class LoadReport:
             waiting_requests=int(load.waiting_requests),
             kv_cache_usage_permille=int(load.kv_cache_usage_permille),
             output_tokens_per_s=int(load.output_tokens_per_s),
+            coordinator_requests=(
+                int(load.coordinator_requests) if load.HasField("coordinator_requests") else None
+            ),
         )
 
 
@@ -171,8 +177,9 @@ class NodeView:
     load: LoadReport = _IDLE
     # Requests this coordinator sent to the node and has not seen end.
     in_flight: int = 0
-    # Requests on the node, best estimate: the heartbeat's running + waiting, plus what
-    # this coordinator sent since that heartbeat; never below ``in_flight``.
+    # Requests on the node, best estimate: ``in_flight`` plus the heartbeat's running +
+    # waiting that are not ours (the node says which are, ``coordinator_requests``; an
+    # older node's report counts ours as what was in flight when it arrived).
     occupancy: int = 0
     # The coordinator's measurements.
     stats: NodeStats = NEVER_MEASURED

@@ -101,6 +101,7 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
     def __init__(self) -> None:
         self.behaviour = Behaviour()
         self.requests: list[node_pb2.WorkerGenerateRequest] = []
+        self.metadata: list[dict[str, str]] = []
         self.time_remaining_s: list[float | None] = []
         self.cancelled = asyncio.Event()
         self.started = asyncio.Event()
@@ -110,6 +111,7 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         self, request: node_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.WorkerGenerateResponse]:
         self.requests.append(request)
+        self.metadata.append({k: v for k, v in context.invocation_metadata() or ()})
         self.time_remaining_s.append(context.time_remaining())
         self.started.set()
         b = self.behaviour

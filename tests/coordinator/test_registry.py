@@ -10,6 +10,7 @@ from mercato.v1 import node_pb2
 from coordinator.errors import CapacityExhausted, HeartbeatInvalid, OfferInvalid, SessionInvalid
 from coordinator.registry import NodeRegistry
 from coordinator.routing import BreakerState, DispatchOutcome
+from marketplace.dispatch import DISPATCH_METADATA, dispatch_tag
 from marketplace.identity import Identity
 
 from .conftest import fast_settings
@@ -40,6 +41,12 @@ async def test_register_puts_the_node_in_the_snapshot(registry: NodeRegistry) ->
     assert len(snapshot.index_for("tiny-model", "eu-west")) == 1
     assert registry.snapshot().version == snapshot.version  # unchanged
     assert registry.channel(identity.node_id) is not None
+    worker = registry.worker(identity.node_id)
+    assert worker is not None and worker[0] is registry.channel(identity.node_id)
+    # Worker calls carry the session's dispatch tag, not the session token.
+    tag = dispatch_tag(registration.session_token)
+    assert worker[1] == ((DISPATCH_METADATA, tag),)
+    assert registration.session_token not in tag
     offer = registry.offer(identity.node_id)
     assert offer is not None and offer.node_public_key == identity.public_key
 
@@ -94,6 +101,14 @@ async def test_heartbeat_updates_load_and_liveness(registry: NodeRegistry) -> No
     )
     [node] = registry.snapshot().nodes
     assert node.load.running_requests == 3 and node.occupancy == 5
+    assert node.load.coordinator_requests is None  # a node that does not count them
+    registry.record_heartbeat(
+        identity.node_id,
+        token,
+        node_pb2.NodeLoad(running_requests=3, waiting_requests=2, coordinator_requests=4),
+    )
+    [node] = registry.snapshot().nodes
+    assert node.load.coordinator_requests == 4 and node.occupancy == 1  # 1 not ours
     with pytest.raises(SessionInvalid):
         registry.record_heartbeat(identity.node_id, "x" * 43, node_pb2.NodeLoad())
     with pytest.raises(HeartbeatInvalid, match="kv_cache_usage_permille"):

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mercato.v1 import common_pb2, inference_pb2, node_pb2, node_pb2_grpc
 
 from coordinator.server import Coordinator
+from marketplace.dispatch import DISPATCH_METADATA, dispatch_tag
 
 from .conftest import NodeFactory, collect, wait_until
 from .fakes import MODEL, Behaviour
@@ -55,6 +56,10 @@ async def test_relays_the_stream_and_ends_with_a_final(client, make_node: NodeFa
     assert sent.sampling.max_tokens == 10
     assert sent.chat.messages[0].content == "Hi"
     assert sent.segment_index == 0 and not sent.resume_token_ids
+    # Marked with the node session's dispatch tag (not the session token itself).
+    [metadata] = node.worker.metadata
+    assert metadata[DISPATCH_METADATA] == dispatch_tag(node.session_token)
+    assert node.session_token not in metadata.values()
 
 
 async def test_client_request_id_and_default_max_tokens(client, make_node: NodeFactory) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mercato.v1 import market_pb2, node_pb2
 
+from marketplace.dispatch import dispatch_tag
 from marketplace.identity import Identity
 from node.agent import NODE_ID_METADATA, SESSION_METADATA, NodeAgent
 from node.hardware import HardwareInfo
@@ -22,7 +23,11 @@ from .control_fake import SESSION_TOKEN, RecordingControl, start_control
 
 
 def _agent(  # type: ignore[no-untyped-def]
-    address: str, identity: Identity, tmp_path, outbox: ReceiptOutbox | None = None
+    address: str,
+    identity: Identity,
+    tmp_path,
+    outbox: ReceiptOutbox | None = None,
+    count_dispatched=None,
 ) -> NodeAgent:
     settings = NodeSettings(home=tmp_path)
     hardware = HardwareInfo(cpu_cores=2, memory_bytes=2**30, cpu_model="x")
@@ -47,6 +52,7 @@ def _agent(  # type: ignore[no-untyped-def]
         backoff_initial_s=0.05,
         backoff_max_s=0.2,
         late_receipts=outbox,
+        count_dispatched=count_dispatched,
     )
 
 
@@ -76,12 +82,37 @@ async def test_registers_then_heartbeats_with_session_metadata(
         assert metadata[SESSION_METADATA] == SESSION_TOKEN
         assert heartbeat.load.running_requests == 3
         assert heartbeat.load.output_tokens_per_s == 42
+        assert not heartbeat.load.HasField("coordinator_requests")  # no counter given
         assert [hb.sequence for _, hb in control.heartbeats[:3]] == [1, 2, 3]
         await _until(lambda: agent.heartbeat_round_trip_s is not None)
     finally:
         await agent.stop()
         await server.stop(0)
     assert SESSION_TOKEN not in caplog.text
+
+
+async def test_heartbeats_say_how_many_open_calls_the_coordinator_sent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    control = RecordingControl()
+    server, port = await start_control(control)
+    asked: list[str] = []
+
+    def count_dispatched(tag: str) -> int:
+        asked.append(tag)
+        return 2 if tag == dispatch_tag(SESSION_TOKEN) else 99
+
+    agent = _agent(
+        f"127.0.0.1:{port}", Identity.generate(), tmp_path, count_dispatched=count_dispatched
+    )
+    agent.start()
+    try:
+        await _until(lambda: len(control.heartbeats) >= 2)
+        _, heartbeat = control.heartbeats[0]
+        assert heartbeat.load.HasField("coordinator_requests")
+        assert heartbeat.load.coordinator_requests == 2
+        assert set(asked) == {dispatch_tag(SESSION_TOKEN)}  # the tag of this session
+    finally:
+        await agent.stop()
+        await server.stop(0)
 
 
 async def test_re_registers_when_the_stream_ends(tmp_path) -> None:  # type: ignore[no-untyped-def]

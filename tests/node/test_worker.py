@@ -9,6 +9,7 @@ import grpc.aio
 import pytest
 from mercato.v1 import common_pb2, market_pb2, node_pb2
 
+from marketplace.dispatch import DISPATCH_METADATA
 from marketplace.identity import verify
 from node.receipts import RECEIPT_DOMAIN
 
@@ -226,6 +227,44 @@ async def test_more_than_max_concurrency_is_resource_exhausted() -> None:
         assert "max_concurrency" in (raised.value.details() or "")
         for call in calls:
             call.cancel()
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_open_calls_are_counted_per_dispatch_tag() -> None:
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=20, max_concurrency=8)
+    worker = harness.worker
+    try:
+        tagged = [
+            harness.stub.Generate(
+                chat_request(max_tokens=100, request_id=f"t{i}"),
+                metadata=((DISPATCH_METADATA, "session-a"),),
+            )
+            for i in range(2)
+        ]
+        other = harness.stub.Generate(
+            chat_request(max_tokens=100, request_id="o"),
+            metadata=((DISPATCH_METADATA, "session-b"),),
+        )
+        untagged = harness.stub.Generate(chat_request(max_tokens=100, request_id="u"))
+        for call in (*tagged, other, untagged):
+            await call.read()
+        assert worker.in_flight == 4
+        assert worker.in_flight_tagged("session-a") == 2
+        assert worker.in_flight_tagged("session-b") == 1
+        assert worker.in_flight_tagged("session-c") == 0
+        tagged[0].cancel()
+        other.cancel()
+        async with asyncio.timeout(5):
+            while worker.in_flight > 2:  # noqa: ASYNC110 (the server's tasks finish the calls)
+                await asyncio.sleep(0.01)
+        assert worker.in_flight_tagged("session-a") == 1
+        assert worker.in_flight_tagged("session-b") == 0
+        tagged[1].cancel()
+        untagged.cancel()
     finally:
         await harness.channel.close()
         await server.stop(0)

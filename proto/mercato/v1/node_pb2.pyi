@@ -29,16 +29,18 @@ class RegisterResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., liveness_timeout_ms: _Optional[int] = ..., coordinator_public_key: _Optional[bytes] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage_permille", "output_tokens_per_s")
+    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage_permille", "output_tokens_per_s", "coordinator_requests")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_PERMILLE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     kv_cache_usage_permille: int
     output_tokens_per_s: int
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage_permille: _Optional[int] = ..., output_tokens_per_s: _Optional[int] = ...) -> None: ...
+    coordinator_requests: int
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage_permille: _Optional[int] = ..., output_tokens_per_s: _Optional[int] = ..., coordinator_requests: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("sequence", "load", "pong_id", "late_receipts")

@@ -109,6 +109,46 @@ def test_occupancy_adds_own_dispatches_since_the_last_heartbeat() -> None:
     assert view is not None and view.in_flight == 0 and view.occupancy == 4
 
 
+def test_a_report_that_names_our_calls_never_keeps_finished_ones_of_ours() -> None:
+    """The node samples its load with all 4 slots ours; one finishes before the report
+    arrives. Counted the old way the finished one stays until the next heartbeat and the
+    node looks full; with the node saying which calls are ours it does not."""
+    old, new = Market(clock=FakeClock()), Market(clock=FakeClock())
+    for market in (old, new):
+        market.upsert_node(listing("a", max_concurrency=4))
+        for _ in range(4):
+            market.dispatch_started("a")
+        market.dispatch_finished("a", DispatchOutcome.SUCCESS)  # after the node's sample
+    old.update_load("a", LoadReport(running_requests=4))
+    new.update_load("a", LoadReport(running_requests=4, coordinator_requests=4))
+    old_view, new_view = old.snapshot().get("a"), new.snapshot().get("a")
+    assert old_view is not None and old_view.occupancy == 4 and not old_view.has_capacity()
+    assert new_view is not None and new_view.occupancy == 3 and new_view.has_capacity()
+
+
+def test_the_load_that_is_not_ours_still_counts() -> None:
+    market = Market(clock=FakeClock())
+    market.upsert_node(listing("a", max_concurrency=10))
+    market.dispatch_started("a")
+    market.dispatch_started("a")
+    # 6 on the node, 2 of them ours: 4 from elsewhere.
+    market.update_load(
+        "a", LoadReport(running_requests=5, waiting_requests=1, coordinator_requests=2)
+    )
+    market.dispatch_started("a")
+    view = market.snapshot().get("a")
+    assert view is not None and view.in_flight == 3 and view.occupancy == 7
+    for _ in range(3):
+        market.dispatch_finished("a", DispatchOutcome.SUCCESS)
+    view = market.snapshot().get("a")
+    assert view is not None and view.occupancy == 4
+    # A node claiming more of ours than it runs gets no credit below our own count.
+    market.update_load("a", LoadReport(running_requests=1, coordinator_requests=9))
+    market.dispatch_started("a")
+    view = market.snapshot().get("a")
+    assert view is not None and view.occupancy == 1
+
+
 def test_measurements_come_from_recorded_observations() -> None:
     market = Market(clock=FakeClock())
     market.upsert_node(listing("a"))
