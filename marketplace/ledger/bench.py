@@ -16,6 +16,11 @@ a receipt row, the hold index):
 Receipts are signed, verified and countersigned before timing starts: that CPU cost
 belongs to the request path and is reported apart (``receipt_check_us``).
 
+``machine_stall_ms_max_*`` / ``machine_stalls_over_5ms_*``: while the target rate runs,
+another process sleeps 1 ms in a loop and notes its worst late wake-up: on a virtual
+machine a disk flush can stop every process for 5-25 ms, and such stalls, not the
+writer, decide the p99 of a run that has them.
+
 Wall-clock rates depend on what else the machine runs, so the output also carries the CPU
 time the writer's database thread spent per settlement in the throughput run
 (``writer_cpu_us_per_settle_*``: the capacity of one free core is 10⁶ divided by it) and
@@ -29,6 +34,8 @@ import gc
 import os
 import secrets
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -148,6 +155,53 @@ def _receipt_check_us(coordinator: Identity, node: Identity, rounds: int = 500) 
     return (time.perf_counter() - start) / rounds * 1e6
 
 
+_WATCH_CODE = """
+import sys, time
+sys.stdin.readline()  # go
+stop = []
+import threading
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.append(1)), daemon=True).start()
+worst = 0.0
+over = 0
+while not stop:
+    t = time.perf_counter()
+    time.sleep(0.001)
+    late = time.perf_counter() - t - 0.001
+    worst = max(worst, late)
+    over += late > 0.005
+print(round(worst * 1000, 2), over, flush=True)
+"""
+
+
+class _StallWatch:
+    """Another process that sleeps 1 ms in a loop and notes how late it wakes.
+
+    It shares nothing with the benchmark (no GIL, no event loop), so a late wake-up is
+    the machine stopping every process at once, as a virtual machine's host can during
+    a disk flush: the worst oversleep and the count over 5 ms say whether a run's tail
+    came from the ledger or from the machine.
+    """
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WATCH_CODE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def start(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.write("go\n")
+        self._process.stdin.flush()
+
+    def stop(self) -> tuple[float, int]:
+        """(worst oversleep ms, oversleeps over 5 ms) since ``start``."""
+        out, _ = self._process.communicate("stop\n", timeout=30)
+        worst, over = out.split()
+        return float(worst), int(over)
+
+
 async def _steady(
     writer: GroupCommitWriter,
     clients: list[str],
@@ -155,10 +209,13 @@ async def _steady(
     coordinator: Identity,
     rate_per_s: int,
     tag: str,
-) -> tuple[float, float]:
-    """Offer ``rate_per_s`` settlements for a while; (p99, p50) queued-to-durable, ms."""
+) -> tuple[float, float, tuple[float, int]]:
+    """Offer ``rate_per_s`` settlements for a while; (p99, p50) queued-to-durable in ms,
+    and the machine's stalls meanwhile (worst oversleep ms, count over 5 ms)."""
+    watch = _StallWatch()
     steady = _make_ops(int(rate_per_s * STEADY_SECONDS), clients, nodes, coordinator, tag)
     _freeze_scaffolding()
+    watch.start()
     delays: list[float] = []
     loop = asyncio.get_running_loop()
 
@@ -179,8 +236,9 @@ async def _steady(
             sent += 1
         await asyncio.sleep(0.0005)
     await asyncio.gather(*pending)
+    stalls = watch.stop()
     delays.sort()
-    return delays[int(len(delays) * 0.99) - 1] * 1000, statistics.median(delays) * 1000
+    return delays[int(len(delays) * 0.99) - 1] * 1000, statistics.median(delays) * 1000, stalls
 
 
 async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float]:
@@ -216,9 +274,9 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         cpu_us = (writer.cpu_s - cpu_before) / len(pairs) * 1e6
         mean_batch = 2 * len(pairs) / max(1, writer.batches - batches_before)
 
-        p99, p50 = await _steady(writer, clients, nodes, coordinator, rate_per_s, "steady")
+        p99, p50, stalls = await _steady(writer, clients, nodes, coordinator, rate_per_s, "steady")
         half_rate = max(100, int(throughput / 2))
-        p99_half, _ = await _steady(writer, clients, nodes, coordinator, half_rate, "half")
+        p99_half, _, _ = await _steady(writer, clients, nodes, coordinator, half_rate, "half")
     finally:
         await writer.close()
         store.close()
@@ -232,6 +290,8 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         "offered_per_s": rate_per_s,
         "durable_ms_p99_half_load": round(p99_half, 2),
         "half_load_per_s": half_rate,
+        "machine_stall_ms_max": stalls[0],
+        "machine_stalls_over_5ms": stalls[1],
     }
 
 
@@ -296,6 +356,14 @@ def run(json_output: bool = False) -> dict[str, Any]:
                 f"{result[f'ops_per_batch_mean_{name}']:>11} {result[f'offered_per_s_{name}']:>11}"
                 f" {result[f'durable_ms_p99_half_load_{name}']:>10} "
                 f"(at {result[f'half_load_per_s_{name}']}/s)"
+            )
+    for name in ("sqlite", "postgres"):
+        if f"machine_stall_ms_max_{name}" in result:
+            print(
+                f"{name}: during the run at the target rate, a 1 ms sleep in another process "
+                f"woke up to {result[f'machine_stall_ms_max_{name}']} ms late "
+                f"({result[f'machine_stalls_over_5ms_{name}']} times over 5 ms): the "
+                "machine's own stalls"
             )
     for name in ("sqlite", "postgres"):
         if f"writer_cpu_us_per_settle_{name}" in result:
