@@ -239,11 +239,6 @@ class NodeRegistry:
 
     # --- requests --------------------------------------------------------------------
 
-    def channel(self, node_id: str) -> grpc.aio.Channel | None:
-        """The worker channel of a live node, or None if it is gone."""
-        entry = self._entries.get(node_id)
-        return None if entry is None else entry.channel
-
     def worker(self, node_id: str) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]] | None:
         """A live node's worker channel and the metadata every call to it carries (its
         session's dispatch tag, :mod:`marketplace.dispatch`); None if it is gone."""

@@ -70,6 +70,7 @@ class FakeEngine(Engine):
 
     @property
     def stream_interval(self) -> StreamInterval:
+        """Tokens gathered per streamed delta as the engine gets busy."""
         return self._stream_interval
 
     @property

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from node.engine.base import Engine
+from node.engine.base import Engine, StreamInterval
 from node.settings import EngineBackend, EngineDtype, NodeSettings
 
 if TYPE_CHECKING:
@@ -36,23 +36,24 @@ def _build_vllm(settings: NodeSettings, model_path: Path | None) -> Engine:
         use_gpu=use_gpu,
         dtype=dtype.value,
         cpu_omp_threads_bind=settings.cpu_omp_threads_bind,
-        stream_interval_max=settings.stream_interval_max,
-        stream_interval_step_requests=settings.stream_interval_step_requests,
+        stream_interval=_stream_interval(settings),
     )
 
 
 def _build_fake(settings: NodeSettings, model_path: Path | None) -> Engine:
-    from node.engine.base import StreamInterval
     from node.engine.fake_engine import FakeEngine
 
     return FakeEngine(
         settings.model,
         tokens_per_s=settings.fake_engine_tokens_per_s,
         context_length=settings.fake_engine_context_length,
-        stream_interval=StreamInterval(
-            settings.stream_interval_max, settings.stream_interval_step_requests
-        ),
+        stream_interval=_stream_interval(settings),
     )
+
+
+def _stream_interval(settings: NodeSettings) -> StreamInterval:
+    """The node's stream-interval policy; every engine backend follows it."""
+    return StreamInterval(settings.stream_interval_max, settings.stream_interval_step_requests)
 
 
 # backend -> (builder, whether it needs the model's folder on disk)

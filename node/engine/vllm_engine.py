@@ -102,10 +102,9 @@ class VllmEngine(Engine):
         dtype: str = "bfloat16",
         cpu_omp_threads_bind: str = "nobind",
         seed: int = 0,
-        stream_interval_max: int = 1,
-        stream_interval_step_requests: int = 4,
+        stream_interval: StreamInterval | None = None,
     ) -> None:
-        self._stream_interval = StreamInterval(stream_interval_max, stream_interval_step_requests)
+        self._stream_interval = stream_interval if stream_interval is not None else StreamInterval()
         self._model_path = Path(model_path)
         self._model_name = model_name
         self._max_model_len = max_model_len
@@ -249,11 +248,11 @@ class VllmEngine(Engine):
             output_tokens_per_s=self._meter.rate(),
         )
 
-    def stream_interval(self, running_requests: int) -> int:
-        """Output tokens gathered per streamed delta for a request that starts while
-        ``running_requests`` others run (:class:`~node.engine.base.StreamInterval`);
-        vLLM's ``stream_interval`` does the gathering."""
-        return self._stream_interval.tokens_per_delta(running_requests)
+    @property
+    def stream_interval(self) -> StreamInterval:
+        """Tokens gathered per streamed delta as the engine gets busy; vLLM's own
+        ``stream_interval`` does the gathering."""
+        return self._stream_interval
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
         running = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
@@ -266,7 +265,7 @@ class VllmEngine(Engine):
             stop=list(request.stop) or None,
             output_kind=self._delta_kind,
             detokenize=True,
-            stream_interval=self.stream_interval(running),
+            stream_interval=self._stream_interval.tokens_per_delta(running),
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

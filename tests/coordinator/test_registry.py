@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc.aio
 import pytest
 from mercato.v1 import node_pb2
 
@@ -28,6 +29,11 @@ def signed(identity: Identity, sequence: int = 1, **kwargs):
     return sign_offer(identity, make_offer(identity, sequence=sequence, **kwargs))
 
 
+def _channel(registry: NodeRegistry, node_id: str) -> grpc.aio.Channel | None:
+    worker = registry.worker(node_id)
+    return None if worker is None else worker[0]
+
+
 async def test_register_puts_the_node_in_the_snapshot(registry: NodeRegistry) -> None:
     identity = Identity.generate()
     before = registry.snapshot()
@@ -40,9 +46,8 @@ async def test_register_puts_the_node_in_the_snapshot(registry: NodeRegistry) ->
     assert len(snapshot.index_for("tiny-model")) == 1
     assert len(snapshot.index_for("tiny-model", "eu-west")) == 1
     assert registry.snapshot().version == snapshot.version  # unchanged
-    assert registry.channel(identity.node_id) is not None
     worker = registry.worker(identity.node_id)
-    assert worker is not None and worker[0] is registry.channel(identity.node_id)
+    assert worker is not None and worker[0] is not None
     # Worker calls carry the session's dispatch tag, not the session token.
     tag = dispatch_tag(registration.session_token)
     assert worker[1] == ((DISPATCH_METADATA, tag),)
@@ -86,11 +91,11 @@ async def test_reregistering_replaces_the_session(registry: NodeRegistry) -> Non
 async def test_same_worker_address_keeps_the_channel(registry: NodeRegistry) -> None:
     identity = Identity.generate()
     registry.register(signed(identity, sequence=1))
-    channel = registry.channel(identity.node_id)
+    channel = _channel(registry, identity.node_id)
     registry.register(signed(identity, sequence=2))
-    assert registry.channel(identity.node_id) is channel
+    assert _channel(registry, identity.node_id) is channel
     registry.register(signed(identity, sequence=3, worker_address="127.0.0.1:7801"))
-    assert registry.channel(identity.node_id) is not channel
+    assert _channel(registry, identity.node_id) is not channel
 
 
 async def test_heartbeat_updates_load_and_liveness(registry: NodeRegistry) -> None:
@@ -146,7 +151,7 @@ async def test_dropped_model_stays_known(registry: NodeRegistry) -> None:
     snapshot = registry.snapshot()
     assert len(snapshot.index_for("gone-model")) == 0
     assert "gone-model" in registry.known_models
-    assert registry.channel(identity.node_id) is None
+    assert _channel(registry, identity.node_id) is None
     assert identity.node_id not in registry.market
 
 

@@ -16,9 +16,7 @@ from node.settings import EngineBackend, NodeSettings
 
 
 def _engine(maximum: int, step: int) -> VllmEngine:
-    return VllmEngine(
-        "/nowhere", "m", stream_interval_max=maximum, stream_interval_step_requests=step
-    )
+    return VllmEngine("/nowhere", "m", stream_interval=StreamInterval(maximum, step))
 
 
 @pytest.mark.parametrize(
@@ -27,11 +25,11 @@ def _engine(maximum: int, step: int) -> VllmEngine:
 def test_one_more_token_per_step_of_running_requests_up_to_the_maximum(
     running: int, interval: int
 ) -> None:
-    assert _engine(4, 8).stream_interval(running) == interval
+    assert _engine(4, 8).stream_interval.tokens_per_delta(running) == interval
 
 
 def test_a_maximum_of_one_streams_every_token() -> None:
-    assert {_engine(1, 8).stream_interval(r) for r in range(100)} == {1}
+    assert {_engine(1, 8).stream_interval.tokens_per_delta(r) for r in range(100)} == {1}
 
 
 def test_bad_settings_are_refused() -> None:
@@ -46,7 +44,7 @@ def test_settings_reach_the_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("MERCATO_NODE_STREAM_INTERVAL_STEP_REQUESTS", "4")
     engine = build_engine(NodeSettings(), tmp_path)  # built, not started: nothing loads
     assert isinstance(engine, VllmEngine)
-    assert [engine.stream_interval(r) for r in (0, 3, 4, 100)] == [1, 1, 2, 2]
+    assert [engine.stream_interval.tokens_per_delta(r) for r in (0, 3, 4, 100)] == [1, 1, 2, 2]
     with pytest.raises(ValueError):
         NodeSettings(stream_interval_max=0)
 

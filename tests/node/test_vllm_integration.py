@@ -218,7 +218,7 @@ async def test_a_busy_engine_streams_fewer_larger_deltas(vllm_engine: Engine) ->
     async with asyncio.timeout(30):
         while vllm_engine.load().running_requests < 16:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-    interval = vllm_engine.stream_interval(16)  # type: ignore[attr-defined]
+    interval = vllm_engine.stream_interval.tokens_per_delta(16)  # type: ignore[attr-defined]
     assert interval > 1  # the default settings gather tokens at this load
     busy = await run(counted("it-busy"))  # starts with 16 running
     await asyncio.gather(*background)
