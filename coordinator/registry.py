@@ -34,6 +34,7 @@ from coordinator.errors import CapacityExhausted, HeartbeatInvalid, OfferInvalid
 from coordinator.offers import VerifiedOffer, verify_offer
 from coordinator.routing import LoadReport, Market, MarketSnapshot, NodeListing
 from coordinator.settings import CoordinatorSettings
+from coordinator.worker_session import WorkerLink
 from marketplace.dispatch import DISPATCH_METADATA, dispatch_tag
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,8 @@ class _Entry:
     """Mutable state of one live node; only the registry touches it."""
 
     __slots__ = (
-        "channel",
-        "dispatch_metadata",
         "last_seen_monotonic_s",
+        "link",
         "offer",
         "session_token",
     )
@@ -78,10 +78,13 @@ class _Entry:
     ) -> None:
         self.offer = offer
         self.session_token = session_token
-        self.channel = channel
         self.last_seen_monotonic_s = now_s
-        # Every worker call carries it, so the node can say which calls are ours.
-        self.dispatch_metadata = ((DISPATCH_METADATA, dispatch_tag(session_token)),)
+        # Every worker call carries the dispatch tag, so the node can say which are ours.
+        self.link = WorkerLink(channel, ((DISPATCH_METADATA, dispatch_tag(session_token)),))
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self.link.channel
 
     def __repr__(self) -> str:  # never show the session token
         return f"_Entry(node_id={self.offer.node_id!r})"
@@ -138,6 +141,8 @@ class NodeRegistry:
             )
         listing = NodeListing.from_offer(offer)
         self._remember_sequence(node_id, offer.sequence)
+        if previous is not None:
+            previous.link.close()  # the old session's stream; a new one carries the new tag
         if previous is not None and previous.offer.worker_address == offer.worker_address:
             channel = previous.channel
         else:
@@ -178,6 +183,7 @@ class NodeRegistry:
         entry = self._entries.pop(node_id, None)
         if entry is None:
             return False
+        entry.link.close()
         self._close_channel_later(entry.channel)
         self.market.remove_node(node_id)
         log.info("node %s dropped: %s", node_id, reason)
@@ -239,11 +245,12 @@ class NodeRegistry:
 
     # --- requests --------------------------------------------------------------------
 
-    def worker(self, node_id: str) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]] | None:
-        """A live node's worker channel and the metadata every call to it carries (its
-        session's dispatch tag, :mod:`marketplace.dispatch`); None if it is gone."""
+    def worker(self, node_id: str) -> WorkerLink | None:
+        """A live node's link to its worker (channel, the metadata every call to it
+        carries: its session's dispatch tag, :mod:`marketplace.dispatch`; the session
+        stream requests go on); None if it is gone."""
         entry = self._entries.get(node_id)
-        return None if entry is None else (entry.channel, entry.dispatch_metadata)
+        return None if entry is None else entry.link
 
     def offer(self, node_id: str) -> VerifiedOffer | None:
         """The verified offer of a live node, or None if it is gone."""

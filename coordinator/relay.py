@@ -20,12 +20,16 @@ per Mtok, the node's input_tokens, the output tokens the coordinator relayed and
 itself, the node's finish reason and its ``SignedReceipt`` from WorkerFinal, or None if
 it died), and ``outcome.complete`` says whether the last one finished.
 
+Each attempt goes out as a message on the node session's ``Session`` stream
+(:mod:`coordinator.worker_session`; a call of its own for a node without it), which saves
+grpc-python's per-call setup on every request's time to first token.
+
 Per message the relay does almost nothing. ``WorkerGenerateResponse`` and
 ``GenerateResponse`` both carry ``TextDelta`` as field 1, so a delta's bytes from the
-node are already a valid client message: the worker call is opened with no
-deserializer (raw bytes), a delta whose framing checks out (one field 1, one-byte
-length, nothing else) is kept and forwarded as is, and only the rare other message
-(final, error, a long delta) is parsed. The delivered deltas are kept as bytes; their
+node are already a valid client message: the stream is read with no deserializer (raw
+bytes; the session frame's header is read from the bytes), a delta whose framing checks
+out (one field 1, one-byte length, nothing else) is kept and forwarded as is, and only
+the rare other message (final, error, a long delta) is parsed. The delivered deltas are kept as bytes; their
 token ids come from one parse of their concatenation when needed (protobuf merges a
 repeated embedded field: repeated ``token_ids`` concatenate).
 
@@ -69,10 +73,10 @@ from coordinator.router import Routed, Router
 from coordinator.routing import DispatchOutcome, RoutedCandidate, RouteRequest, RoutingDecision
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import ValidRequest
+from coordinator.worker_session import SessionStream, WorkerStreamError
 
 log = logging.getLogger(__name__)
 
-WORKER_GENERATE_PATH = "/mercato.v1.NodeWorkerService/Generate"
 _NODE_MESSAGE_CHARS_MAX = 300
 _DELTA_TAG = 0x0A  # field 1, wire type 2: TextDelta in both response messages
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -240,30 +244,33 @@ class Relay:
     ) -> AsyncIterator[bytes]:
         node_id = candidate.node_id
         market = self._market
-        worker = self._registry.worker(node_id)
-        if worker is None:
+        link = self._registry.worker(node_id)
+        if link is None:
             raise _AttemptFailed(
                 AttemptFailure(node_id, grpc.StatusCode.UNAVAILABLE, "left the market")
             )
-        channel, metadata = worker
         worker_request = self._worker_request(request, segment, outcome)
         remaining_s = context.time_remaining()
         market.dispatch_started(node_id)
         verdict = DispatchOutcome.ABANDONED  # unless it ends well or the node fails it
-        call: grpc.aio.UnaryStreamCall | None = None
+        call: SessionStream | grpc.aio.UnaryStreamCall | None = None
         delivered = outcome.delivered
         try:
-            await self._connect(node_id, channel)
+            await self._connect(node_id, link.channel)
             started_s = time.perf_counter()
-            call = channel.unary_stream(
-                WORKER_GENERATE_PATH,
-                request_serializer=node_pb2.WorkerGenerateRequest.SerializeToString,
-                response_deserializer=None,  # raw bytes: deltas are forwarded unparsed
-            )(worker_request, timeout=remaining_s, metadata=metadata)
+            call = await link.open(worker_request, remaining_s)
             read = call.read
             try:
                 async with asyncio.timeout(self._settings.first_token_timeout_s):
-                    message = await read()  # no task per request, unlike wait_for
+                    try:
+                        message = await read()  # no task per request, unlike wait_for
+                    except WorkerStreamError as exc:
+                        if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                            raise
+                        # An older node without Session: this request as a call.
+                        call = link.call(worker_request, remaining_s)
+                        read = call.read
+                        message = await read()
             except TimeoutError:
                 raise _AttemptFailed(
                     AttemptFailure(
@@ -302,7 +309,7 @@ class Relay:
                         return
                     yield delivered.messages[-1]
                 message = await read()
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, WorkerStreamError) as exc:
             failure = AttemptFailure(node_id, exc.code(), _clip(exc.details() or ""))
             verdict = self._verdict(failure, context)
             self._count_failed(outcome, segment)

@@ -18,6 +18,15 @@ or the peer's flow-control window is full), the deltas that arrived during a wri
 out as one ``TextDelta`` (texts and token ids concatenated). Fewer, larger messages
 under pressure is what keeps the per-message cost of gRPC, here and in the
 coordinator's relay, from capping throughput.
+
+``Session`` carries many such generations over one long-lived stream, each named by a
+``stream_id`` (what a coordinator uses: a request then costs a message on an open
+stream, not a new call). :func:`marketplace.worker_session.serve_session` runs each
+generation as a task with the same generator as ``Generate``: an abort becomes a
+``WorkerSessionEnd`` for that generation, a cancel message cancels its task as a
+cancelled call would, and the stream ending cancels every generation still open (each
+signs its late receipt as above). Generations count against ``max_concurrency`` and
+under the stream's dispatch tag like calls.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
 
 from marketplace.dispatch import DISPATCH_METADATA
 from marketplace.identity import Identity
+from marketplace.worker_session import serve_session
 from node.engine.base import Delta, Engine, FinishReason, GenerationRequest
 from node.errors import CapacityExhausted, NodeError, RequestInvalid
 from node.receipts import sign_receipt
@@ -94,6 +104,11 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         """Generate calls being served now."""
         return self._in_flight
 
+    @property
+    def at_capacity(self) -> bool:
+        """As many generations run as ``max_concurrency`` allows."""
+        return self._in_flight >= self._max_concurrency
+
     def in_flight_tagged(self, tag: str) -> int:
         """Generate calls being served now that carry dispatch tag ``tag``
         (:mod:`marketplace.dispatch`): the ones a coordinator session sent."""
@@ -104,28 +119,58 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         request: node_pb2.WorkerGenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[node_pb2.WorkerGenerateResponse]:
-        if self._in_flight >= self._max_concurrency:
-            error: NodeError = CapacityExhausted(
-                f"this node already runs {self._max_concurrency} requests (its max_concurrency); "
-                "retry on another node or later"
-            )
+        if self.at_capacity:
+            error = self._capacity_error()
             await context.abort(error.status_code, str(error))
         tag = _dispatch_tag_of(context)
-        by_tag = self._in_flight_by_tag
-        self._in_flight += 1
-        if tag is not None:
-            by_tag[tag] = by_tag.get(tag, 0) + 1
+        self._enter(tag)
         try:
             async for response in self._generate(request, context):
                 yield response
         finally:
-            self._in_flight -= 1
-            if tag is not None:
-                left = by_tag[tag] - 1
-                if left:
-                    by_tag[tag] = left
-                else:
-                    del by_tag[tag]
+            self._leave(tag)
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[node_pb2.WorkerSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[node_pb2.WorkerSessionResponse]:
+        """Many generations over one stream (see the proto): each as one Generate call."""
+        tag = _dispatch_tag_of(context)
+
+        def admit() -> tuple[grpc.StatusCode, str] | None:
+            if self.at_capacity:
+                error = self._capacity_error()
+                return error.status_code, str(error)
+            self._enter(tag)
+            return None
+
+        async for frame in serve_session(
+            request_iterator, context, self._generate, admit=admit, release=lambda: self._leave(tag)
+        ):
+            yield frame
+
+    def _capacity_error(self) -> NodeError:
+        return CapacityExhausted(
+            f"this node already runs {self._max_concurrency} requests (its max_concurrency); "
+            "retry on another node or later"
+        )
+
+    def _enter(self, tag: str | None) -> None:
+        self._in_flight += 1
+        if tag is not None:
+            by_tag = self._in_flight_by_tag
+            by_tag[tag] = by_tag.get(tag, 0) + 1
+
+    def _leave(self, tag: str | None) -> None:
+        self._in_flight -= 1
+        if tag is not None:
+            by_tag = self._in_flight_by_tag
+            left = by_tag[tag] - 1
+            if left:
+                by_tag[tag] = left
+            else:
+                del by_tag[tag]
 
     async def _generate(
         self,

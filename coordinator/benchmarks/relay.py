@@ -105,6 +105,7 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
     parse = inference_pb2.GenerateResponse.FromString
     clock = time.monotonic
     totals = {"tokens": 0, "messages": 0, "long_messages": 0, "requests": 0, "errors": 0}
+    error_samples: list[str] = []
 
     async def loop(generate: Any) -> None:
         while clock() < end_s:
@@ -118,8 +119,10 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
                         tokens += len(parse(message).delta.token_ids)
                         messages += 1
                         long_messages += len(message) > _SHORT_MESSAGE_BYTES_MAX
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as exc:
                 totals["errors"] += 1
+                if len(error_samples) < 5:
+                    error_samples.append(f"{exc.code().name}: {(exc.details() or '')[:200]}")
             totals["tokens"] += tokens
             totals["messages"] += messages
             totals["long_messages"] += long_messages
@@ -128,7 +131,7 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.gather(*(loop(generates[i % len(generates)]) for i in range(spec["streams"])))
     for channel in channels:
         await channel.close(grace=None)
-    return totals
+    return {**totals, "error_samples": error_samples}
 
 
 def _client_main(spec_json: str) -> None:
@@ -202,10 +205,13 @@ def measure(load: RelayLoad = RelayLoad(), *, channels_per_client: int = 1) -> d
             cpu_after = {name: _cpu_s(p) for name, p in watched.items()}
             wall_s = time.monotonic() - wall_before
             totals = dict.fromkeys(("tokens", "messages", "long_messages", "requests", "errors"), 0)
+            error_samples: list[str] = []
             for client in clients:
                 out, _ = client.communicate(timeout=60)
                 line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-                for key, value in json.loads(line[len("RESULT ") :]).items():
+                reported = json.loads(line[len("RESULT ") :])
+                error_samples.extend(reported.pop("error_samples"))
+                for key, value in reported.items():
                     totals[key] += value
         finally:
             for client in clients:
@@ -235,6 +241,7 @@ def measure(load: RelayLoad = RelayLoad(), *, channels_per_client: int = 1) -> d
         "channels_per_client": channels_per_client,
         "requests_finished_or_cut": totals["requests"],
         "request_errors": totals["errors"],
+        "request_error_samples": error_samples[:5],
         "measure_s": round(wall_s, 2),
         "node_stream_interval_max": load.stream_interval_max,
         "target_tokens_per_s_per_core": TARGET_TOKENS_PER_S_PER_CORE,
@@ -284,6 +291,12 @@ def _print_table(results: list[dict[str, Any]], json_output: bool) -> None:
         f"load average {first['load_average_before']} -> {results[-1]['load_average_after']}, "
         f"{first['cpu_count']} CPUs"
     )
+    for result in results:
+        if result["request_errors"]:
+            console.print(
+                f"{result['request_errors']} requests failed, e.g. "
+                + "; ".join(result["request_error_samples"])
+            )
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

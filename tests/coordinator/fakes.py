@@ -15,6 +15,7 @@ from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
 
 from marketplace.identity import Identity
 from marketplace.ledger import sign_receipt
+from marketplace.worker_session import serve_session
 
 MODEL = "tiny-model"
 OFFER_DOMAIN = "mercato.v1.NodeOffer"
@@ -98,8 +99,11 @@ class Behaviour:
 class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
     """A scripted NodeWorkerService that records what it was asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, sessions: bool = True) -> None:
         self.behaviour = Behaviour()
+        # False: an older node that serves only Generate (Session is UNIMPLEMENTED).
+        self.sessions = sessions
+        self.session_streams = 0
         self.requests: list[node_pb2.WorkerGenerateRequest] = []
         self.metadata: list[dict[str, str]] = []
         self.time_remaining_s: list[float | None] = []
@@ -156,6 +160,18 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
                 self.on_cut_off(request, sent)
             raise
 
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[node_pb2.WorkerSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[node_pb2.WorkerSessionResponse]:
+        """Each generation as the scripted Generate, served as the real node serves it."""
+        if not self.sessions:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        self.session_streams += 1
+        async for frame in serve_session(request_iterator, context, self.Generate):
+            yield frame
+
 
 class FakeNode:
     """A worker server plus the agent side: Register, then a heartbeat stream."""
@@ -169,6 +185,7 @@ class FakeNode:
         seed: bytes | None = None,
         price_output: int = 200_000,
         price_input: int = 100_000,
+        sessions: bool = True,
     ) -> None:
         self.identity = Identity.from_seed(seed) if seed else Identity.generate()
         self.coordinator_address = coordinator_address
@@ -176,7 +193,7 @@ class FakeNode:
         self.models = models
         self.price_output = price_output
         self.price_input = price_input
-        self.worker = FakeWorker()
+        self.worker = FakeWorker(sessions=sessions)
         self.server: grpc.aio.Server | None = None
         self.channel: grpc.aio.Channel | None = None
         self.worker_address = ""

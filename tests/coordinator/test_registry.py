@@ -31,7 +31,7 @@ def signed(identity: Identity, sequence: int = 1, **kwargs):
 
 def _channel(registry: NodeRegistry, node_id: str) -> grpc.aio.Channel | None:
     worker = registry.worker(node_id)
-    return None if worker is None else worker[0]
+    return None if worker is None else worker.channel
 
 
 async def test_register_puts_the_node_in_the_snapshot(registry: NodeRegistry) -> None:
@@ -47,10 +47,10 @@ async def test_register_puts_the_node_in_the_snapshot(registry: NodeRegistry) ->
     assert len(snapshot.index_for("tiny-model", "eu-west")) == 1
     assert registry.snapshot().version == snapshot.version  # unchanged
     worker = registry.worker(identity.node_id)
-    assert worker is not None and worker[0] is not None
+    assert worker is not None and worker.channel is not None
     # Worker calls carry the session's dispatch tag, not the session token.
     tag = dispatch_tag(registration.session_token)
-    assert worker[1] == ((DISPATCH_METADATA, tag),)
+    assert worker.metadata == ((DISPATCH_METADATA, tag),)
     assert registration.session_token not in tag
     offer = registry.offer(identity.node_id)
     assert offer is not None and offer.node_public_key == identity.public_key

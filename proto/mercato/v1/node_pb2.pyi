@@ -62,6 +62,36 @@ class HeartbeatResponse(_message.Message):
     ping_id: int
     def __init__(self, sequence: _Optional[int] = ..., ping_id: _Optional[int] = ...) -> None: ...
 
+class WorkerSessionRequest(_message.Message):
+    __slots__ = ("stream_id", "start", "cancel", "timeout_ms")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    start: WorkerGenerateRequest
+    cancel: bool
+    timeout_ms: int
+    def __init__(self, stream_id: _Optional[int] = ..., start: _Optional[_Union[WorkerGenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class WorkerSessionEnd(_message.Message):
+    __slots__ = ("status_code", "message")
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    status_code: int
+    message: str
+    def __init__(self, status_code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class WorkerSessionResponse(_message.Message):
+    __slots__ = ("stream_id", "response", "end")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    response: WorkerGenerateResponse
+    end: WorkerSessionEnd
+    def __init__(self, stream_id: _Optional[int] = ..., response: _Optional[_Union[WorkerGenerateResponse, _Mapping]] = ..., end: _Optional[_Union[WorkerSessionEnd, _Mapping]] = ...) -> None: ...
+
 class WorkerGenerateRequest(_message.Message):
     __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "resume_token_ids", "segment_index", "lease_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -163,6 +163,11 @@ class NodeWorkerServiceStub:
                 request_serializer=mercato_dot_v1_dot_node__pb2.WorkerGenerateRequest.SerializeToString,
                 response_deserializer=mercato_dot_v1_dot_node__pb2.WorkerGenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/mercato.v1.NodeWorkerService/Session',
+                request_serializer=mercato_dot_v1_dot_node__pb2.WorkerSessionRequest.SerializeToString,
+                response_deserializer=mercato_dot_v1_dot_node__pb2.WorkerSessionResponse.FromString,
+                _registered_method=True)
 
 
 class NodeWorkerServiceServicer:
@@ -178,6 +183,18 @@ class NodeWorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Many generations over one long-lived stream, multiplexed by stream_id: what a
+        coordinator uses, so a request costs a message on an open stream instead of a new
+        call (grpc-python's per-call setup is most of a relay hop's latency). Each
+        generation behaves as one Generate call: the same checks, deltas, final and late
+        receipt; an end message takes the place of a call's non-OK status. The stream
+        ending (either side) cancels every generation still open on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeWorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +202,11 @@ def add_NodeWorkerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=mercato_dot_v1_dot_node__pb2.WorkerGenerateRequest.FromString,
                     response_serializer=mercato_dot_v1_dot_node__pb2.WorkerGenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=mercato_dot_v1_dot_node__pb2.WorkerSessionRequest.FromString,
+                    response_serializer=mercato_dot_v1_dot_node__pb2.WorkerSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +237,33 @@ class NodeWorkerService:
             '/mercato.v1.NodeWorkerService/Generate',
             mercato_dot_v1_dot_node__pb2.WorkerGenerateRequest.SerializeToString,
             mercato_dot_v1_dot_node__pb2.WorkerGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mercato.v1.NodeWorkerService/Session',
+            mercato_dot_v1_dot_node__pb2.WorkerSessionRequest.SerializeToString,
+            mercato_dot_v1_dot_node__pb2.WorkerSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
