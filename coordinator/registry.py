@@ -142,7 +142,7 @@ class NodeRegistry:
         listing = NodeListing.from_offer(offer)
         self._remember_sequence(node_id, offer.sequence)
         if previous is not None:
-            previous.link.close()  # the old session's stream; a new one carries the new tag
+            previous.link.retire()  # its open generations finish; new ones carry the new tag
         if previous is not None and previous.offer.worker_address == offer.worker_address:
             channel = previous.channel
         else:
@@ -183,7 +183,7 @@ class NodeRegistry:
         entry = self._entries.pop(node_id, None)
         if entry is None:
             return False
-        entry.link.close()
+        entry.link.retire()
         self._close_channel_later(entry.channel)
         self.market.remove_node(node_id)
         log.info("node %s dropped: %s", node_id, reason)

@@ -46,6 +46,8 @@ _FINAL_TAG = 0x12  # WorkerGenerateResponse field 2 (final)
 _ERROR_TAG = 0x1A  # WorkerGenerateResponse field 3 (error)
 _EOF = grpc.aio.EOF
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+_STATUS_WAIT_S = 1.0  # for the status of a call a write just failed on
+_ACCEPT_TIMEOUT_S = 5.0  # for a new session stream's initial metadata
 
 
 class WorkerStreamError(Exception):
@@ -186,10 +188,33 @@ class _Session:
         self._next_id = 1
         self._lock = asyncio.Lock()
         self.broken: WorkerStreamError | None = None
+        self._retired = False
         self._reader = asyncio.get_running_loop().create_task(
             self._read_forever(), name="mercato-worker-session"
         )
         self._cancels: set[asyncio.Task[None]] = set()
+        # The node answers a new stream with its initial metadata at once; a node without
+        # Session ends it UNIMPLEMENTED. Waiting for either before the first write avoids
+        # a write racing that refusal (it fails INTERNAL, and the real status is lost).
+        self._ready = asyncio.get_running_loop().create_task(self._accepted())
+
+    async def _accepted(self) -> None:
+        try:
+            async with asyncio.timeout(_ACCEPT_TIMEOUT_S):
+                await self._call.initial_metadata()
+                if self._call.done():
+                    code = await self._call.code()
+                    error = WorkerStreamError(code, await self._call.details() or "")
+                    self._break(error)
+                    raise error
+        except TimeoutError:
+            error = WorkerStreamError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the node did not accept a session stream within {_ACCEPT_TIMEOUT_S} s",
+            )
+            self._break(error)
+            self._call.cancel()
+            raise error from None
 
     @property
     def open_streams(self) -> int:
@@ -198,6 +223,9 @@ class _Session:
     async def open(
         self, request: node_pb2.WorkerGenerateRequest, timeout_s: float | None
     ) -> SessionStream:
+        if not self._ready.done():
+            await asyncio.shield(self._ready)  # shared by every request that waits
+        self._ready.result()  # raises the refusal
         stream_id = self._take_id()
         stream = SessionStream(self, stream_id)
         self._streams[stream_id] = stream
@@ -229,20 +257,51 @@ class _Session:
             async with self._lock:  # one write at a time on a call
                 await self._call.write(frame)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            # A write to a call that already ended fails with a generic error; the call's
+            # own status says why (UNIMPLEMENTED from a node without Session).
             error = self._error_of(exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STATUS_WAIT_S):
+                    code = await self._call.code()
+                    if code is not grpc.StatusCode.OK:
+                        error = WorkerStreamError(code, await self._call.details() or "")
             self._break(error)
             raise error from exc
 
     def cancel(self, stream_id: int) -> None:
         if self._streams.pop(stream_id, None) is None or self.broken is not None:
             return
-        task = asyncio.get_running_loop().create_task(self._send_cancel(stream_id))
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        if self._retired:
+            # Half-closed: no more messages. The last one open takes the call with it;
+            # another one's output is dropped here until it ends on the node.
+            if not self._streams:
+                self._call.cancel()
+            return
+        self._background(self._send_cancel(stream_id))
 
     async def _send_cancel(self, stream_id: int) -> None:
         with contextlib.suppress(WorkerStreamError):
             await self._write(node_pb2.WorkerSessionRequest(stream_id=stream_id, cancel=True))
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    def retire(self) -> None:
+        """Take no more generations; the node ends the stream once the open ones have
+        finished (a node that re-registers, or leaves, finishes what it was given)."""
+        if self._retired or self.broken is not None:
+            return
+        self._retired = True
+        self._background(self._half_close())
+
+    async def _half_close(self) -> None:
+        try:
+            async with self._lock:
+                await self._call.done_writing()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # already over
 
     async def _read_forever(self) -> None:
         read = self._call.read
@@ -295,14 +354,6 @@ class _Session:
         for stream in streams:
             stream._fail(error)
 
-    def close(self) -> None:
-        """End the call; every open generation fails UNAVAILABLE."""
-        self._break(WorkerStreamError(grpc.StatusCode.UNAVAILABLE, "the node left the market"))
-        self._call.cancel()
-        self._reader.cancel()
-        for task in list(self._cancels):
-            task.cancel()
-
 
 class WorkerLink:
     """A node session's way to its worker: channel, call metadata, session stream."""
@@ -325,7 +376,12 @@ class WorkerLink:
         session = self._session
         if session is None:
             session = self._session = _Session(self)
-        return await session.open(request, timeout_s)
+        try:
+            return await session.open(request, timeout_s)
+        except WorkerStreamError as exc:
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        return self.call(request, timeout_s)  # an older node, found out on this write
 
     def call(
         self, request: node_pb2.WorkerGenerateRequest, timeout_s: float | None
@@ -344,8 +400,10 @@ class WorkerLink:
             log.info("node worker does not serve Session; one call per request")
             self.sessions_unsupported = True
 
-    def close(self) -> None:
-        """Close the session stream (the channel is the registry's to close)."""
+    def retire(self) -> None:
+        """This link's node session is over (the node re-registered, or left): new
+        requests go elsewhere, and the generations open on its stream finish there
+        (until the registry closes the channel, after its grace period)."""
         if self._session is not None:
-            self._session.close()
+            self._session.retire()
             self._session = None

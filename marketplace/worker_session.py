@@ -88,6 +88,9 @@ async def serve_session(
     release: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[node_pb2.WorkerSessionResponse]:
     """The frames to write on a Session stream (yield them from the handler)."""
+    # At once, so the caller knows the stream is served before it writes (a server
+    # without Session answers UNIMPLEMENTED instead; see coordinator.worker_session).
+    await context.send_initial_metadata(())
     session = _Session(context, generate, admit, release)
     reader = asyncio.create_task(session.read(requests))
     try:

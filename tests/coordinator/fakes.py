@@ -214,7 +214,23 @@ class FakeNode:
 
     async def start(self, *, register: bool = True, heartbeat: bool = True) -> FakeNode:
         self.server = grpc.aio.server()
-        node_pb2_grpc.add_NodeWorkerServiceServicer_to_server(self.worker, self.server)
+        if self.worker.sessions:
+            node_pb2_grpc.add_NodeWorkerServiceServicer_to_server(self.worker, self.server)
+        else:
+            # An older node: the server does not know the method at all, so gRPC's core
+            # refuses the stream before any handler runs (UNIMPLEMENTED).
+            generate = grpc.unary_stream_rpc_method_handler(
+                self.worker.Generate,
+                request_deserializer=node_pb2.WorkerGenerateRequest.FromString,
+                response_serializer=node_pb2.WorkerGenerateResponse.SerializeToString,
+            )
+            self.server.add_generic_rpc_handlers(
+                (
+                    grpc.method_handlers_generic_handler(
+                        "mercato.v1.NodeWorkerService", {"Generate": generate}
+                    ),
+                )
+            )
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         self.worker_address = f"127.0.0.1:{port}"

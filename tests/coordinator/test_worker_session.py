@@ -5,10 +5,11 @@ stream that breaks mid-answer resumes like a failed call."""
 from __future__ import annotations
 
 import grpc
+import grpc.aio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from mercato.v1 import common_pb2, node_pb2
+from mercato.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 from coordinator.server import Coordinator
 from coordinator.worker_session import STREAM_ID_MAX, split_frame
@@ -73,10 +74,18 @@ async def test_requests_to_a_node_share_one_session_stream(
     assert all(r is not None and 0 < r < 11 for r in node.worker.time_remaining_s)
 
 
+@pytest.mark.parametrize("unknown", [True, False], ids=["method-unknown", "handler-refuses"])
 async def test_a_node_without_session_gets_one_call_per_request(
-    client, coordinator: Coordinator, make_node: NodeFactory
+    client, coordinator: Coordinator, make_node: NodeFactory, unknown: bool
 ) -> None:
     node = await make_node(sessions=False)
+    if not unknown:  # the servicer is registered but its Session refuses
+        assert node.server is not None
+        await node.server.stop(None)
+        node.server = grpc.aio.server()
+        node_pb2_grpc.add_NodeWorkerServiceServicer_to_server(node.worker, node.server)
+        node.server.add_insecure_port(node.worker_address)
+        await node.server.start()
     for _ in range(2):
         deltas, final = deltas_and_final(await collect(client, chat_request(max_tokens=5)))
         assert text_of(deltas) == "Hello, world" and final.node_id == node.node_id
@@ -125,3 +134,26 @@ async def test_a_client_cancel_cancels_the_generation_on_the_node(
     call.cancel()
     await wait_until(node.worker.cancelled.is_set)
     assert await call.code() == grpc.StatusCode.CANCELLED
+
+
+async def test_a_node_that_registers_again_finishes_what_it_was_given(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    node = await make_node()
+    node.worker.behaviour = Behaviour(deltas=list("abcdef"), delay_s=0.05)
+    call = client.Generate(chat_request(max_tokens=6), timeout=10)
+    received = []
+    async for response in call:
+        received.append(response)
+        if len(received) == 1:
+            await node.register()  # a new node session: the old stream is retired
+    deltas, final = deltas_and_final(received)
+    assert text_of(deltas) == "abcdef" and final.node_id == node.node_id
+    assert [s.node_id for s in final.segments] == [node.node_id]  # no resume was needed
+    # New requests go on a new stream, with the new session's dispatch tag.
+    node.worker.behaviour = Behaviour()
+    deltas_and_final(await collect(client, chat_request(max_tokens=5)))
+    assert node.worker.session_streams == 2
+    link = coordinator.registry.worker(node.node_id)
+    assert link is not None and node.worker.metadata[-1].items() >= dict(link.metadata).items()
+    assert node.worker.metadata[0] != node.worker.metadata[-1]

@@ -55,6 +55,7 @@ except ImportError:  # a build without billing
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 WORKER_GENERATE = "/mercato.v1.NodeWorkerService/Generate"
+WORKER_SESSION = "/mercato.v1.NodeWorkerService/Session"
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
 
 
@@ -65,19 +66,23 @@ def _free_port() -> int:
 
 
 class DelayProxy:
-    """A NodeWorkerService pass-through (raw bytes) that delays the node's stream."""
+    """A NodeWorkerService pass-through (raw bytes) that delays the node's stream: each
+    generation's, on a Generate call or on the Session stream the coordinator uses."""
 
     def __init__(self, target: str, first_delay_s: float, per_token_delay_s: float) -> None:
         self.first_delay_s = first_delay_s
         self.per_token_delay_s = per_token_delay_s
-        self.calls = 0  # Generate calls seen
+        self.calls = 0  # generations seen (calls, or starts on a session stream)
         self._channel = grpc.insecure_channel(target)
         self._server = grpc.server(ThreadPoolExecutor(max_workers=8))
         self._server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
                     "mercato.v1.NodeWorkerService",
-                    {"Generate": grpc.unary_stream_rpc_method_handler(self._generate)},
+                    {
+                        "Generate": grpc.unary_stream_rpc_method_handler(self._generate),
+                        "Session": grpc.stream_stream_rpc_method_handler(self._session),
+                    },
                 ),
             )
         )
@@ -119,6 +124,42 @@ class DelayProxy:
                 time.sleep(delay_s)
             index += 1
             yield message
+
+    def _session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Frames pass both ways; a generation's i-th frame from the node goes out
+        ``first_delay_s + i * per_token_delay_s`` after it arrived, as on a call."""
+        call = self._channel.stream_stream(WORKER_SESSION)(
+            requests, metadata=context.invocation_metadata()
+        )
+        context.add_callback(call.cancel)
+        context.send_initial_metadata(call.initial_metadata())
+        arrived: queue.Queue[tuple[float, bytes | None, grpc.RpcError | None]] = queue.Queue()
+
+        def read() -> None:
+            try:
+                for frame in call:
+                    arrived.put((time.monotonic(), frame, None))
+                arrived.put((time.monotonic(), None, None))
+            except grpc.RpcError as exc:
+                arrived.put((time.monotonic(), None, exc))
+
+        threading.Thread(target=read, daemon=True).start()
+        sent: dict[int, int] = {}  # stream id -> frames sent
+        while True:
+            at_s, frame, error = arrived.get()
+            if error is not None:
+                context.abort(error.code(), error.details() or "")
+            if frame is None:
+                return
+            stream_id = node_pb2.WorkerSessionResponse.FromString(frame).stream_id
+            index = sent.get(stream_id, 0)
+            if index == 0:
+                self.calls += 1
+            sent[stream_id] = index + 1
+            delay_s = at_s + self.first_delay_s + index * self.per_token_delay_s - time.monotonic()
+            if delay_s > 0:
+                time.sleep(delay_s)
+            yield frame
 
     def stop(self) -> None:
         self._server.stop(None)
