@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import uuid
 from dataclasses import dataclass
 
 from mercato.v1 import common_pb2, inference_pb2, node_pb2
@@ -17,6 +16,7 @@ from mercato.v1 import common_pb2, inference_pb2, node_pb2
 from coordinator.errors import RequestInvalid
 from coordinator.offers import MODEL_NAME_PATTERN, REGION_PATTERN
 from coordinator.settings import CoordinatorSettings
+from marketplace.ids import time_ordered_id
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ROLES = frozenset({"system", "user", "assistant"})
@@ -50,7 +50,7 @@ def validate_request(
                 "[A-Za-z0-9._:-], or empty to let the coordinator assign one"
             )
     else:
-        request_id = str(uuid.uuid4())
+        request_id = time_ordered_id()  # keeps the ledger's indexes append-mostly
     if not request.model:
         raise RequestInvalid("model: required; ListModels lists the models served")
     if not MODEL_NAME_PATTERN.fullmatch(request.model):

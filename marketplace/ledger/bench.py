@@ -46,6 +46,7 @@ from typing import Any
 from mercato.v1 import market_pb2
 
 from marketplace.identity import Identity
+from marketplace.ids import uuid7
 from marketplace.ledger.applier import now_unix_ms
 from marketplace.ledger.models import AccountKind
 from marketplace.ledger.operations import PlaceHold, Settle, SettleSegment
@@ -64,11 +65,19 @@ RATE_POSTGRES_PER_S = 5_000
 
 
 def _make_ops(
-    count: int, clients: list[str], nodes: list[Identity], coordinator: Identity, tag: str
+    count: int,
+    clients: list[str],
+    nodes: list[Identity],
+    coordinator: Identity,
+    rate_per_s: int,
 ) -> list[tuple[PlaceHold, Settle]]:
+    """``count`` settlements whose request ids are what the coordinator makes
+    (time-ordered, :mod:`marketplace.ids`), dated as if the requests arrived at
+    ``rate_per_s`` from now: the ledger's indexes see the key order they would see."""
     template: dict[int, tuple[bytes, bytes]] = {}
     pairs = []
-    expires = now_unix_ms() + 3_600_000
+    start_ms = now_unix_ms()
+    expires = start_ms + 3_600_000
     # Identity.node_id and public_key are derived on every access (base58 of the key).
     node_ids = [node.node_id for node in nodes]
     public_keys = [node.public_key for node in nodes]
@@ -76,7 +85,7 @@ def _make_ops(
     for i in range(count):
         node = nodes[i % len(nodes)]
         node_id = node_ids[i % len(nodes)]
-        request_id = f"{tag}-{i}"
+        request_id = str(uuid7(start_ms + i * 1000 // rate_per_s))
         usage = market_pb2.UsageReceipt(
             request_id=f"{request_id}#0",
             node_id=node_id,
@@ -210,12 +219,11 @@ async def _steady(
     nodes: list[Identity],
     coordinator: Identity,
     rate_per_s: int,
-    tag: str,
 ) -> tuple[float, float, tuple[float, int]]:
     """Offer ``rate_per_s`` settlements for a while; (p99, p50) queued-to-durable in ms,
     and the machine's stalls meanwhile (worst oversleep ms, count over 5 ms)."""
     watch = _StallWatch()
-    steady = _make_ops(int(rate_per_s * STEADY_SECONDS), clients, nodes, coordinator, tag)
+    steady = _make_ops(int(rate_per_s * STEADY_SECONDS), clients, nodes, coordinator, rate_per_s)
     _freeze_scaffolding()
     watch.start()
     delays: list[float] = []
@@ -291,10 +299,10 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
     writer.start()
     try:
         # warm-up (creates the provider accounts)
-        warm = _make_ops(200, clients, nodes, coordinator, "warm")
+        warm = _make_ops(200, clients, nodes, coordinator, rate_per_s)
         await asyncio.gather(*(writer.submit(op) for pair in warm for op in pair))
 
-        pairs = _make_ops(THROUGHPUT_SETTLEMENTS, clients, nodes, coordinator, "tput")
+        pairs = _make_ops(THROUGHPUT_SETTLEMENTS, clients, nodes, coordinator, rate_per_s)
         _freeze_scaffolding()
         batches_before = writer.batches
         cpu_before = writer.cpu_s
@@ -312,10 +320,10 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         mean_batch = 2 * len(pairs) / max(1, writer.batches - batches_before)
 
         checkpoints_before = _checkpoint_counters(store.engine)
-        p99, p50, stalls = await _steady(writer, clients, nodes, coordinator, rate_per_s, "steady")
+        p99, p50, stalls = await _steady(writer, clients, nodes, coordinator, rate_per_s)
         checkpoints_after = _checkpoint_counters(store.engine)
         half_rate = max(100, int(throughput / 2))
-        p99_half, _, _ = await _steady(writer, clients, nodes, coordinator, half_rate, "half")
+        p99_half, _, _ = await _steady(writer, clients, nodes, coordinator, half_rate)
     finally:
         await writer.close()
         store.close()

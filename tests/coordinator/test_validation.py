@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from mercato.v1 import common_pb2, inference_pb2
 
@@ -35,7 +37,7 @@ def test_valid_request_builds_the_worker_request() -> None:
     r.sampling.temperature = 0.0
     r.sampling.seed = 7
     valid = validate_request(r, SETTINGS)
-    assert len(valid.request_id) == 36  # a uuid
+    assert uuid.UUID(valid.request_id).version == 7  # time-ordered (marketplace.ids)
     worker = valid.worker_request
     assert worker.request_id == valid.request_id
     assert worker.WhichOneof("input") == "chat"

@@ -1,0 +1,37 @@
+"""Time-ordered request ids (UUID version 7)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from marketplace.ids import time_ordered_id, uuid7
+
+
+@given(st.integers(0, 2**48 - 1))
+def test_layout_is_rfc_9562_version_7(unix_ms: int) -> None:
+    value = uuid7(unix_ms)
+    assert value.version == 7
+    assert value.variant == uuid.RFC_4122
+    assert value.int >> 80 == unix_ms  # the first 48 bits are the time
+
+
+@given(st.integers(0, 2**48 - 2), st.integers(1, 10**6))
+def test_later_milliseconds_sort_later(unix_ms: int, later_by: int) -> None:
+    later = min(unix_ms + later_by, 2**48 - 1)
+    assert str(uuid7(unix_ms)) < str(uuid7(later))  # as text too: what the indexes sort
+
+
+def test_ids_are_unique_and_parse_back() -> None:
+    ids = [time_ordered_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+
+
+@pytest.mark.parametrize("unix_ms", [-1, 2**48])
+def test_out_of_range_time_is_refused(unix_ms: int) -> None:
+    with pytest.raises(ValueError, match="48 bits"):
+        uuid7(unix_ms)
