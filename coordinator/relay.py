@@ -73,13 +73,12 @@ from coordinator.router import Routed, Router
 from coordinator.routing import DispatchOutcome, RoutedCandidate, RouteRequest, RoutingDecision
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import ValidRequest
-from coordinator.worker_session import SessionStream, WorkerStreamError
+from coordinator.worker_session import SessionStream, WorkerStreamError, status_code
 
 log = logging.getLogger(__name__)
 
 _NODE_MESSAGE_CHARS_MAX = 300
 _DELTA_TAG = 0x0A  # field 1, wire type 2: TextDelta in both response messages
-_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 # A node refusing with one of these blames the request itself (e.g. a prompt longer than
 # the model's context): the client gets the node's answer at once, no other node is tried.
 _REQUEST_FAULT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
@@ -262,15 +261,7 @@ class Relay:
             read = call.read
             try:
                 async with asyncio.timeout(self._settings.first_token_timeout_s):
-                    try:
-                        message = await read()  # no task per request, unlike wait_for
-                    except WorkerStreamError as exc:
-                        if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
-                            raise
-                        # An older node without Session: this request as a call.
-                        call = link.call(worker_request, remaining_s)
-                        read = call.read
-                        message = await read()
+                    message = await read()  # no task per request, unlike wait_for
             except TimeoutError:
                 raise _AttemptFailed(
                     AttemptFailure(
@@ -401,7 +392,7 @@ class Relay:
             self._final(request, node, response.final, segment, outcome)
             return True
         if kind == "error":
-            code = _STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)
+            code = status_code(response.error.code)
             raise _AttemptFailed(AttemptFailure(node.node_id, code, _clip(response.error.message)))
         raise _AttemptFailed(
             AttemptFailure(node.node_id, grpc.StatusCode.INTERNAL, "sent an empty message")

@@ -34,11 +34,12 @@ import grpc
 import grpc.aio
 from mercato.v1 import node_pb2
 
+from marketplace.worker_session import SESSION_ACCEPTED_METADATA, STREAM_ID_MAX
+
 log = logging.getLogger(__name__)
 
 WORKER_GENERATE_PATH = "/mercato.v1.NodeWorkerService/Generate"
 WORKER_SESSION_PATH = "/mercato.v1.NodeWorkerService/Session"
-STREAM_ID_MAX = 2**32 - 1
 _TIMEOUT_MS_MAX = 2**32 - 1
 _STREAM_ID_TAG = 0x08  # WorkerSessionResponse field 1, varint
 _RESPONSE_TAG = 0x12  # field 2, length-delimited: WorkerGenerateResponse
@@ -46,6 +47,13 @@ _FINAL_TAG = 0x12  # WorkerGenerateResponse field 2 (final)
 _ERROR_TAG = 0x1A  # WorkerGenerateResponse field 3 (error)
 _EOF = grpc.aio.EOF
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The gRPC status code with this number (UNKNOWN for one gRPC does not define)."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
 _STATUS_WAIT_S = 1.0  # for the status of a call a write just failed on
 _ACCEPT_TIMEOUT_S = 5.0  # for a new session stream's initial metadata
 
@@ -192,17 +200,19 @@ class _Session:
         self._reader = asyncio.get_running_loop().create_task(
             self._read_forever(), name="mercato-worker-session"
         )
-        self._cancels: set[asyncio.Task[None]] = set()
-        # The node answers a new stream with its initial metadata at once; a node without
-        # Session ends it UNIMPLEMENTED. Waiting for either before the first write avoids
-        # a write racing that refusal (it fails INTERNAL, and the real status is lost).
+        self._background_tasks: set[asyncio.Task[None]] = set()
+        # The node answers a new stream with its initial metadata at once, marked as
+        # accepted; a node without Session ends it UNIMPLEMENTED (no metadata). Waiting
+        # for either before the first write avoids a write racing that refusal (it
+        # fails INTERNAL, and the real status is lost).
         self._ready = asyncio.get_running_loop().create_task(self._accepted())
 
     async def _accepted(self) -> None:
         try:
             async with asyncio.timeout(_ACCEPT_TIMEOUT_S):
-                await self._call.initial_metadata()
-                if self._call.done():
+                metadata = await self._call.initial_metadata()
+                if SESSION_ACCEPTED_METADATA not in metadata:
+                    # Refused: its status may land a moment after the (empty) metadata.
                     code = await self._call.code()
                     error = WorkerStreamError(code, await self._call.details() or "")
                     self._break(error)
@@ -215,10 +225,6 @@ class _Session:
             self._break(error)
             self._call.cancel()
             raise error from None
-
-    @property
-    def open_streams(self) -> int:
-        return len(self._streams)
 
     async def open(
         self, request: node_pb2.WorkerGenerateRequest, timeout_s: float | None
@@ -285,8 +291,8 @@ class _Session:
 
     def _background(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     def retire(self) -> None:
         """Take no more generations; the node ends the stream once the open ones have
@@ -325,8 +331,7 @@ class _Session:
                 else:
                     assert end is not None
                     del streams[stream_id]
-                    code = _STATUS_BY_NUMBER.get(end.status_code, grpc.StatusCode.UNKNOWN)
-                    stream._fail(WorkerStreamError(code, end.message))
+                    stream._fail(WorkerStreamError(status_code(end.status_code), end.message))
         except grpc.aio.AioRpcError as exc:
             error = self._error_of(exc)
         except asyncio.CancelledError:
@@ -381,7 +386,7 @@ class WorkerLink:
         except WorkerStreamError as exc:
             if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
                 raise
-        return self.call(request, timeout_s)  # an older node, found out on this write
+        return self.call(request, timeout_s)  # an older node, found out on opening the stream
 
     def call(
         self, request: node_pb2.WorkerGenerateRequest, timeout_s: float | None

@@ -42,6 +42,9 @@ from mercato.v1 import node_pb2
 log = logging.getLogger(__name__)
 
 STREAM_ID_MAX = 2**32 - 1
+# Initial metadata a node sends as soon as it serves a Session stream. A refused stream
+# has none (its status comes alone), which is how the caller tells the two apart.
+SESSION_ACCEPTED_METADATA = "x-mercato-session-accepted"
 
 Generate = Callable[
     [node_pb2.WorkerGenerateRequest, Any], AsyncIterator[node_pb2.WorkerGenerateResponse]
@@ -90,7 +93,7 @@ async def serve_session(
     """The frames to write on a Session stream (yield them from the handler)."""
     # At once, so the caller knows the stream is served before it writes (a server
     # without Session answers UNIMPLEMENTED instead; see coordinator.worker_session).
-    await context.send_initial_metadata(())
+    await context.send_initial_metadata(((SESSION_ACCEPTED_METADATA, "1"),))
     session = _Session(context, generate, admit, release)
     reader = asyncio.create_task(session.read(requests))
     try:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from mercato.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 from coordinator.server import Coordinator
-from coordinator.worker_session import STREAM_ID_MAX, split_frame
+from coordinator.worker_session import split_frame
+from marketplace.worker_session import STREAM_ID_MAX
 
 from .conftest import NodeFactory, collect, wait_until
 from .fakes import Behaviour

@@ -28,7 +28,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,72 +94,63 @@ class DelayProxy:
         return f"127.0.0.1:{self.port}"
 
     def _generate(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Message i goes out ``first_delay_s + i * per_token_delay_s`` after it arrived
-        (delays add to the node's own pace, whatever that is), errors pass through."""
         self.calls += 1
         call = self._channel.unary_stream(WORKER_GENERATE)(
             request, timeout=context.time_remaining()
         )
         context.add_callback(call.cancel)
+        yield from self._delayed(call, context, lambda _message: 0)
+
+    def _session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        def counted() -> Iterator[bytes]:
+            for frame in requests:
+                if node_pb2.WorkerSessionRequest.FromString(frame).HasField("start"):
+                    self.calls += 1
+                yield frame
+
+        call = self._channel.stream_stream(WORKER_SESSION)(
+            counted(), metadata=context.invocation_metadata()
+        )
+        context.add_callback(call.cancel)
+        context.send_initial_metadata(call.initial_metadata())
+        yield from self._delayed(
+            call, context, lambda frame: node_pb2.WorkerSessionResponse.FromString(frame).stream_id
+        )
+
+    def _delayed(
+        self,
+        upstream: Iterator[bytes],
+        context: grpc.ServicerContext,
+        generation_of: Callable[[bytes], int],
+    ) -> Iterator[bytes]:
+        """A generation's message i goes out ``first_delay_s + i * per_token_delay_s``
+        after it arrived (delays add to the node's own pace, whatever that is); the
+        node's error status passes through."""
         arrived: queue.Queue[tuple[float, bytes | None, grpc.RpcError | None]] = queue.Queue()
 
         def read() -> None:
             try:
-                for message in call:
+                for message in upstream:
                     arrived.put((time.monotonic(), message, None))
                 arrived.put((time.monotonic(), None, None))
             except grpc.RpcError as exc:
                 arrived.put((time.monotonic(), None, exc))
 
         threading.Thread(target=read, daemon=True).start()
-        index = 0
+        sent: dict[int, int] = {}  # generation -> messages sent
         while True:
             at_s, message, error = arrived.get()
             if error is not None:  # the node failed: pass its status on
                 context.abort(error.code(), error.details() or "")
             if message is None:
                 return
+            generation = generation_of(message)
+            index = sent.get(generation, 0)
+            sent[generation] = index + 1
             delay_s = at_s + self.first_delay_s + index * self.per_token_delay_s - time.monotonic()
             if delay_s > 0:
                 time.sleep(delay_s)
-            index += 1
             yield message
-
-    def _session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Frames pass both ways; a generation's i-th frame from the node goes out
-        ``first_delay_s + i * per_token_delay_s`` after it arrived, as on a call."""
-        call = self._channel.stream_stream(WORKER_SESSION)(
-            requests, metadata=context.invocation_metadata()
-        )
-        context.add_callback(call.cancel)
-        context.send_initial_metadata(call.initial_metadata())
-        arrived: queue.Queue[tuple[float, bytes | None, grpc.RpcError | None]] = queue.Queue()
-
-        def read() -> None:
-            try:
-                for frame in call:
-                    arrived.put((time.monotonic(), frame, None))
-                arrived.put((time.monotonic(), None, None))
-            except grpc.RpcError as exc:
-                arrived.put((time.monotonic(), None, exc))
-
-        threading.Thread(target=read, daemon=True).start()
-        sent: dict[int, int] = {}  # stream id -> frames sent
-        while True:
-            at_s, frame, error = arrived.get()
-            if error is not None:
-                context.abort(error.code(), error.details() or "")
-            if frame is None:
-                return
-            stream_id = node_pb2.WorkerSessionResponse.FromString(frame).stream_id
-            index = sent.get(stream_id, 0)
-            if index == 0:
-                self.calls += 1
-            sent[stream_id] = index + 1
-            delay_s = at_s + self.first_delay_s + index * self.per_token_delay_s - time.monotonic()
-            if delay_s > 0:
-                time.sleep(delay_s)
-            yield frame
 
     def stop(self) -> None:
         self._server.stop(None)

@@ -189,8 +189,8 @@ class NodeWorkerServiceServicer:
         call (grpc-python's per-call setup is most of a relay hop's latency). Each
         generation behaves as one Generate call: the same checks, deltas, final and late
         receipt; an end message takes the place of a call's non-OK status. The node sends
-        its initial metadata as soon as the stream opens (the caller waits for it before
-        its first message). The stream ending (either side) cancels every generation still
+        its initial metadata as soon as the stream opens, with x-mercato-session-accepted
+        set (the caller waits for it before its first message). The stream ending (either side) cancels every generation still
         open on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
