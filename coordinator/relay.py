@@ -254,6 +254,7 @@ class Relay:
         verdict = DispatchOutcome.ABANDONED  # unless it ends well or the node fails it
         call: SessionStream | grpc.aio.UnaryStreamCall | None = None
         delivered = outcome.delivered
+        ttft_s: float | None = None
         try:
             await self._connect(node_id, link.channel)
             started_s = time.perf_counter()
@@ -271,10 +272,10 @@ class Relay:
                     )
                 ) from None
             first_s = time.perf_counter()
-            if message is not grpc.aio.EOF:
-                market.record_first_token(node_id, first_s - started_s)
-            append = delivered.messages.append
             eof = grpc.aio.EOF
+            # Recorded once the first message is on its way to the client, not before.
+            ttft_s = None if message is eof else first_s - started_s
+            append = delivered.messages.append
             while True:
                 if message is eof:
                     raise _AttemptFailed(
@@ -291,7 +292,13 @@ class Relay:
                         outcome.segments.append(segment)
                     append(message)
                     yield message
+                    if ttft_s is not None:
+                        market.record_first_token(node_id, ttft_s)
+                        ttft_s = None
                 else:
+                    if ttft_s is not None:
+                        market.record_first_token(node_id, ttft_s)
+                        ttft_s = None
                     if self._slow_message(request, candidate, message, segment, outcome):
                         market.record_decode(
                             node_id, segment.output_tokens, time.perf_counter() - first_s
@@ -312,6 +319,8 @@ class Relay:
         finally:
             if call is not None and not call.done():
                 call.cancel()
+            if ttft_s is not None:  # the client left while its first token was sent
+                market.record_first_token(node_id, ttft_s)
             market.dispatch_finished(node_id, verdict)
 
     @staticmethod

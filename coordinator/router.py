@@ -36,6 +36,7 @@ from coordinator.validation import ValidRequest
 log = logging.getLogger(__name__)
 
 _LISTED_MODELS_MAX = 20
+_DEFAULT_PREFERENCES = RoutingPreferences()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,11 @@ class Router:
             # The worker request has the same ``input`` oneof (chat | prompt).
             input_tokens=estimate_input_tokens(worker),  # type: ignore[arg-type]
             max_tokens=worker.sampling.max_tokens,
-            preferences=RoutingPreferences.from_proto(request.routing),
+            preferences=(
+                RoutingPreferences.from_proto(request.routing)
+                if request.routing.ByteSize()
+                else _DEFAULT_PREFERENCES  # nothing set: most requests
+            ),
         )
 
     def decide(self, request: RouteRequest) -> RoutingDecision:

@@ -25,6 +25,7 @@ STOP_SEQUENCE_CHARS_MAX = 128
 ROUTING_LIST_MAX = 256
 NODE_ID_CHARS_MAX = 128
 LEASE_ID_CHARS_MAX = 128
+_SORT_MODES = frozenset(inference_pb2.SortMode.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,8 @@ def validate_request(
     worker = node_pb2.WorkerGenerateRequest(request_id=request_id, model=request.model)
     _check_input(request, worker, settings)
     _check_sampling(request, worker, settings)
-    _check_routing(request.routing)
+    if request.HasField("routing"):
+        _check_routing(request.routing)
     if request.lease_id:
         if len(request.lease_id) > LEASE_ID_CHARS_MAX:
             raise RequestInvalid(f"lease_id: more than {LEASE_ID_CHARS_MAX} characters")
@@ -168,5 +170,5 @@ def _check_routing(routing: inference_pb2.RoutingPreferences) -> None:
                 raise RequestInvalid(
                     f"routing.{name}[{index}]: a node id has 1..{NODE_ID_CHARS_MAX} characters"
                 )
-    if routing.sort not in inference_pb2.SortMode.values():
+    if routing.sort not in _SORT_MODES:
         raise RequestInvalid(f"routing.sort: {routing.sort} is not a known SortMode")

@@ -34,6 +34,18 @@ def uuid7(unix_ms: int | None = None) -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
+_VERSION_VARIANT_MASK = ~((0xF << 76) | (0x3 << 62))
+_VERSION_VARIANT = (0x7 << 76) | (0b10 << 62)
+
+
 def time_ordered_id() -> str:
-    """A new request id: a version 7 UUID in its usual text form (sorts by time)."""
-    return str(uuid7())
+    """A new request id: a version 7 UUID in its usual text form (sorts by time).
+
+    The same layout as :func:`uuid7`, formatted without building a ``uuid.UUID``: this
+    runs on every request before it is dispatched, and the ``uuid`` module's checks and
+    conversions cost as much as the rest of the request's validation.
+    """
+    # 48 bits of milliseconds, then 80 random bits of which version and variant take 6.
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    text = "%032x" % (value & _VERSION_VARIANT_MASK | _VERSION_VARIANT)
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"

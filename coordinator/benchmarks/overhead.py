@@ -5,14 +5,20 @@ engine is the FakeEngine at ``TOKENS_PER_S`` per stream (a fixed 1 ms between to
 no model), so the engine adds no noise of its own. This process is the client. The same
 requests (one at a time, ``NEW_TOKENS`` each) go
 
-* direct: to the node's NodeWorkerService.Generate, and
+* direct: to the node's NodeWorkerService.Generate,
+* floor: to a benchmark-only relay with no logic at all (``passthrough``: the request
+  goes to the same node as a message on a Session stream, deltas come back; nothing is
+  checked, routed or counted), and
 * routed: to the coordinator's InferenceService.Generate, which relays the node's stream,
 
-in interleaved rounds (direct first in even rounds, routed first in odd ones, so drift in
-the machine's speed hits both). Both paths read raw response bytes (no parse), over one
-warmed channel each. Per round and path: time to first token (from the call to the
+in interleaved rounds (the paths in one order in even rounds, reversed in odd ones, so
+drift in the machine's speed hits all of them). Every path reads raw response bytes (no
+parse), over one warmed channel each. Per round and path: time to first token (from the call to the
 first delta) p50 and p99, and inter-token latency (between consecutive deltas) p99. The
-result is the median over rounds of the per-round difference routed - direct.
+result is the median over rounds of the per-round difference routed - direct
+(``added_*``), and of floor - direct (``floor_added_*``): what two more gRPC message
+hops cost through grpc-python on this machine with no work in between, so
+``added - floor_added`` is the coordinator's own share.
 
 Targets (issue 3): added_ttft_ms_p50 <= 0.5, added_ttft_ms_p99 <= 2.0,
 added_itl_ms_p99 <= 0.5.
@@ -23,12 +29,16 @@ added_itl_ms_p99 <= 0.5.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
 import os
 import statistics
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +52,7 @@ NEW_TOKENS = 32
 ROUNDS = 15
 REQUESTS_PER_ROUND = 40
 WARMUP_REQUESTS = 40
-PATHS = ("direct", "routed")
+PATHS = ("direct", "floor", "routed")
 TARGETS_MS = {"added_ttft_ms_p50": 0.5, "added_ttft_ms_p99": 2.0, "added_itl_ms_p99": 0.5}
 _DELTA_TAG = 0x0A  # field 1 (TextDelta) in both WorkerGenerateResponse and GenerateResponse
 _PROMPT = "Say something about the weather."
@@ -74,13 +84,14 @@ def percentile(values: list[float], q: float) -> float:
 class _Client:
     """One warmed channel per path; requests read as raw bytes."""
 
-    def __init__(self, node_address: str, coordinator_address: str) -> None:
+    def __init__(self, node_address: str, coordinator_address: str, floor_address: str) -> None:
         import grpc.aio
         from mercato.v1 import common_pb2, inference_pb2, node_pb2
 
         self._channels = [
             grpc.aio.insecure_channel(node_address),
             grpc.aio.insecure_channel(coordinator_address),
+            grpc.aio.insecure_channel(floor_address),
         ]
         chat = common_pb2.ChatInput(messages=[common_pb2.ChatMessage(role="user", content=_PROMPT)])
         sampling = common_pb2.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
@@ -94,11 +105,14 @@ class _Client:
             request_serializer=None,  # already bytes
             response_deserializer=None,
         )
-        self._routed_call = self._channels[1].unary_stream(
-            "/mercato.v1.InferenceService/Generate",
-            request_serializer=None,  # already bytes
-            response_deserializer=None,
-        )
+        self._relayed_calls = {
+            path: channel.unary_stream(
+                "/mercato.v1.InferenceService/Generate",
+                request_serializer=None,  # already bytes
+                response_deserializer=None,
+            )
+            for path, channel in (("routed", self._channels[1]), ("floor", self._channels[2]))
+        }
         self._sequence = 0
 
     async def one(self, path: str) -> tuple[float, list[float]]:
@@ -110,7 +124,7 @@ class _Client:
             multi_callable = self._direct_call
         else:
             payload = self._routed_bytes
-            multi_callable = self._routed_call
+            multi_callable = self._relayed_calls[path]
         clock = time.perf_counter
         stamps: list[float] = []
         started = clock()
@@ -129,9 +143,9 @@ class _Client:
 
 
 async def _measure(
-    node_address: str, coordinator_address: str, rounds: int, coordinator: Any
+    node_address: str, coordinator_address: str, floor_address: str, rounds: int, coordinator: Any
 ) -> Measured:
-    client = _Client(node_address, coordinator_address)
+    client = _Client(node_address, coordinator_address, floor_address)
     measured = Measured()
     try:
         for _ in range(WARMUP_REQUESTS):
@@ -163,11 +177,33 @@ async def _measure(
                 summary[f"{path}_itl_ms_p99"] = percentile(gaps, 99) * 1e3
             for key in ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p99"):
                 summary[f"added_{key}"] = summary[f"routed_{key}"] - summary[f"direct_{key}"]
+                summary[f"floor_added_{key}"] = summary[f"floor_{key}"] - summary[f"direct_{key}"]
             measured.rounds.append(summary)
     finally:
         gc.unfreeze()
         await client.close()
     return measured
+
+
+@contextlib.contextmanager
+def _passthrough(node_address: str) -> Iterator[str]:
+    """Run the benchmark-only relay with no logic (``passthrough``) in front of the
+    node; yields its address."""
+    from coordinator.benchmarks.passthrough import READY_PREFIX
+    from marketplace.cli.processes import start_service
+
+    with tempfile.TemporaryDirectory(prefix="mercato-bench-") as folder:
+        service = start_service(
+            "passthrough",
+            [sys.executable, "-m", "coordinator.benchmarks.passthrough", "--node", node_address],
+            READY_PREFIX,
+            Path(folder) / "passthrough.log",
+            timeout_s=60,
+        )
+        try:
+            yield service.ready["address"]
+        finally:
+            service.stop()
 
 
 def _cpu_s(process: Any) -> float:
@@ -180,9 +216,18 @@ def measure(rounds: int = ROUNDS) -> tuple[Measured, dict[str, Any]]:
     import uvloop
 
     load_before = load_average()
-    with fake_cluster(tokens_per_s=TOKENS_PER_S, max_concurrency=8) as cluster:
+    with (
+        fake_cluster(tokens_per_s=TOKENS_PER_S, max_concurrency=8) as cluster,
+        _passthrough(cluster.node_address) as floor_address,
+    ):
         measured = uvloop.run(
-            _measure(cluster.node_address, cluster.coordinator_address, rounds, cluster.coordinator)
+            _measure(
+                cluster.node_address,
+                cluster.coordinator_address,
+                floor_address,
+                rounds,
+                cluster.coordinator,
+            )
         )
     result: dict[str, Any] = {
         key: round(statistics.median(r[key] for r in measured.rounds), 3)
@@ -231,7 +276,8 @@ def _print_table(result: dict[str, Any], json_output: bool) -> None:
             f"x {REQUESTS_PER_ROUND} requests per path"
         )
     )
-    for column in ("ms", "direct (node)", "routed (coordinator)", "added", "target"):
+    columns = ("ms", "direct", "floor", "routed", "floor added", "added", "target")
+    for column in columns:
         table.add_column(column, justify="right")
     for key in ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p99"):
         added = result[f"added_{key}"]
@@ -239,11 +285,18 @@ def _print_table(result: dict[str, Any], json_output: bool) -> None:
         table.add_row(
             key.replace("_ms_", " "),
             f"{result[f'direct_{key}']:.3f}",
+            f"{result[f'floor_{key}']:.3f}",
             f"{result[f'routed_{key}']:.3f}",
+            f"{result[f'floor_added_{key}']:+.3f}",
             f"[{'green' if added <= limit else 'red'}]{added:+.3f}[/]",
             f"<= {limit}",
         )
     Console(stderr=json_output).print(table)
+    Console(stderr=json_output).print(
+        "direct: the node's own Generate; floor: a benchmark-only relay with no logic "
+        "(passthrough); routed: the coordinator; added = routed - direct, floor added = "
+        "floor - direct (two more gRPC hops and nothing else)"
+    )
     Console(stderr=json_output).print(
         f"coordinator CPU per routed request ({NEW_TOKENS} deltas relayed): "
         f"{result['coordinator_cpu_us_per_request']} µs; load average {result['load_average_before']} -> {result['load_average_after']}, "

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from coordinator.routing.circuit_breaker import BreakerPolicy, BreakerState, CircuitBreaker
-from coordinator.routing.measurements import NodeMeasurements
+from coordinator.routing.measurements import NodeMeasurements, NodeStats
 from coordinator.routing.node_view import LoadReport, NodeListing, NodeView
 from coordinator.routing.snapshot import MarketSnapshot, PriceIndex, regions_of
 
@@ -83,6 +83,7 @@ class _NodeState:
         "load",
         "measurements",
         "slot",
+        "stats",
     )
 
     def __init__(self, listing: NodeListing, slot: int, config: MarketConfig, now_s: float):
@@ -96,6 +97,20 @@ class _NodeState:
         )
         self.breaker = CircuitBreaker(config.breaker)
         self.last_seen_s = now_s
+        # The summary of ``measurements`` as of their last observation (None: to be
+        # made). Every view carries it, and most views follow a change of load or of
+        # requests in flight, not of measurements.
+        self.stats: NodeStats | None = None
+
+    def measured(self) -> None:
+        """An observation was added to ``measurements`` (or they were replaced)."""
+        self.stats = None
+
+    def _stats(self) -> NodeStats:
+        stats = self.stats
+        if stats is None:
+            stats = self.stats = self.measurements.summary()
+        return stats
 
     def view(self) -> NodeView:
         load = self.load
@@ -115,7 +130,7 @@ class _NodeState:
             load=self.load,
             in_flight=self.in_flight,
             occupancy=occupancy,
-            stats=self.measurements.summary(),
+            stats=self._stats(),
             breaker_open_until_s=self.breaker.open_until_s,
             probe_in_flight=self.breaker.probe_in_flight,
         )
@@ -171,6 +186,7 @@ class Market:
             departed = self._departed.pop(listing.node_id, None)
             if departed is not None:
                 state.measurements, state.breaker = departed
+                state.measured()
             self._nodes[listing.node_id] = state
             self._set_slot_by_id(listing.node_id, slot)
             self._join_buckets(listing)
@@ -253,6 +269,7 @@ class Market:
         if state is None or not rtt_s >= 0:
             return False
         state.measurements.rtt.observe(rtt_s, self._clock())
+        state.measured()
         self._write(state)
         return True
 
@@ -262,6 +279,7 @@ class Market:
         if state is None or not ttft_s >= 0:
             return False
         state.measurements.ttft.observe(ttft_s, self._clock())
+        state.measured()
         self._write(state)
         return True
 
@@ -275,6 +293,7 @@ class Market:
         if state is None or output_tokens < 2 or not decode_s >= 0:
             return False
         state.measurements.tpot.observe(decode_s / (output_tokens - 1), self._clock())
+        state.measured()
         self._write(state)
         return True
 
@@ -298,9 +317,11 @@ class Market:
         if outcome is DispatchOutcome.SUCCESS:
             state.breaker.on_success(now_s)
             state.measurements.outcomes.observe(1.0, now_s)
+            state.measured()
         elif outcome is DispatchOutcome.FAILURE:
             state.breaker.on_failure(now_s)
             state.measurements.outcomes.observe(0.0, now_s)
+            state.measured()
         else:
             state.breaker.on_abandoned()
         self._write(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 import uuid
 
 import pytest
@@ -26,9 +28,21 @@ def test_later_milliseconds_sort_later(unix_ms: int, later_by: int) -> None:
 
 
 def test_ids_are_unique_and_parse_back() -> None:
+    before_ms = time.time_ns() // 1_000_000
     ids = [time_ordered_id() for _ in range(10_000)]
+    after_ms = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
-    assert all(uuid.UUID(i).version == 7 for i in ids)
+    for text in ids:
+        value = uuid.UUID(text)
+        assert str(value) == text  # the canonical text form
+        assert value.version == 7
+        assert value.variant == uuid.RFC_4122
+        assert before_ms <= value.int >> 80 <= after_ms  # dated now
+    for earlier, later in itertools.pairwise(ids):
+        earlier_ms, later_ms = uuid.UUID(earlier).int >> 80, uuid.UUID(later).int >> 80
+        assert earlier_ms <= later_ms
+        if earlier_ms < later_ms:
+            assert earlier < later  # as text too: what the indexes sort
 
 
 @pytest.mark.parametrize("unix_ms", [-1, 2**48])
