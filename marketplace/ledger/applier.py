@@ -594,8 +594,9 @@ def _insert_rows(conn: Connection, table: Any, rows: Sequence[Sequence[Any]]) ->
     """
     driver: Any = conn.connection.driver_connection
     if conn.dialect.name == "postgresql":
-        columns = ", ".join(c.name for c in table.columns)
-        with driver.cursor().copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
+        statement, types = _pg_copy(table)
+        with driver.cursor().copy(statement) as copy:
+            copy.set_types(types)
             write_row = copy.write_row
             for row in rows:
                 write_row(row)
@@ -609,6 +610,33 @@ def _insert_rows(conn: Connection, table: Any, rows: Sequence[Sequence[Any]]) ->
         params = list(chain.from_iterable(rows[start : start + count]))
         driver.execute(_sqlite_insert_sql(table.name, len(table.columns), count), params)
         start += count
+
+
+# PostgreSQL's binary COPY format by column type: values go over as their binary
+# representations, so byte strings are not hex-escaped and numbers not printed, and the
+# server does not parse text back (client CPU per settlement and the server's share of
+# each batch both drop; see docs/benchmarks.md, ledger).
+_PG_BINARY_TYPES = {
+    "BIGINT": "int8",
+    "INTEGER": "int4",
+    "VARCHAR": "text",
+    "BYTEA": "bytea",
+    "BOOLEAN": "bool",
+}
+
+
+@functools.cache
+def _pg_copy(table: Any) -> tuple[str, tuple[str, ...]]:
+    """The binary COPY statement for ``table`` and its columns' type names."""
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()
+    types = []
+    for column in table.columns:
+        name = column.type.compile(dialect=dialect).split("(")[0]
+        types.append(_PG_BINARY_TYPES[name])  # a new column type needs an entry here
+    columns = ", ".join(c.name for c in table.columns)
+    return f"COPY {table.name} ({columns}) FROM STDIN (FORMAT BINARY)", tuple(types)
 
 
 @functools.cache
