@@ -326,10 +326,17 @@ def plot(measured: Measured, result: dict[str, Any], path: Path) -> None:
     for (key, limit), color in zip(TARGETS_MS.items(), ("C0", "C1", "C2"), strict=True):
         right.plot(rounds, [r[key] for r in measured.rounds], "o-", color=color, label=key)
         right.axhline(limit, color=color, linestyle="--", linewidth=1)
+    right.plot(
+        rounds,
+        [r["floor_added_ttft_ms_p50"] for r in measured.rounds],
+        "s:",
+        color="gray",
+        label="floor_added_ttft_ms_p50 (no-logic relay)",
+    )
     right.axhline(0, color="black", linewidth=0.5)
     right.set_yscale("symlog", linthresh=1.0)
     right.set_xlabel("round")
-    right.set_ylabel("routed - direct, ms")
+    right.set_ylabel("routed (floor) - direct, ms")
     right.set_title("added latency per round (dashed: targets)")
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
