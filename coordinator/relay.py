@@ -273,7 +273,8 @@ class Relay:
                 ) from None
             first_s = time.perf_counter()
             eof = grpc.aio.EOF
-            # Recorded once the first message is on its way to the client, not before.
+            # Recorded once the first message is on its way to the client, not before
+            # (or, if the attempt ends with its first message, when it ends).
             ttft_s = None if message is eof else first_s - started_s
             append = delivered.messages.append
             while True:
@@ -292,13 +293,7 @@ class Relay:
                         outcome.segments.append(segment)
                     append(message)
                     yield message
-                    if ttft_s is not None:
-                        market.record_first_token(node_id, ttft_s)
-                        ttft_s = None
                 else:
-                    if ttft_s is not None:
-                        market.record_first_token(node_id, ttft_s)
-                        ttft_s = None
                     if self._slow_message(request, candidate, message, segment, outcome):
                         market.record_decode(
                             node_id, segment.output_tokens, time.perf_counter() - first_s
@@ -306,6 +301,9 @@ class Relay:
                         verdict = DispatchOutcome.SUCCESS
                         return
                     yield delivered.messages[-1]
+                if ttft_s is not None:  # the first message is sent: now the bookkeeping
+                    market.record_first_token(node_id, ttft_s)
+                    ttft_s = None
                 message = await read()
         except (grpc.aio.AioRpcError, WorkerStreamError) as exc:
             failure = AttemptFailure(node_id, exc.code(), _clip(exc.details() or ""))
@@ -319,7 +317,7 @@ class Relay:
         finally:
             if call is not None and not call.done():
                 call.cancel()
-            if ttft_s is not None:  # the client left while its first token was sent
+            if ttft_s is not None:
                 market.record_first_token(node_id, ttft_s)
             market.dispatch_finished(node_id, verdict)
 

@@ -18,34 +18,32 @@ import time
 import uuid
 
 _MS_BITS = 48
-_RANDOM_BITS = 74  # rand_a (12) + rand_b (62)
+# 80 random bits follow the time; the version (4 bits at 76) and the variant (2 bits at
+# 62) replace 6 of them, leaving 74.
+_RANDOM_MASK = ((1 << 80) - 1) & ~((0xF << 76) | (0x3 << 62))
+_VERSION_VARIANT = (0x7 << 76) | (0b10 << 62)
+
+
+def _uuid7_int(unix_ms: int) -> int:
+    """The 128 bits of a version 7 UUID for ``unix_ms``: 48 bits of Unix milliseconds,
+    the version (7), 12 random bits, the variant (0b10), 62 random bits."""
+    return unix_ms << 80 | int.from_bytes(os.urandom(10), "big") & _RANDOM_MASK | _VERSION_VARIANT
 
 
 def uuid7(unix_ms: int | None = None) -> uuid.UUID:
-    """A version 7 UUID for ``unix_ms`` (now by default): 48 bits of Unix milliseconds,
-    the version (7), 12 random bits, the variant (0b10), 62 random bits."""
+    """A version 7 UUID for ``unix_ms`` (now by default)."""
     ms = time.time_ns() // 1_000_000 if unix_ms is None else unix_ms
     if not 0 <= ms < 1 << _MS_BITS:
         raise ValueError(f"unix_ms: {ms} does not fit in {_MS_BITS} bits")
-    random = int.from_bytes(os.urandom(10), "big") >> (80 - _RANDOM_BITS)
-    rand_a = random >> 62
-    rand_b = random & ((1 << 62) - 1)
-    value = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
-    return uuid.UUID(int=value)
-
-
-_VERSION_VARIANT_MASK = ~((0xF << 76) | (0x3 << 62))
-_VERSION_VARIANT = (0x7 << 76) | (0b10 << 62)
+    return uuid.UUID(int=_uuid7_int(ms))
 
 
 def time_ordered_id() -> str:
     """A new request id: a version 7 UUID in its usual text form (sorts by time).
 
-    The same layout as :func:`uuid7`, formatted without building a ``uuid.UUID``: this
-    runs on every request before it is dispatched, and the ``uuid`` module's checks and
-    conversions cost as much as the rest of the request's validation.
+    Formatted without building a ``uuid.UUID``: this runs on every request before it is
+    dispatched, and the ``uuid`` module's checks and conversions cost as much as the rest
+    of the request's validation.
     """
-    # 48 bits of milliseconds, then 80 random bits of which version and variant take 6.
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    text = "%032x" % (value & _VERSION_VARIANT_MASK | _VERSION_VARIANT)
+    text = f"{_uuid7_int(time.time_ns() // 1_000_000):032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
