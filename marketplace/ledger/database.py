@@ -7,6 +7,7 @@ A PostgreSQL URL may choose a schema with libpq options, e.g.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -21,6 +22,27 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 WRITE_OPTION = "ledger_write"
 
 
+def _bind_null(_value: None) -> None:
+    return None
+
+
+def register_sqlite_binding() -> None:
+    """Let sqlite3 bind ``None`` and ``bytes`` without its adapter search.
+
+    sqlite3 binds ``int``, ``float``, ``str`` and ``bytearray`` directly, but sends every
+    other parameter (``None`` and ``bytes`` included) through PEP 246 adaptation: a key
+    tuple, a registry miss and two attribute look-ups, 0.6-0.9 us per value against
+    0.1-0.2 for an ``int``. A settlement binds about 13 byte strings (hashes, receipt,
+    keys, signatures) and 8 NULLs; a registry hit (NULL stays NULL, a byte string is
+    bound as the same BLOB through ``bytearray``) costs about a third of the search.
+    Measured with ``mercato bench ledger`` (SQLite, batches of 200): writer CPU per
+    settlement 88 -> 78 us. The registry is process-wide; these two entries change no
+    stored value, only the path to it (``tests/ledger/test_database.py``).
+    """
+    sqlite3.register_adapter(type(None), _bind_null)
+    sqlite3.register_adapter(bytes, bytearray)
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
@@ -29,6 +51,7 @@ def create_ledger_engine(settings: LedgerSettings, *, pool: bool = True) -> Engi
     """An Engine for ``settings.database_url`` with the pragmas the ledger relies on."""
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
+        register_sqlite_binding()
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(

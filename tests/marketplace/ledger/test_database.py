@@ -1,0 +1,35 @@
+"""The SQLite engine's parameter binding: the adapters that skip sqlite3's adapter search
+must not change a stored value."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from marketplace.ledger.database import create_ledger_engine, register_sqlite_binding
+from marketplace.ledger.settings import LedgerSettings
+
+
+def test_sqlite_engine_registers_the_binding_adapters(tmp_path: Path) -> None:
+    engine = create_ledger_engine(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'a.db'}"))
+    engine.dispose()
+    protocol = sqlite3.PrepareProtocol
+    assert (type(None), protocol) in sqlite3.adapters
+    assert (bytes, protocol) in sqlite3.adapters
+
+
+def test_null_and_blob_round_trip_unchanged(tmp_path: Path) -> None:
+    register_sqlite_binding()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    blob = bytes(range(256)) + b"\x00tail"
+    conn.execute("CREATE TABLE t (a, b, c, d)")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", [(None, blob, b"", 7), (1, None, b"x", "")])
+    rows = conn.execute("SELECT typeof(a), typeof(b), typeof(c), a, b, c, d FROM t").fetchall()
+    assert rows == [
+        ("null", "blob", "blob", None, blob, b"", 7),
+        ("integer", "null", "blob", 1, None, b"x", ""),
+    ]
+    # a stored BLOB still matches a bytes parameter, and NULL still matches IS NULL
+    assert conn.execute("SELECT count(*) FROM t WHERE b = ?", (blob,)).fetchone() == (1,)
+    assert conn.execute("SELECT count(*) FROM t WHERE a IS ?", (None,)).fetchone() == (1,)
+    conn.close()
