@@ -70,7 +70,13 @@ from marketplace.ledger.operations import (
     SettlementRecord,
     TransferResult,
 )
-from marketplace.ledger.writer_cache import AccountState, WriterCache
+from marketplace.ledger.writer_cache import (
+    KIND,
+    MUST_NOT_OVERDRAW,
+    AccountState,
+    WriterCache,
+    available,
+)
 
 FEES = "platform.fees"
 CLEARING = "platform.clearing"
@@ -355,16 +361,14 @@ class _Batch:
                 .where(T_ACCOUNTS.c.id.in_(chunk))
             )
             for row in rows:
-                self.accounts[row.id] = AccountState(
+                self.accounts[row.id] = (
                     row.kind,
                     bool(row.must_not_overdraw),
                     row.node_id,
-                    [
-                        row.debits_posted,
-                        row.credits_posted,
-                        row.debits_pending,
-                        row.credits_pending,
-                    ],
+                    row.debits_posted,
+                    row.credits_posted,
+                    row.debits_pending,
+                    row.credits_pending,
                 )
                 if row.node_id:
                     self.provider_by_node[row.node_id] = row.id
@@ -384,7 +388,7 @@ class _Batch:
                     )
                 ]
                 self.payout_batches[row.id] = PayoutResult(row.id, payouts, created=False)
-        available = (
+        spendable = (
             T_BALANCES.c.credits_posted - T_BALANCES.c.debits_posted - T_BALANCES.c.debits_pending
         )
         self.payable = [
@@ -392,7 +396,7 @@ class _Batch:
             for row in conn.execute(
                 select(T_ACCOUNTS.c.id)
                 .join(T_BALANCES, T_BALANCES.c.account_id == T_ACCOUNTS.c.id)
-                .where(T_ACCOUNTS.c.kind == AccountKind.PROVIDER.value, available > 0)
+                .where(T_ACCOUNTS.c.kind == AccountKind.PROVIDER.value, spendable > 0)
                 .order_by(T_ACCOUNTS.c.id)
             )
         ]
@@ -425,7 +429,7 @@ class _Batch:
                 "created_at_unix_ms": self.now_ms,
             }
         )
-        self.accounts[account_id] = AccountState(AccountKind.PROVIDER.value, True, node_id, [0] * 4)
+        self.accounts[account_id] = (AccountKind.PROVIDER.value, True, node_id, 0, 0, 0, 0)
         self.provider_by_node[node_id] = account_id
         return account_id
 
@@ -442,10 +446,12 @@ class _Batch:
             credit_id = entry[_CREDIT]
             debit = touched.get(debit_id)
             if debit is None:
-                debit = touched[debit_id] = self.account(debit_id).sums.copy()
+                state = self.account(debit_id)
+                debit = touched[debit_id] = [state[3], state[4], state[5], state[6]]
             credit = touched.get(credit_id)
             if credit is None:
-                credit = touched[credit_id] = self.account(credit_id).sums.copy()
+                state = self.account(credit_id)
+                credit = touched[credit_id] = [state[3], state[4], state[5], state[6]]
             amount = entry[_AMOUNT]
             phase = entry[_PHASE]
             if phase == _SINGLE:
@@ -462,14 +468,23 @@ class _Batch:
                     credit[1] += amount
         for account_id, sums in touched.items():
             state = accounts[account_id]
-            if state.must_not_overdraw and sums[0] + sums[2] > sums[1]:
+            if state[MUST_NOT_OVERDRAW] and sums[0] + sums[2] > sums[1]:
                 need = sum(
                     e[_AMOUNT] for e in entries if e[_DEBIT] == account_id and e[_PHASE] != _POST
                 )
-                raise InsufficientBalance(need, state.available, account_id)
+                raise InsufficientBalance(need, available(state), account_id)
         dirty = self.dirty
         for account_id, sums in touched.items():
-            accounts[account_id].sums = sums
+            state = accounts[account_id]
+            accounts[account_id] = (
+                state[0],
+                state[1],
+                state[2],
+                sums[0],
+                sums[1],
+                sums[2],
+                sums[3],
+            )
             dirty.add(account_id)
         now_ms = self.now_ms
         head_hash = self.head_hash
@@ -531,7 +546,7 @@ class _Batch:
             _insert(conn, T_PAYOUT_BATCHES, self.new_payout_batches)
         if self.dirty:
             changed = sorted(self.dirty)
-            sums = [self.accounts[a].sums for a in changed]
+            sums = [self.accounts[a][3:] for a in changed]
             if self.postgres:
                 self.driver.execute(
                     _BALANCES_UPDATE_PG, (changed, *([s[i] for s in sums] for i in range(4)))
@@ -734,13 +749,13 @@ def _post_transfer(batch: _Batch, op: PostTransfer) -> TransferResult:
         return TransferResult(op.transfer_id, op.amount, created=False)
     debit = batch.account(op.debit_account_id)
     credit = batch.account(op.credit_account_id)
-    if op.kind is TransferKind.DEPOSIT and credit.kind == AccountKind.PLATFORM.value:
+    if op.kind is TransferKind.DEPOSIT and credit[KIND] == AccountKind.PLATFORM.value:
         raise WrongAccountKind(
             f"cannot deposit into platform account {op.credit_account_id!r}; "
             "deposit into a client or provider account"
         )
-    if debit.must_not_overdraw and debit.available < op.amount:
-        raise InsufficientBalance(op.amount, debit.available, op.debit_account_id)
+    if debit[MUST_NOT_OVERDRAW] and available(debit) < op.amount:
+        raise InsufficientBalance(op.amount, available(debit), op.debit_account_id)
     batch.post(
         [
             _entry(
@@ -777,10 +792,10 @@ def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
             )
         return HoldResult(op.request_id, op.account_id, op.amount, created=False)
     account = batch.account(op.account_id)
-    if account.kind != AccountKind.CLIENT.value:
+    if account[KIND] != AccountKind.CLIENT.value:
         raise WrongAccountKind(f"account {op.account_id!r} is not a client account")
-    if account.available < op.amount:
-        raise InsufficientBalance(op.amount, account.available, op.account_id)
+    if available(account) < op.amount:
+        raise InsufficientBalance(op.amount, available(account), op.account_id)
     batch.post(
         [
             _entry(
@@ -874,7 +889,7 @@ def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
     costs = [segment.cost_micro_usd for segment in segments]
     # Without a hold (lost in a crash before it was durable, or expired): charge directly,
     # never more than the hold promised nor than the account has.
-    held = hold["amount"] if hold is not None else max(0, min(op.hold_micro_usd, client.available))
+    held = hold["amount"] if hold is not None else max(0, min(op.hold_micro_usd, available(client)))
     charges = money.cap_to_hold(held, costs)
     cost = sum(charges)
     entries: list[list[Any]] = []
@@ -1031,12 +1046,12 @@ def _create_lease(batch: _Batch, op: CreateLease) -> LeaseRecord:
             raise IdConflict(f"lease id {op.lease_id!r} is taken; choose another")
         return _lease_record(existing)
     client = batch.account(op.account_id)
-    if client.kind != AccountKind.CLIENT.value:
+    if client[KIND] != AccountKind.CLIENT.value:
         raise WrongAccountKind(f"account {op.account_id!r} is not a client account")
     total = money.lease_total_micro_usd(op.price_micro_usd_per_gpu_hour, op.gpus, op.hours)
     money.check_amount(total, "lease total")
-    if client.available < total:
-        raise InsufficientBalance(total, client.available, op.account_id)
+    if available(client) < total:
+        raise InsufficientBalance(total, available(client), op.account_id)
     provider = batch.provider_account(op.node_id)
     batch.post(
         [
@@ -1170,7 +1185,7 @@ def _run_payouts(batch: _Batch, op: RunPayouts) -> PayoutResult:
         return known
     payouts: list[tuple[str, int]] = []
     for account_id in batch.payable:
-        amount = batch.account(account_id).available
+        amount = available(batch.account(account_id))
         if amount >= op.min_micro_usd:
             batch.post(
                 [
@@ -1234,17 +1249,17 @@ def apply_batch(
     for op in ops:
         try:
             if type(op) is ReadAvailable:
-                answers.append(batch.account(op.account_id).available)
+                answers.append(available(batch.account(op.account_id)))
             else:
                 answers.append(handlers[type(op)](batch, op))
         except LedgerError as exc:
             answers.append(exc)
     batch.flush()
     accounts = batch.accounts
-    available = {account_id: accounts[account_id].available for account_id in batch.dirty}
+    balances = {account_id: available(accounts[account_id]) for account_id in batch.dirty}
     for op in ops:
         if type(op) is ReadAvailable and op.account_id in accounts:
-            available[op.account_id] = accounts[op.account_id].available
+            balances[op.account_id] = available(accounts[op.account_id])
     if cache is not None:
         cache.pending_head = (batch.head_seq, batch.head_hash)
-    return answers, available
+    return answers, balances

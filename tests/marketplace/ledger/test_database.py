@@ -23,7 +23,9 @@ def test_null_and_blob_round_trip_unchanged(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "b.db")
     blob = bytes(range(256)) + b"\x00tail"
     conn.execute("CREATE TABLE t (a, b, c, d)")
-    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", [(None, blob, b"", 7), (1, None, b"x", "")])
+    conn.executemany(
+        "INSERT INTO t VALUES (?, ?, ?, ?)", [(None, blob, b"", 7), (1, None, b"x", "")]
+    )
     rows = conn.execute("SELECT typeof(a), typeof(b), typeof(c), a, b, c, d FROM t").fetchall()
     assert rows == [
         ("null", "blob", "blob", None, blob, b"", 7),

@@ -6,6 +6,7 @@ moved by someone else must make the writer read everything again. SQLite and Pos
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from marketplace.ledger.operations import (
     SettleSegment,
 )
 from marketplace.ledger.writer import GroupCommitWriter
+from marketplace.ledger.writer_cache import available
 
 from .conftest import make_client, row_counts
 
@@ -115,3 +117,25 @@ async def test_head_moved_by_another_writer_is_read_again(
     assert writer.cache.misses == misses + 1
     assert store.account(client).available_micro_usd == 100
     assert verify_ledger(store.engine).ok
+
+
+async def test_remembered_accounts_leave_the_collectors_sight(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    """The cache keeps accounts for the life of the process: once a collection has seen
+    them, full collections must no longer walk them (nor their balances)."""
+    clients = [make_client(store, f"gc-{i}", deposit=10_000) for i in range(5)]
+    for i, client in enumerate(clients):
+        answers = await _batch(
+            writer,
+            PlaceHold(f"gc{i}", client, 500, EXPIRES_MS, "t"),
+            _settle(f"gc{i}", client, 100 + i),
+        )
+        assert isinstance(answers[1], SettlementRecord)
+    states = list(writer.cache.accounts.values())
+    assert len(states) >= len(clients) + 1  # the clients, the platform and the provider
+    gc.collect()
+    assert [state for state in states if gc.is_tracked(state)] == []
+    # and the remembered balances are still the database's
+    for client in clients:
+        assert available(writer.cache.accounts[client]) == store.account(client).available_micro_usd
