@@ -40,6 +40,7 @@ from marketplace.ledger.models import (
     AccountKind,
     Balance,
     JournalHead,
+    KeySpend,
     Lease,
     LeaseStatus,
     OpenHold,
@@ -95,6 +96,7 @@ T_TRANSFERS = Transfer.__table__  # type: ignore[attr-defined]
 T_BALANCES = Balance.__table__  # type: ignore[attr-defined]
 T_ACCOUNTS = Account.__table__  # type: ignore[attr-defined]
 T_HEAD = JournalHead.__table__  # type: ignore[attr-defined]
+T_KEY_SPEND = KeySpend.__table__  # type: ignore[attr-defined]
 T_HOLDS = OpenHold.__table__  # type: ignore[attr-defined]
 T_SETTLEMENTS = Settlement.__table__  # type: ignore[attr-defined]
 T_RECEIPTS = Receipt.__table__  # type: ignore[attr-defined]
@@ -107,6 +109,18 @@ _HEAD_SQLITE = "SELECT seq, hash FROM journal_head WHERE id = 1"
 _HEAD_LOCK_PG = _HEAD_SQLITE + " FOR UPDATE"  # every writer serializes here
 _HEAD_UPDATE_SQLITE = "UPDATE journal_head SET seq = ?, hash = ? WHERE id = 1"
 _HEAD_UPDATE_PG = "UPDATE journal_head SET seq = %s, hash = %s WHERE id = 1"
+_KEY_SPEND_ADD = (
+    "INSERT INTO key_spend (api_key_id, spent_micro_usd) VALUES ({mark}, {mark}) "
+    "ON CONFLICT (api_key_id) DO UPDATE "
+    "SET spent_micro_usd = key_spend.spent_micro_usd + excluded.spent_micro_usd"
+)
+_KEY_SPEND_ADD_SQLITE = _KEY_SPEND_ADD.format(mark="?")
+_KEY_SPEND_ADD_PG = (  # one statement for the whole batch
+    "INSERT INTO key_spend (api_key_id, spent_micro_usd) "
+    "SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+    "ON CONFLICT (api_key_id) DO UPDATE "
+    "SET spent_micro_usd = key_spend.spent_micro_usd + excluded.spent_micro_usd"
+)
 _BALANCES_UPDATE_SQLITE = (
     "UPDATE balances SET debits_posted = ?, credits_posted = ?, debits_pending = ?, "
     "credits_pending = ? WHERE account_id = ?"
@@ -228,6 +242,7 @@ class _Batch:
         self.new_holds: dict[str, dict[str, Any]] = {}  # transfer id -> row
         self.closed_holds: list[str] = []
         self.new_settlements: list[tuple[Any, ...]] = []
+        self.key_spend: dict[str, int] = {}  # API key id -> cost settled in this batch
         self.new_receipts: list[tuple[Any, ...]] = []
         self.new_rejections: list[dict[str, Any]] = []
         self.new_leases: list[dict[str, Any]] = []
@@ -556,6 +571,13 @@ class _Batch:
                     _BALANCES_UPDATE_SQLITE,
                     [(*s, a) for a, s in zip(changed, sums, strict=True)],
                 )
+        if self.key_spend:
+            if self.postgres:
+                self.driver.execute(
+                    _KEY_SPEND_ADD_PG, (list(self.key_spend), list(self.key_spend.values()))
+                )
+            else:
+                self.driver.executemany(_KEY_SPEND_ADD_SQLITE, list(self.key_spend.items()))
         if self.new_transfers:
             self.driver.execute(
                 _HEAD_UPDATE_PG if self.postgres else _HEAD_UPDATE_SQLITE,
@@ -994,6 +1016,9 @@ def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
             )
         )
     capped = sum(costs) - cost
+    key_id = op.api_key_id
+    if key_id is not None and cost:
+        batch.key_spend[key_id] = batch.key_spend.get(key_id, 0) + cost
     batch.new_settlements.append(
         (
             rid,

@@ -9,7 +9,8 @@ Checks, in one pass over the journal in sequence order:
 * the balances recomputed from the entries equal the stored balances, all accounts sum
   to zero, and no account that must not overdraw is below zero;
 * the journal head names the last entry; the open-holds index equals the pending
-  transfers left unresolved.
+  transfers left unresolved; each API key's recorded spend equals the sum of its
+  settlements.
 
 The report names the first entry that does not match.
 """
@@ -19,13 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from marketplace.ledger.applier import (
     T_ACCOUNTS,
     T_BALANCES,
     T_HEAD,
     T_HOLDS,
+    T_KEY_SPEND,
+    T_SETTLEMENTS,
     T_TRANSFERS,
 )
 from marketplace.ledger.journal import GENESIS_HASH, entry_hash
@@ -99,6 +102,17 @@ def verify_ledger(engine: Engine, *, chunk_rows: int = 10_000) -> AuditReport:
             for row in conn.execute(select(T_BALANCES))
         }
         holds = {row.transfer_id for row in conn.execute(select(T_HOLDS.c.transfer_id))}
+        settled_by_key = {
+            row[0]: int(row[1])
+            for row in conn.execute(
+                select(T_SETTLEMENTS.c.api_key_id, func.sum(T_SETTLEMENTS.c.cost_micro_usd))
+                .where(T_SETTLEMENTS.c.api_key_id.is_not(None))
+                .group_by(T_SETTLEMENTS.c.api_key_id)
+            )
+        }
+        key_spend = {
+            row.api_key_id: row.spent_micro_usd for row in conn.execute(select(T_KEY_SPEND))
+        }
     for account_id in sorted(set(stored) | set(sums)):
         want = sums.get(account_id, [0, 0, 0, 0])
         have = stored.get(account_id, [0, 0, 0, 0])
@@ -113,6 +127,14 @@ def verify_ledger(engine: Engine, *, chunk_rows: int = 10_000) -> AuditReport:
     total_pending = sum(s[3] - s[2] for s in sums.values())
     if total_posted or total_pending:
         report.fail(f"balances do not sum to zero: posted {total_posted}, pending {total_pending}")
+    for key_id in sorted(set(settled_by_key) | set(key_spend)):
+        want_spent = settled_by_key.get(key_id, 0)
+        have_spent = key_spend.get(key_id, 0)
+        if want_spent != have_spent:
+            report.fail(
+                f"api key {key_id}: recorded spend {have_spent} != its settlements' "
+                f"{want_spent} (micro-USD)"
+            )
     if holds != set(pending):
         report.fail(
             f"open holds index differs from the journal: {len(holds - set(pending))} stale, "

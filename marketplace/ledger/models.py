@@ -96,6 +96,17 @@ class ApiKey(SQLModel, table=True):
     rate_limit_per_minute: int | None = None
 
 
+class KeySpend(SQLModel, table=True):
+    """What each API key has been charged: the sum of its settlements' costs, kept in the
+    same transaction as each settlement (a spend limit is checked against it without
+    summing the key's settlements)."""
+
+    __tablename__ = "key_spend"
+
+    api_key_id: str = Field(primary_key=True, max_length=16)
+    spent_micro_usd: int = Field(default=0, sa_column=_big())
+
+
 class Transfer(SQLModel, table=True):
     """One journal entry. Append-only; ``hash`` commits to ``prev_hash`` and every field."""
 

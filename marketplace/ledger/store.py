@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mercato.v1 import market_pb2
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from marketplace.ledger import api_keys, identifiers, money
@@ -23,6 +23,7 @@ from marketplace.ledger.applier import (
     T_ACCOUNTS,
     T_BALANCES,
     T_HOLDS,
+    T_KEY_SPEND,
     T_LEASES,
     T_RECEIPTS,
     T_REJECTIONS,
@@ -382,13 +383,12 @@ class LedgerStore:
         )
 
     def key_spent_micro_usd(self, key_id: str) -> int:
+        """What the key has been charged so far (its settlements' costs)."""
         with self.engine.connect() as conn:
             spent = conn.execute(
-                select(func.coalesce(func.sum(T_SETTLEMENTS.c.cost_micro_usd), 0)).where(
-                    T_SETTLEMENTS.c.api_key_id == key_id
-                )
-            ).scalar_one()
-        return int(spent)
+                select(T_KEY_SPEND.c.spent_micro_usd).where(T_KEY_SPEND.c.api_key_id == key_id)
+            ).scalar_one_or_none()
+        return int(spent or 0)
 
     def usage(
         self,

@@ -62,10 +62,11 @@ def test_migrations_build_the_schema_from_empty(database_url: str) -> None:
         "leases",
         "payout_batches",
         "journal_head",
+        "key_spend",
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
         platform = conn.execute(text("SELECT id FROM accounts ORDER BY id")).scalars().all()
     assert platform == [
         "platform.clearing",
@@ -82,3 +83,38 @@ def test_canonical_encoding_is_the_documented_field_order() -> None:
     entry["pending_id"] = None
     expected = "\n".join("" if entry[n] is None else str(entry[n]) for n in CHAINED_FIELDS)
     assert canonical(entry) == expected.encode()
+
+
+def test_key_spend_migration_fills_from_settlements(database_url: str) -> None:
+    """A database at 0001 with settled requests: 0002 records each key's spend."""
+    from alembic import command
+    from alembic.config import Config
+
+    from marketplace.ledger.database import MIGRATIONS_DIR, WRITE_OPTION
+
+    engine = create_ledger_engine(LedgerSettings(database_url=database_url))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.connect().execution_options(**{WRITE_OPTION: True}) as connection:
+        config.attributes["connection"] = connection
+        with connection.begin():
+            command.upgrade(config, "0001")
+    columns = (
+        "request_id, account_id, api_key_id, model, lease_id, input_tokens, output_tokens, "
+        "hold_micro_usd, cost_micro_usd, fee_micro_usd, capped_micro_usd, created_at_unix_ms"
+    )
+    rows = [("r1", "k1", 30), ("r2", "k1", 12), ("r3", "k2", 5), ("r4", None, 99)]
+    with engine.begin() as conn:
+        for request_id, key_id, cost in rows:
+            conn.execute(
+                text(
+                    f"INSERT INTO settlements ({columns}) VALUES (:r, 'a', :k, 'm', NULL, "
+                    "1, 1, 100, :c, 0, 0, 1)"
+                ),
+                {"r": request_id, "k": key_id, "c": cost},
+            )
+    migrate(engine)
+    with engine.connect() as conn:
+        spend = dict(conn.execute(text("SELECT api_key_id, spent_micro_usd FROM key_spend")).all())
+    assert spend == {"k1": 42, "k2": 5}
+    engine.dispose()

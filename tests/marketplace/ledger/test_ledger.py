@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy import text
 
 from marketplace.identity import Identity
 from marketplace.ledger import (
@@ -241,6 +242,45 @@ async def test_rate_and_spend_limits(ledger: Ledger, store: LedgerStore, node: I
     await ledger.place_hold("r2", principal, 900)  # spent 100 of 1000
     with pytest.raises(SpendLimitExceeded):
         await ledger.place_hold("r3", principal, 1)
+
+
+async def test_spend_is_recorded_per_key_and_survives_a_restart(
+    ledger: Ledger, settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    client = make_client(store)
+    capped = store.issue_key(client, "capped", spend_limit_micro_usd=1_000)
+    other = store.issue_key(client, "other")
+    principal = await ledger.authenticate(capped.secret_key)
+    for index, input_tokens in enumerate((1000, 3000)):  # cost 100, then 300
+        request_id = f"s{index}"
+        await ledger.place_hold(request_id, principal, 400)
+        signed, relayed = receipt_for(node, f"{request_id}#0", input_tokens, 0)
+        await (await ledger.settle(request_id, [signed], [relayed])).durable
+    await ledger.place_hold("s2", await ledger.authenticate(other.secret_key), 50)
+    signed, relayed = receipt_for(node, "s2#0", 500, 0)
+    await (await ledger.settle("s2", [signed], [relayed])).durable
+    assert store.key_spent_micro_usd(capped.key.id) == 400
+    assert store.key_spent_micro_usd(other.key.id) == 50
+    assert verify_ledger(store.engine).ok
+    # A new coordinator process knows the key's spend from the ledger alone.
+    restarted = Ledger(settings, coordinator=Identity.from_seed(b"c" * 32))
+    await restarted.start()
+    try:
+        again = await restarted.authenticate(capped.secret_key)
+        await restarted.place_hold("s3", again, 600)  # 400 + 600 = the limit
+        with pytest.raises(SpendLimitExceeded):
+            await restarted.place_hold("s4", again, 1)
+    finally:
+        await restarted.close()
+    # The recorded spend is checked by `ledger verify`.
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE key_spend SET spent_micro_usd = 7 WHERE api_key_id = :k"),
+            {"k": capped.key.id},
+        )
+    report = verify_ledger(store.engine)
+    assert not report.ok
+    assert any(capped.key.id in problem and "400" in problem for problem in report.problems)
 
 
 @pytest.mark.parametrize("amount", [0, -5])
