@@ -17,7 +17,7 @@ import functools
 import operator
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -109,21 +109,11 @@ _HEAD_SQLITE = "SELECT seq, hash FROM journal_head WHERE id = 1"
 _HEAD_LOCK_PG = _HEAD_SQLITE + " FOR UPDATE"  # every writer serializes here
 _HEAD_UPDATE_SQLITE = "UPDATE journal_head SET seq = ?, hash = ? WHERE id = 1"
 _HEAD_UPDATE_PG = "UPDATE journal_head SET seq = %s, hash = %s WHERE id = 1"
-_KEY_SPEND_ADD = (
-    "INSERT INTO key_spend (api_key_id, spent_micro_usd) VALUES ({mark}, {mark}) "
-    "ON CONFLICT (api_key_id) DO UPDATE "
-    "SET spent_micro_usd = key_spend.spent_micro_usd + excluded.spent_micro_usd"
-)
-_KEY_SPEND_ADD_SQLITE = _KEY_SPEND_ADD.format(mark="?")
 _KEY_SPEND_ADD_PG = (  # one statement for the whole batch
     "INSERT INTO key_spend (api_key_id, spent_micro_usd) "
     "SELECT * FROM unnest(%s::text[], %s::bigint[]) "
     "ON CONFLICT (api_key_id) DO UPDATE "
     "SET spent_micro_usd = key_spend.spent_micro_usd + excluded.spent_micro_usd"
-)
-_BALANCES_UPDATE_SQLITE = (
-    "UPDATE balances SET debits_posted = ?, credits_posted = ?, debits_pending = ?, "
-    "credits_pending = ? WHERE account_id = ?"
 )
 _BALANCES_UPDATE_PG = (  # one statement for the whole batch
     "UPDATE balances AS b SET debits_posted = v.dp, credits_posted = v.cp, "
@@ -566,10 +556,11 @@ class _Batch:
                 self.driver.execute(
                     _BALANCES_UPDATE_PG, (changed, *([s[i] for s in sums] for i in range(4)))
                 )
-            else:
-                self.driver.executemany(
-                    _BALANCES_UPDATE_SQLITE,
-                    [(*s, a) for a, s in zip(changed, sums, strict=True)],
+            else:  # one statement per up to 64 accounts, not one per account
+                _sqlite_multi_row(
+                    self.driver,
+                    [(a, *s) for a, s in zip(changed, sums, strict=True)],
+                    _sqlite_balances_sql,
                 )
         if self.key_spend:
             if self.postgres:
@@ -577,7 +568,7 @@ class _Batch:
                     _KEY_SPEND_ADD_PG, (list(self.key_spend), list(self.key_spend.values()))
                 )
             else:
-                self.driver.executemany(_KEY_SPEND_ADD_SQLITE, list(self.key_spend.items()))
+                _sqlite_multi_row(self.driver, list(self.key_spend.items()), _sqlite_key_spend_sql)
         if self.new_transfers:
             self.driver.execute(
                 _HEAD_UPDATE_PG if self.postgres else _HEAD_UPDATE_SQLITE,
@@ -638,14 +629,25 @@ def _insert_rows(conn: Connection, table: Any, rows: Sequence[Sequence[Any]]) ->
             for row in rows:
                 write_row(row)
         return
+    _sqlite_multi_row(driver, rows, functools.partial(_sqlite_insert_sql, table.name))
+
+
+def _sqlite_multi_row(
+    driver: Any, rows: Sequence[Sequence[Any]], statement: Callable[[int, int], str]
+) -> None:
+    """Run ``statement(columns, count)`` (a statement with ``count`` rows of ``columns``
+    placeholders) over ``rows`` in chunks of up to ``_SQLITE_ROWS_PER_INSERT`` rows."""
     total = len(rows)
+    if not total:
+        return
+    columns = len(rows[0])
     start = 0
     while start < total:
         count = _SQLITE_ROWS_PER_INSERT
         while count > total - start:
             count //= 2
         params = list(chain.from_iterable(rows[start : start + count]))
-        driver.execute(_sqlite_insert_sql(table.name, len(table.columns), count), params)
+        driver.execute(statement(columns, count), params)
         start += count
 
 
@@ -676,10 +678,36 @@ def _pg_copy(table: Any) -> tuple[str, tuple[str, ...]]:
     return f"COPY {table.name} ({columns}) FROM STDIN (FORMAT BINARY)", tuple(types)
 
 
+def _sqlite_values(columns: int, rows: int) -> str:
+    row = "(" + ", ".join(["?"] * columns) + ")"
+    return ", ".join([row] * rows)
+
+
 @functools.cache
 def _sqlite_insert_sql(table: str, columns: int, rows: int) -> str:
-    row = "(" + ", ".join(["?"] * columns) + ")"
-    return f"INSERT INTO {table} VALUES " + ", ".join([row] * rows)
+    return f"INSERT INTO {table} VALUES " + _sqlite_values(columns, rows)
+
+
+@functools.cache
+def _sqlite_balances_sql(columns: int, rows: int) -> str:
+    """Set the sums of ``rows`` accounts: rows of (account id, debits posted, credits
+    posted, debits pending, credits pending)."""
+    return (
+        "UPDATE balances SET debits_posted = v.column2, credits_posted = v.column3, "
+        "debits_pending = v.column4, credits_pending = v.column5 "
+        f"FROM (VALUES {_sqlite_values(columns, rows)}) AS v "
+        "WHERE balances.account_id = v.column1"
+    )
+
+
+@functools.cache
+def _sqlite_key_spend_sql(columns: int, rows: int) -> str:
+    """Add to the spend of ``rows`` keys: rows of (key id, micro-USD)."""
+    return (
+        f"INSERT INTO key_spend (api_key_id, spent_micro_usd) VALUES {_sqlite_values(columns, rows)} "
+        "ON CONFLICT (api_key_id) DO UPDATE "
+        "SET spent_micro_usd = key_spend.spent_micro_usd + excluded.spent_micro_usd"
+    )
 
 
 _LEASE_MUTABLE = ("periods_charged", "charged_micro_usd", "status", "ended_at_unix_ms")
