@@ -3,7 +3,8 @@
 For SQLite (a temporary folder) and PostgreSQL (a temporary schema in the ``test``
 database on 127.0.0.1:5432, dropped afterwards), each settlement being a hold and its
 settlement (one verified, countersigned receipt; 4 journal entries, a settlement row,
-a receipt row, the hold index):
+a receipt row, the hold index, the key's spend), for ``CLIENTS`` client accounts each
+paying with its own API key, as every request through the coordinator does:
 
 * ``settle_per_s_*``: saturating throughput of the group-commit writer — all
   settlements queued as fast as possible, counted until the last one is durable;
@@ -66,7 +67,7 @@ RATE_POSTGRES_PER_S = 5_000
 
 def _make_ops(
     count: int,
-    clients: list[str],
+    clients: list[tuple[str, str]],
     nodes: list[Identity],
     coordinator: Identity,
     rate_per_s: int,
@@ -105,14 +106,15 @@ def _make_ops(
             csig = countersign(signed, coordinator).coordinator_signature
             template[i % len(nodes)] = (sig, csig)
         cost = -(-(usage.input_tokens * 100_000 + usage.output_tokens * 300_000) // 1_000_000)
-        account = clients[i % len(clients)]
-        hold = PlaceHold(request_id, account, 200, expires, "bench")
+        account, key_id = clients[i % len(clients)]
+        hold = PlaceHold(request_id, account, 200, expires, "bench", key_id)
         settle = Settle(
             request_id=request_id,
             account_id=account,
             model="bench-model",
             fee_bps=1000,
             hold_micro_usd=200,
+            api_key_id=key_id,
             segments=(
                 SettleSegment(
                     worker_request_id=f"{request_id}#0",
@@ -215,7 +217,7 @@ class _StallWatch:
 
 async def _steady(
     writer: GroupCommitWriter,
-    clients: list[str],
+    clients: list[tuple[str, str]],
     nodes: list[Identity],
     coordinator: Identity,
     rate_per_s: int,
@@ -294,7 +296,7 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
     for i in range(CLIENTS):
         account = store.create_account(AccountKind.CLIENT, f"bench-client-{i}")
         store.deposit(account.id, 10**12)
-        clients.append(account.id)
+        clients.append((account.id, store.issue_key(account.id, "bench").key.id))
     writer = GroupCommitWriter(store.engine, batch_max=settings.commit_batch_max)
     writer.start()
     try:
