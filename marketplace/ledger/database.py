@@ -89,8 +89,9 @@ def create_ledger_engine(settings: LedgerSettings, *, pool: bool = True) -> Engi
     )
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the latest revision (creates it on an empty database)."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision``, the latest by default (creates it on an empty
+    database)."""
     from alembic import command
     from alembic.config import Config
 
@@ -99,7 +100,7 @@ def migrate(engine: Engine) -> None:
     with engine.connect().execution_options(**{WRITE_OPTION: True}) as connection:
         config.attributes["connection"] = connection
         with connection.begin():
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
 
 
 def open_engine(settings: LedgerSettings, *, pool: bool = True) -> Engine:

@@ -104,6 +104,12 @@ def receipt_for(
 
 
 def row_counts(store: LedgerStore) -> dict[str, int]:
+    """Rows per table, and the sum of the recorded key spend (a refused operation must
+    change neither)."""
     tables = ["transfers", "settlements", "receipts", "open_holds", "balances", "accounts"]
     with store.engine.connect() as conn:
-        return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in tables}
+        counts = {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in tables}
+        counts["key_spend_micro_usd"] = conn.execute(
+            text("SELECT COALESCE(SUM(spent_micro_usd), 0) FROM key_spend")
+        ).scalar_one()
+    return counts

@@ -87,18 +87,8 @@ def test_canonical_encoding_is_the_documented_field_order() -> None:
 
 def test_key_spend_migration_fills_from_settlements(database_url: str) -> None:
     """A database at 0001 with settled requests: 0002 records each key's spend."""
-    from alembic import command
-    from alembic.config import Config
-
-    from marketplace.ledger.database import MIGRATIONS_DIR, WRITE_OPTION
-
     engine = create_ledger_engine(LedgerSettings(database_url=database_url))
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.connect().execution_options(**{WRITE_OPTION: True}) as connection:
-        config.attributes["connection"] = connection
-        with connection.begin():
-            command.upgrade(config, "0001")
+    migrate(engine, "0001")
     columns = (
         "request_id, account_id, api_key_id, model, lease_id, input_tokens, output_tokens, "
         "hold_micro_usd, cost_micro_usd, fee_micro_usd, capped_micro_usd, created_at_unix_ms"
