@@ -445,6 +445,8 @@ class _Batch:
         expire entry among ``entries`` resolves.
         """
         accounts = self.accounts
+        # account id -> [debits posted, credits posted, debits pending, credits pending]
+        # (items 3-6 of its AccountState), changed here and written back as a new tuple
         touched: dict[str, list[int]] = {}
         for entry in entries:
             debit_id = entry[_DEBIT]

@@ -43,6 +43,22 @@ def register_sqlite_binding() -> None:
     sqlite3.register_adapter(bytes, bytearray)
 
 
+# UPDATE ... FROM (3.33): the writer sets a batch's balances in one statement.
+SQLITE_VERSION_MIN = (3, 33, 0)
+
+
+def check_sqlite_version(found: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    """Refuse an SQLite library older than the ledger's statements need."""
+    if found < SQLITE_VERSION_MIN:
+        need = ".".join(map(str, SQLITE_VERSION_MIN))
+        have = ".".join(map(str, found))
+        raise LedgerUnavailable(
+            f"the ledger needs SQLite {need} or newer, but Python's sqlite3 uses {have}; "
+            "upgrade the system's libsqlite3 (or a Python built against a newer one), or "
+            "use PostgreSQL (MERCATO_DATABASE_URL)"
+        )
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
@@ -51,6 +67,7 @@ def create_ledger_engine(settings: LedgerSettings, *, pool: bool = True) -> Engi
     """An Engine for ``settings.database_url`` with the pragmas the ledger relies on."""
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
+        check_sqlite_version()
         register_sqlite_binding()
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)

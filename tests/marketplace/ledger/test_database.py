@@ -6,7 +6,15 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from marketplace.ledger.database import create_ledger_engine, register_sqlite_binding
+import pytest
+
+from marketplace.ledger.database import (
+    SQLITE_VERSION_MIN,
+    check_sqlite_version,
+    create_ledger_engine,
+    register_sqlite_binding,
+)
+from marketplace.ledger.errors import LedgerUnavailable
 from marketplace.ledger.settings import LedgerSettings
 
 
@@ -35,3 +43,10 @@ def test_null_and_blob_round_trip_unchanged(tmp_path: Path) -> None:
     assert conn.execute("SELECT count(*) FROM t WHERE b = ?", (blob,)).fetchone() == (1,)
     assert conn.execute("SELECT count(*) FROM t WHERE a IS ?", (None,)).fetchone() == (1,)
     conn.close()
+
+
+def test_an_sqlite_too_old_for_the_ledger_is_refused_with_what_to_do() -> None:
+    check_sqlite_version()  # this machine's
+    check_sqlite_version(SQLITE_VERSION_MIN)
+    with pytest.raises(LedgerUnavailable, match=r"needs SQLite 3\.33\.0 or newer.*uses 3\.31\.1"):
+        check_sqlite_version((3, 31, 1))
