@@ -4,8 +4,9 @@ The model below knows nothing of the ledger's code: it keeps every account's ava
 balance with its own arithmetic (ceil of token cost, floor of the fee, capped at the
 hold). The workload mixes deposits, requests that complete, resume on a second node
 after a node failure, get cancelled, get retried, carry forged or miscounted receipts,
-and a coordinator crash between relaying and committing. After every step the ledger's
-balances must equal the model's, sum to zero, and none may be below zero.
+and a coordinator crash between relaying and committing. Every request pays with its
+client's API key. After every step the ledger's balances and each key's recorded spend
+must equal the model's, the balances must sum to zero, and none may be below zero.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Model:
     """Expected balances (available micro-USD), kept independently of the ledger."""
 
     balances: dict[str, int] = field(default_factory=dict)
+    spend: dict[str, int] = field(default_factory=dict)  # API key id -> charged so far
 
     def add(self, account: str, amount: int) -> None:
         self.balances[account] = self.balances.get(account, 0) + amount
@@ -75,6 +77,9 @@ async def _check(store: LedgerStore, ledger: Ledger, model: Model, step: int) ->
             f"model says {expected}"
         )
     assert sum(a.posted_micro_usd for a in accounts.values()) == 0, f"step {step}: not zero-sum"
+    for key_id, expected in model.spend.items():
+        recorded = store.key_spent_micro_usd(key_id)
+        assert recorded == expected, f"step {step}: key {key_id} spent {recorded}, model {expected}"
     for account in accounts.values():
         if account.id not in ("platform.deposits", "platform.payouts"):
             assert account.available_micro_usd >= 0, f"step {step}: {account.id} below zero"
@@ -105,6 +110,10 @@ async def test_auditor(settings: LedgerSettings, store: LedgerStore, seed: int) 
     model.add("platform.fees", 0)
     ledger = Ledger(settings, coordinator=Identity.from_seed(b"c" * 32))
     await ledger.start(sweep=False)
+    payers = {}  # client account -> the Principal of its API key
+    for client in clients:
+        payers[client] = await ledger.authenticate(store.issue_key(client).secret_key)
+        model.spend[payers[client].key_id] = 0
     requests = 0
     try:
         for step in range(steps):
@@ -131,7 +140,7 @@ async def test_auditor(settings: LedgerSettings, store: LedgerStore, seed: int) 
                 hold_amount = model_cost(50, 100, price_in, price_out)
                 if model.balances[client] < hold_amount:
                     continue
-                await (await ledger.place_hold(rid, client, hold_amount)).durable
+                await (await ledger.place_hold(rid, payers[client], hold_amount)).durable
                 model.add(client, -hold_amount)
                 signed, relayed = receipt_for(
                     node, f"{rid}#0", 50, 60, price_in=price_in, price_out=price_out
@@ -150,6 +159,7 @@ async def test_auditor(settings: LedgerSettings, store: LedgerStore, seed: int) 
                 expected_cost, _ = model.settle(
                     client, hold_amount, [(provider_id, model_cost(50, 60, price_in, price_out))]
                 )
+                model.spend[payers[client].key_id] += expected_cost
                 assert outcome.record.cost_micro_usd == expected_cost
                 assert store.settlement(rid)["cost_micro_usd"] == expected_cost  # type: ignore[index]
             else:
@@ -164,13 +174,13 @@ async def test_auditor(settings: LedgerSettings, store: LedgerStore, seed: int) 
                 available = model.balances[client]
                 if available < hold_amount:
                     with pytest.raises(InsufficientBalance) as refused:
-                        await ledger.place_hold(rid, client, hold_amount)
+                        await ledger.place_hold(rid, payers[client], hold_amount)
                     assert (refused.value.need_micro_usd, refused.value.have_micro_usd) == (
                         hold_amount,
                         available,
                     )
                     continue
-                hold = await ledger.place_hold(rid, client, hold_amount)
+                hold = await ledger.place_hold(rid, payers[client], hold_amount)
                 assert hold.amount_micro_usd == hold_amount
                 model.add(client, -hold_amount)
                 fate = rng.choices(
@@ -226,6 +236,7 @@ async def test_auditor(settings: LedgerSettings, store: LedgerStore, seed: int) 
                         model.balances.setdefault(provider_id, 0)
                         provider_parts.append((provider_id, part))
                     expected_cost, expected_fee = model.settle(client, hold_amount, provider_parts)
+                    model.spend[payers[client].key_id] += expected_cost
                     assert (durable.cost_micro_usd, durable.fee_micro_usd) == (
                         expected_cost,
                         expected_fee,
