@@ -109,11 +109,13 @@ _HEAD_SQLITE = "SELECT seq, hash FROM journal_head WHERE id = 1"
 _HEAD_LOCK_PG = _HEAD_SQLITE + " FOR UPDATE"  # every writer serializes here
 _HEAD_UPDATE_SQLITE = "UPDATE journal_head SET seq = ?, hash = ? WHERE id = 1"
 _HEAD_UPDATE_PG = "UPDATE journal_head SET seq = %s, hash = %s WHERE id = 1"
-_KEY_SPEND_ADD_PG = (  # one statement for the whole batch
-    "INSERT INTO key_spend (api_key_id, spent_micro_usd) "
-    "SELECT * FROM unnest(%s::text[], %s::bigint[]) "
-    "ON CONFLICT (api_key_id) DO UPDATE "
+_KEY_SPEND_INSERT = "INSERT INTO key_spend (api_key_id, spent_micro_usd) "
+_KEY_SPEND_ADD = (  # a key's first settlement inserts its row; later ones add to it
+    " ON CONFLICT (api_key_id) DO UPDATE "
     "SET spent_micro_usd = key_spend.spent_micro_usd + excluded.spent_micro_usd"
+)
+_KEY_SPEND_ADD_PG = (  # one statement for the whole batch
+    _KEY_SPEND_INSERT + "SELECT * FROM unnest(%s::text[], %s::bigint[])" + _KEY_SPEND_ADD
 )
 _BALANCES_UPDATE_PG = (  # one statement for the whole batch
     "UPDATE balances AS b SET debits_posted = v.dp, credits_posted = v.cp, "
@@ -705,11 +707,7 @@ def _sqlite_balances_sql(columns: int, rows: int) -> str:
 @functools.cache
 def _sqlite_key_spend_sql(columns: int, rows: int) -> str:
     """Add to the spend of ``rows`` keys: rows of (key id, micro-USD)."""
-    return (
-        f"INSERT INTO key_spend (api_key_id, spent_micro_usd) VALUES {_sqlite_values(columns, rows)} "
-        "ON CONFLICT (api_key_id) DO UPDATE "
-        "SET spent_micro_usd = key_spend.spent_micro_usd + excluded.spent_micro_usd"
-    )
+    return _KEY_SPEND_INSERT + f"VALUES {_sqlite_values(columns, rows)}" + _KEY_SPEND_ADD
 
 
 _LEASE_MUTABLE = ("periods_charged", "charged_micro_usd", "status", "ended_at_unix_ms")

@@ -34,7 +34,6 @@ _HOLDS_REMEMBERED_MAX = 500_000
 AccountState = tuple[str, bool, str | None, int, int, int, int]
 KIND: Final = 0
 MUST_NOT_OVERDRAW: Final = 1
-NODE_ID: Final = 2
 
 
 def available(state: AccountState) -> int:
