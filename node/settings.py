@@ -127,6 +127,14 @@ class NodeSettings(BaseSettings):
         default=EngineDtype.AUTO,
         description="Engine number format: auto (bf16 where the hardware has it), bfloat16, float32.",
     )
+    cuda_graphs: bool = Field(
+        default=True,
+        description=(
+            "GPU node: let vLLM compile the model and capture CUDA graphs at start (its "
+            "default: slower start, faster decoding). False runs eagerly. CPU nodes always "
+            "run eagerly."
+        ),
+    )
     cpu_omp_threads_bind: str = Field(
         default="nobind",
         pattern=r"^(auto|nobind|[0-9][0-9,|-]*)$",

@@ -34,6 +34,7 @@ def _build_vllm(settings: NodeSettings, model_path: Path | None) -> Engine:
         kv_cache_space_gib=settings.kv_cache_space_gib,
         gpu_memory_utilization=settings.gpu_memory_utilization_permille / 1000,
         use_gpu=use_gpu,
+        cuda_graphs=settings.cuda_graphs,
         dtype=dtype.value,
         cpu_omp_threads_bind=settings.cpu_omp_threads_bind,
         stream_interval=_stream_interval(settings),

@@ -87,6 +87,26 @@ def _stat_logger_factory(snapshot: _SchedulerSnapshot, meter: TokenRateMeter) ->
     return SnapshotStatLogger
 
 
+def has_per_request_interval(sampling_params_cls: Any) -> bool:
+    """Whether this vLLM's ``SamplingParams`` takes a ``stream_interval``.
+
+    A stream interval per request came after vLLM 0.24, whose SamplingParams refuses the
+    argument. Without it every token is its own delta: the same text, only more
+    messages on a busy node."""
+    return "stream_interval" in getattr(sampling_params_cls, "__struct_fields__", ())
+
+
+def _unfinished_requests(llm: Any) -> int:
+    """Requests the engine has accepted and not finished (0 before it starts).
+
+    Read from the output processor, which every vLLM v1 release since 0.24 has: the
+    ``AsyncLLM.get_num_unfinished_requests`` shortcut is newer (0.24 lacks it, and a node
+    with the CUDA build of 0.24 failed its first request on it)."""
+    if llm is None:
+        return 0
+    return int(llm.output_processor.get_num_unfinished_requests())
+
+
 class VllmEngine(Engine):
     """vLLM ``AsyncLLM`` serving one Hugging Face model folder."""
 
@@ -99,6 +119,7 @@ class VllmEngine(Engine):
         kv_cache_space_gib: int = 2,
         gpu_memory_utilization: float = 0.9,
         use_gpu: bool = False,
+        cuda_graphs: bool = True,
         dtype: str = "bfloat16",
         cpu_omp_threads_bind: str = "nobind",
         seed: int = 0,
@@ -111,6 +132,7 @@ class VllmEngine(Engine):
         self._kv_cache_space_gib = kv_cache_space_gib
         self._gpu_memory_utilization = gpu_memory_utilization
         self._use_gpu = use_gpu
+        self._cuda_graphs = cuda_graphs
         self._dtype = dtype
         self._cpu_omp_threads_bind = cpu_omp_threads_bind
         self._seed = seed
@@ -124,6 +146,7 @@ class VllmEngine(Engine):
         self._sampling_params_cls: Any = None
         self._delta_kind: Any = None
         self._tokens_prompt_cls: Any = None
+        self._per_request_interval = True
 
     # -- properties -------------------------------------------------------------------
 
@@ -184,6 +207,30 @@ class VllmEngine(Engine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._kv_cache_space_gib)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_omp_threads_bind
 
+    @property
+    def dtype(self) -> str:
+        """The number format the engine computes in (``auto`` already resolved)."""
+        return self._dtype
+
+    def engine_arguments(self) -> dict[str, Any]:
+        """vLLM's ``AsyncEngineArgs`` for this node."""
+        arguments: dict[str, Any] = {
+            "model": str(self._model_path),
+            "served_model_name": self._model_name,
+            "tokenizer": str(self._model_path),
+            "dtype": self._dtype,
+            # CPU: always eager. GPU: vLLM's default (torch.compile + CUDA graphs) unless
+            # the provider turned it off; on an H100 graphs decoded 4.8-10x faster than
+            # eager mode (docs/benchmarks.md, "GPU").
+            "enforce_eager": not (self._use_gpu and self._cuda_graphs),
+            "max_model_len": self._max_model_len,
+            "seed": self._seed,
+            "disable_log_stats": True,  # our own stat logger still gets the numbers
+        }
+        if self._use_gpu:
+            arguments["gpu_memory_utilization"] = self._gpu_memory_utilization
+        return arguments
+
     def _build(self) -> None:
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -192,20 +239,15 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._sampling_params_cls = SamplingParams
+        self._per_request_interval = has_per_request_interval(SamplingParams)
+        if not self._per_request_interval:
+            logger.warning(
+                "this vLLM has no per-request stream interval; every token is streamed "
+                "as its own delta (vLLM 0.32 or newer gathers them when the node is busy)"
+            )
         self._delta_kind = RequestOutputKind.DELTA
         self._tokens_prompt_cls = TokensPrompt
-        arguments: dict[str, Any] = {
-            "model": str(self._model_path),
-            "served_model_name": self._model_name,
-            "tokenizer": str(self._model_path),
-            "dtype": self._dtype,
-            "enforce_eager": True,
-            "max_model_len": self._max_model_len,
-            "seed": self._seed,
-            "disable_log_stats": True,  # our own stat logger below still gets the numbers
-        }
-        if self._use_gpu:
-            arguments["gpu_memory_utilization"] = self._gpu_memory_utilization
+        arguments = self.engine_arguments()
         self._llm = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**arguments),
             stat_loggers=[_stat_logger_factory(self._snapshot, self._meter)],
@@ -239,7 +281,7 @@ class VllmEngine(Engine):
         llm = self._llm
         # The front end's count moves at once (an abort shows immediately); the scheduler's
         # numbers arrive with the next engine step.
-        unfinished = llm.get_num_unfinished_requests() if llm is not None else 0
+        unfinished = _unfinished_requests(llm)
         waiting = min(self._snapshot.waiting, unfinished)
         return EngineLoad(
             running_requests=unfinished - waiting,
@@ -251,11 +293,14 @@ class VllmEngine(Engine):
     @property
     def stream_interval(self) -> StreamInterval:
         """Tokens gathered per streamed delta as the engine gets busy; vLLM's own
-        ``stream_interval`` does the gathering."""
-        return self._stream_interval
+        ``stream_interval`` does the gathering (one token per delta on a vLLM without it)."""
+        return self._stream_interval if self._per_request_interval else StreamInterval()
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
-        running = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        gather: dict[str, int] = {}
+        if self._per_request_interval:
+            running = _unfinished_requests(self._llm)
+            gather["stream_interval"] = self._stream_interval.tokens_per_delta(running)
         return self._sampling_params_cls(
             n=1,
             max_tokens=request.max_tokens,
@@ -265,7 +310,7 @@ class VllmEngine(Engine):
             stop=list(request.stop) or None,
             output_kind=self._delta_kind,
             detokenize=True,
-            stream_interval=self._stream_interval.tokens_per_delta(running),
+            **gather,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

@@ -11,7 +11,7 @@ import pytest
 from node.engine import FakeEngine, GenerationRequest
 from node.engine.base import StreamInterval
 from node.engine.registry import build_engine
-from node.engine.vllm_engine import VllmEngine
+from node.engine.vllm_engine import VllmEngine, _unfinished_requests, has_per_request_interval
 from node.settings import EngineBackend, NodeSettings
 
 
@@ -111,3 +111,69 @@ async def test_a_stop_string_inside_a_gathered_delta_cuts_the_text_there() -> No
     assert len(deltas) == 2  # the first token alone, then the gathered one with the stop
     assert "".join(d.text for d in deltas) == text[: text.index(third_word)]
     assert deltas[-1].finish_reason is not None
+
+
+class _OldSamplingParams:
+    """vLLM 0.24's SamplingParams as far as the node can tell: no stream_interval field."""
+
+    __struct_fields__ = ("n", "max_tokens", "temperature")
+
+    def __init__(self, **kwargs: object) -> None:
+        unknown = set(kwargs) - {"n", "max_tokens", "temperature", "top_p", "seed", "stop"}
+        unknown -= {"output_kind", "detokenize"}
+        if unknown:
+            raise TypeError(f"Unexpected keyword argument {sorted(unknown)[0]!r}")
+        self.kwargs = kwargs
+
+
+def test_the_installed_vllm_takes_a_stream_interval_per_request() -> None:
+    from vllm import SamplingParams
+
+    assert has_per_request_interval(SamplingParams)
+    assert not has_per_request_interval(_OldSamplingParams)
+
+
+def test_without_a_per_request_interval_every_token_is_its_own_delta() -> None:
+    # A node on the CUDA build of vLLM 0.24 failed every request: its SamplingParams
+    # refuses stream_interval (seen on an H100; docs/benchmarks.md, "GPU").
+    engine = _engine(4, 8)
+    engine._sampling_params_cls = _OldSamplingParams
+    engine._per_request_interval = False
+    params = engine._sampling_params(GenerationRequest("r", prompt="hi", max_tokens=8))
+    assert "stream_interval" not in params.kwargs
+    assert params.kwargs["max_tokens"] == 8
+    assert engine.stream_interval.tokens_per_delta(999) == 1  # what it will really do
+
+
+def test_unfinished_requests_come_from_the_output_processor() -> None:
+    class _Processor:
+        def get_num_unfinished_requests(self) -> int:
+            return 3
+
+    class _Llm:  # what every vLLM v1 AsyncLLM has, 0.24 included
+        output_processor = _Processor()
+
+    assert _unfinished_requests(_Llm()) == 3
+    assert _unfinished_requests(None) == 0
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cuda_graphs", "eager"),
+    [(0, "true", True), (0, "false", True), (1, "true", False), (1, "false", True)],
+)
+def test_cuda_graphs_on_a_gpu_node_unless_turned_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gpus: int, cuda_graphs: str, eager: bool
+) -> None:
+    import node.hardware
+    from node.hardware import GpuInfo
+
+    found = tuple(GpuInfo(name="NVIDIA H100 80GB HBM3", memory_bytes=80 << 30) for _ in range(gpus))
+    monkeypatch.setattr(node.hardware, "probe_nvidia_gpus", lambda: found)
+    monkeypatch.setenv("MERCATO_NODE_CUDA_GRAPHS", cuda_graphs)
+    engine = build_engine(NodeSettings(), tmp_path)  # built, not started: nothing loads
+    assert isinstance(engine, VllmEngine)
+    arguments = engine.engine_arguments()
+    assert arguments["enforce_eager"] is eager
+    assert ("gpu_memory_utilization" in arguments) is bool(gpus)
+    if gpus:
+        assert arguments["dtype"] == "bfloat16"
