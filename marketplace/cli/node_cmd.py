@@ -88,6 +88,16 @@ def start(
     max_model_len: int | None = typer.Option(
         None, "--max-model-len", help="Context length offered, tokens. [default: 2048]"
     ),
+    gpu_memory_permille: int | None = typer.Option(
+        None,
+        "--gpu-memory-permille",
+        help="GPU node: share of GPU memory vLLM may take, permille. [default: 900]",
+    ),
+    cuda_graphs: bool | None = typer.Option(
+        None,
+        "--cuda-graphs/--no-cuda-graphs",
+        help="GPU node: compile and capture CUDA graphs at start. [default: on]",
+    ),
     log_level: str = typer.Option("INFO", "--log-level", help="Python logging level."),
 ) -> None:
     """Run a provider node until Ctrl-C; prints MERCATO_NODE_READY {json} when serving."""
@@ -109,6 +119,8 @@ def start(
             "engine_dtype": dtype,
             "kv_cache_space_gib": kv_cache_space_gib,
             "max_model_len": max_model_len,
+            "gpu_memory_utilization_permille": gpu_memory_permille,
+            "cuda_graphs": cuda_graphs,
         }
     )
     import uvloop

@@ -52,3 +52,35 @@ def test_a_wildcard_listen_host_needs_an_advertised_address(tmp_path: Path) -> N
         home=tmp_path, listen_host="0.0.0.0", advertise_address="node.example:7701"
     )
     assert settings.worker_address(1234) == "node.example:7701"
+
+
+def test_node_start_flags_reach_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import node.daemon
+    import node.orphan_guard
+    from marketplace.cli.app import app
+
+    seen: list[NodeSettings] = []
+
+    async def run_node(settings: NodeSettings) -> None:  # the node itself is not started
+        seen.append(settings)
+
+    monkeypatch.setattr(node.daemon, "run_node", run_node)
+    monkeypatch.setattr(node.orphan_guard, "install_orphan_guard", lambda: None)
+    home = ["--home", str(tmp_path)]
+    result = CliRunner().invoke(
+        app, ["node", "start", *home, "--no-cuda-graphs", "--gpu-memory-permille", "400"]
+    )
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["node", "start", *home])
+    assert result.exit_code == 0, result.output
+    assert [(s.cuda_graphs, s.gpu_memory_utilization_permille) for s in seen] == [
+        (False, 400),
+        (True, 900),
+    ]
+    refused = CliRunner().invoke(app, ["node", "start", *home, "--gpu-memory-permille", "2000"])
+    assert refused.exit_code != 0 and not seen[2:]
+    assert "gpu_memory_utilization_permille" in refused.output
