@@ -5,8 +5,10 @@ notes/ENGINE.md: eager mode (torch.compile costs a minute per start), no multipr
 for the executor, a KV cache of ``kv_cache_space_gib``; bfloat16 where the CPU has native
 bf16, else float32 (the registry decides), and OpenMP threads not pinned by default
 (pinned threads ran ~10x slower on a 2-core host shared with other processes). On a machine with
-an NVIDIA GPU the same code drives the CUDA build (``vllm``); the CPU-only variables are
-then not set and the GPU takes ``gpu_memory_utilization_permille`` of its memory.
+an NVIDIA GPU the same code drives the CUDA build (``vllm``, 0.24 to 0.32; run on an
+H100 with 0.24.0): the CPU-only variables are then not set, the GPU takes
+``gpu_memory_utilization_permille`` of its memory, and vLLM compiles the model and
+captures CUDA graphs unless the node's ``cuda_graphs`` setting is off.
 
 vLLM 0.32's ``AsyncLLM`` always runs its engine core in a child process (spawned); the
 front end (tokenizer, detokenizer, output queues) runs in this loop. Outputs are
