@@ -7,6 +7,10 @@ in-process engine sets up process-wide state, so two in one process would clash)
 from __future__ import annotations
 
 import os
+
+# The test process talks gRPC while it starts nodes and coordinators: see
+# marketplace/cli/__init__.py for why gRPC's fork support must be off before grpc loads.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from collections.abc import AsyncIterator
 from pathlib import Path
 
