@@ -7,14 +7,14 @@ in-process engine sets up process-wide state, so two in one process would clash)
 from __future__ import annotations
 
 import os
-
-# The test process talks gRPC while it starts nodes and coordinators: see
-# marketplace/cli/__init__.py for why gRPC's fork support must be off before grpc loads.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
+# The test process talks gRPC while it starts nodes and coordinators; importing the CLI
+# turns gRPC's fork support off before grpc loads (marketplace/cli/__init__.py).
+import marketplace.cli  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct"
