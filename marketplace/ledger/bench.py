@@ -4,7 +4,11 @@ For SQLite (a temporary folder) and PostgreSQL (a temporary schema in the ``test
 database on 127.0.0.1:5432, dropped afterwards), each settlement being a hold and its
 settlement (one verified, countersigned receipt; 4 journal entries, a settlement row,
 a receipt row, the hold index, the key's spend), for ``CLIENTS`` client accounts each
-paying with its own API key, as every request through the coordinator does:
+paying with its own API key, as every request through the coordinator does. A hold is
+placed when its request starts and the settlement comes ``REQUEST_SECONDS`` later, as
+live traffic has it (before the eighth session, each hold went in with its own
+settlement, in the same batch, where the open-hold row was never written at all: 12-15 %
+less writer CPU per settlement than the live pattern):
 
 * ``settle_per_s_*``: saturating throughput of the group-commit writer — all
   settlements queued as fast as possible, counted until the last one is durable;
@@ -22,7 +26,11 @@ another process sleeps 1 ms in a loop and notes its worst late wake-up: on a vir
 machine a disk flush can stop every process for 5-25 ms, and such stalls, not the
 writer, decide the p99 of a run that has them. ``checkpoints_started_postgres`` and
 ``checkpoint_buffers_written_postgres``: PostgreSQL checkpoint activity in that window
-(a checkpoint there is the other known cause of a bad PostgreSQL p99).
+(a checkpoint there is the other known cause of a bad PostgreSQL p99). Before its
+throughput run, and so before that window, the benchmark asks PostgreSQL for a
+CHECKPOINT (``checkpoint_before_window_postgres``: 1 if it ran), so that the server
+recycles WAL segments in the window as a server under steady load does, and ``wal_segments_added_postgres`` counts the segments it had to create
+instead (each one a 16 MB file of zeros written first: see ``_checkpoint_now``).
 
 Wall-clock rates depend on what else the machine runs, so the output also carries the CPU
 time the writer's database thread spent per settlement in the throughput run
@@ -61,6 +69,10 @@ CLIENTS = 64
 NODES = 16
 THROUGHPUT_SETTLEMENTS = 20_000
 STEADY_SECONDS = 2.0
+# A hold is placed when its request starts and settled when it ends, in another batch:
+# requests here last this long, so the writer sees each settlement's hold come and go
+# as it would live (its row inserted, later deleted, rather than never written).
+REQUEST_SECONDS = 0.5
 RATE_SQLITE_PER_S = 10_000
 RATE_POSTGRES_PER_S = 5_000
 
@@ -134,6 +146,12 @@ def _make_ops(
         )
         pairs.append((hold, settle))
     return pairs
+
+
+async def _place_holds(writer: GroupCommitWriter, pairs: list[tuple[PlaceHold, Settle]]) -> None:
+    """Place the holds of requests already running when timing starts (not timed)."""
+    for start in range(0, len(pairs), 2_000):
+        await asyncio.gather(*(writer.submit(hold) for hold, _ in pairs[start : start + 2_000]))
 
 
 def _freeze_scaffolding() -> None:
@@ -225,7 +243,10 @@ async def _steady(
     """Offer ``rate_per_s`` settlements for a while; (p99, p50) queued-to-durable in ms,
     and the machine's stalls meanwhile (worst oversleep ms, count over 5 ms)."""
     watch = _StallWatch()
-    steady = _make_ops(int(rate_per_s * STEADY_SECONDS), clients, nodes, coordinator, rate_per_s)
+    count = int(rate_per_s * STEADY_SECONDS)
+    lag = int(rate_per_s * REQUEST_SECONDS)
+    steady = _make_ops(count + lag, clients, nodes, coordinator, rate_per_s)
+    await _place_holds(writer, steady[:lag])
     _freeze_scaffolding()
     watch.start()
     delays: list[float] = []
@@ -237,13 +258,12 @@ async def _steady(
     start = loop.time()
     sent = 0
     pending = []
-    while sent < len(steady):
-        due = min(len(steady), int((loop.time() - start) * rate_per_s) + 1)
+    while sent < count:
+        due = min(count, int((loop.time() - start) * rate_per_s) + 1)
         while sent < due:
-            hold, settle = steady[sent]
-            writer.submit(hold)
-            future = writer.submit(settle)
+            future = writer.submit(steady[sent][1])
             future.add_done_callback(_record(loop.time()))
+            writer.submit(steady[sent + lag][0])  # a request that starts now
             pending.append(future)
             sent += 1
         await asyncio.sleep(0.0005)
@@ -274,6 +294,45 @@ def _checkpoint_counters(engine: Any) -> tuple[int, int] | None:
     return None
 
 
+def _checkpoint_now(engine: Any) -> bool:
+    """PostgreSQL: run a CHECKPOINT (needs superuser or ``pg_checkpoint``); True if it ran.
+
+    Run before the timed window so that the server recycles its WAL segments during it,
+    as a server under steady load does. A server that has written a lot of WAL since
+    its last checkpoint (one run of this benchmark writes about 100 MB) has no
+    segment to recycle and creates each new 16 MB segment by writing zeros through it
+    first: at 5,000 settlements/s that happened every 0.75 s, and each time the commits
+    waiting behind it stalled for about 50 ms (p99 56-75 ms in three runs; 11 ms with
+    the checkpoint first). ``wal_segments_added_postgres`` reports any still created.
+    """
+    if engine.dialect.name != "postgresql":
+        return False
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("CHECKPOINT"))
+    except DBAPIError:
+        return False
+    return True
+
+
+def _wal_segments(engine: Any) -> int | None:
+    """PostgreSQL: files in ``pg_wal`` (a recycled segment is renamed, a new one adds a
+    file); None on SQLite or without the right to list them."""
+    if engine.dialect.name != "postgresql":
+        return None
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM pg_ls_waldir()")).scalar_one())
+    except DBAPIError:
+        return None
+
+
 def _checkpoint_activity(
     before: tuple[int, int] | None, after: tuple[int, int] | None
 ) -> dict[str, int]:
@@ -288,8 +347,20 @@ def _checkpoint_activity(
     }
 
 
+def _server_wal(
+    engine: Any, checkpointed: bool, before: int | None, after: int | None
+) -> dict[str, int]:
+    if engine.dialect.name != "postgresql":
+        return {}
+    activity = {"checkpoint_before_window": int(checkpointed)}
+    if before is not None and after is not None:
+        activity["wal_segments_added"] = after - before
+    return activity
+
+
 async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float]:
     store = LedgerStore.open(settings)
+    engine = store.engine
     coordinator = Identity.generate()
     nodes = [Identity.generate() for _ in range(NODES)]
     clients = []
@@ -304,44 +375,56 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         warm = _make_ops(200, clients, nodes, coordinator, rate_per_s)
         await asyncio.gather(*(writer.submit(op) for pair in warm for op in pair))
 
-        pairs = _make_ops(THROUGHPUT_SETTLEMENTS, clients, nodes, coordinator, rate_per_s)
+        # Before the throughput run, not right before the timed window: after a checkpoint
+        # each page's first change writes a full 8 KB image of it to the WAL, and the
+        # throughput run takes that burst.
+        checkpointed = _checkpoint_now(store.engine)
+        lag = int(rate_per_s * REQUEST_SECONDS)
+        pairs = _make_ops(THROUGHPUT_SETTLEMENTS + lag, clients, nodes, coordinator, rate_per_s)
+        await _place_holds(writer, pairs[:lag])
         _freeze_scaffolding()
         batches_before = writer.batches
         cpu_before = writer.cpu_s
         start = time.perf_counter()
         futures = []
-        for index, (hold, settle) in enumerate(pairs):
-            writer.submit(hold)
-            futures.append(writer.submit(settle))
+        for index in range(THROUGHPUT_SETTLEMENTS):
+            futures.append(writer.submit(pairs[index][1]))
+            writer.submit(pairs[index + lag][0])
             if index % 500 == 499:
                 await asyncio.sleep(0)  # let the writer start early, as live traffic would
         await asyncio.gather(*futures)
         elapsed = time.perf_counter() - start
-        throughput = len(pairs) / elapsed
-        cpu_us = (writer.cpu_s - cpu_before) / len(pairs) * 1e6
-        mean_batch = 2 * len(pairs) / max(1, writer.batches - batches_before)
+        throughput = THROUGHPUT_SETTLEMENTS / elapsed
+        cpu_us = (writer.cpu_s - cpu_before) / THROUGHPUT_SETTLEMENTS * 1e6
+        mean_batch = 2 * THROUGHPUT_SETTLEMENTS / max(1, writer.batches - batches_before)
 
         checkpoints_before = _checkpoint_counters(store.engine)
+        segments_before = _wal_segments(store.engine)
         p99, p50, stalls = await _steady(writer, clients, nodes, coordinator, rate_per_s)
         checkpoints_after = _checkpoint_counters(store.engine)
+        segments_after = _wal_segments(store.engine)
         half_rate = max(100, int(throughput / 2))
         p99_half, _, _ = await _steady(writer, clients, nodes, coordinator, half_rate)
     finally:
         await writer.close()
         store.close()
         gc.unfreeze()
-    return {
-        "settle_per_s": round(throughput),
-        "writer_cpu_us_per_settle": round(cpu_us, 1),
-        "durable_ms_p99": round(p99, 2),
-        "durable_ms_p50": round(p50, 2),
-        "ops_per_batch_mean": round(mean_batch, 1),
-        "offered_per_s": rate_per_s,
-        "durable_ms_p99_half_load": round(p99_half, 2),
-        "half_load_per_s": half_rate,
-        "machine_stall_ms_max": stalls[0],
-        "machine_stalls_over_5ms": stalls[1],
-    } | _checkpoint_activity(checkpoints_before, checkpoints_after)
+    return (
+        {
+            "settle_per_s": round(throughput),
+            "writer_cpu_us_per_settle": round(cpu_us, 1),
+            "durable_ms_p99": round(p99, 2),
+            "durable_ms_p50": round(p50, 2),
+            "ops_per_batch_mean": round(mean_batch, 1),
+            "offered_per_s": rate_per_s,
+            "durable_ms_p99_half_load": round(p99_half, 2),
+            "half_load_per_s": half_rate,
+            "machine_stall_ms_max": stalls[0],
+            "machine_stalls_over_5ms": stalls[1],
+        }
+        | _checkpoint_activity(checkpoints_before, checkpoints_after)
+        | _server_wal(engine, checkpointed, segments_before, segments_after)
+    )
 
 
 def _sqlite() -> dict[str, float]:
@@ -381,6 +464,7 @@ def run(json_output: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {
         "receipt_check_us": round(_receipt_check_us(Identity.generate(), Identity.generate()), 1),
         "cpu_count": os.cpu_count(),
+        "hold_to_settle_s": REQUEST_SECONDS,
         "load_avg_1m_before": round(os.getloadavg()[0], 2),
     }
     sqlite = _sqlite()
@@ -418,7 +502,9 @@ def run(json_output: bool = False) -> dict[str, Any]:
         print(
             "postgres: checkpoints begun during the run at the target rate: "
             f"{result['checkpoints_started_postgres']} (buffers they wrote: "
-            f"{result['checkpoint_buffers_written_postgres']})"
+            f"{result['checkpoint_buffers_written_postgres']}); WAL segments created in it: "
+            f"{result.get('wal_segments_added_postgres', 'unknown')}; CHECKPOINT before it: "
+            f"{'yes' if result.get('checkpoint_before_window_postgres') else 'refused'}"
         )
     for name in ("sqlite", "postgres"):
         if f"writer_cpu_us_per_settle_{name}" in result:
