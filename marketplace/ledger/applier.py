@@ -519,10 +519,8 @@ class _Batch:
             _insert_rows(conn, T_BALANCES, [(a["id"], 0, 0, 0, 0) for a in self.new_accounts])
         if self.new_transfers:
             _insert_rows(conn, T_TRANSFERS, self.new_transfers)
-        if self.closed_holds and conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(
-                f"DELETE FROM {T_HOLDS.name} WHERE transfer_id = ANY(%s)", (self.closed_holds,)
-            )
+        if self.postgres:
+            self._flush_arrays_pg()
         elif self.closed_holds:
             _execute_many(
                 conn,
@@ -553,31 +551,43 @@ class _Batch:
             )
         if self.new_payout_batches:
             _insert(conn, T_PAYOUT_BATCHES, self.new_payout_batches)
-        if self.dirty:
+        if self.postgres:
+            return  # balances, key spend and head went with the closed holds
+        if self.dirty:  # one statement per up to 64 accounts, not one per account
             changed = sorted(self.dirty)
-            sums = [self.accounts[a][3:] for a in changed]
-            if self.postgres:
-                self.driver.execute(
+            _sqlite_multi_row(
+                self.driver,
+                [(a, *self.accounts[a][3:]) for a in changed],
+                _sqlite_balances_sql,
+            )
+        if self.key_spend:
+            _sqlite_multi_row(self.driver, list(self.key_spend.items()), _sqlite_key_spend_sql)
+        if self.new_transfers:
+            self.driver.execute(_HEAD_UPDATE_SQLITE, (self.head_seq, self.head_hash))
+
+    def _flush_arrays_pg(self) -> None:
+        """PostgreSQL: the batch's statements that take arrays (holds closed, balances,
+        key spend, journal head) in one pipeline: one round trip instead of four. They
+        run before the new holds are copied, as the closed holds' delete always has, and
+        none of them reads a row that a later COPY writes."""
+        driver = self.driver
+        with driver.pipeline():
+            if self.closed_holds:
+                driver.execute(
+                    f"DELETE FROM {T_HOLDS.name} WHERE transfer_id = ANY(%s)", (self.closed_holds,)
+                )
+            if self.dirty:
+                changed = sorted(self.dirty)
+                sums = [self.accounts[a][3:] for a in changed]
+                driver.execute(
                     _BALANCES_UPDATE_PG, (changed, *([s[i] for s in sums] for i in range(4)))
                 )
-            else:  # one statement per up to 64 accounts, not one per account
-                _sqlite_multi_row(
-                    self.driver,
-                    [(a, *s) for a, s in zip(changed, sums, strict=True)],
-                    _sqlite_balances_sql,
-                )
-        if self.key_spend:
-            if self.postgres:
-                self.driver.execute(
+            if self.key_spend:
+                driver.execute(
                     _KEY_SPEND_ADD_PG, (list(self.key_spend), list(self.key_spend.values()))
                 )
-            else:
-                _sqlite_multi_row(self.driver, list(self.key_spend.items()), _sqlite_key_spend_sql)
-        if self.new_transfers:
-            self.driver.execute(
-                _HEAD_UPDATE_PG if self.postgres else _HEAD_UPDATE_SQLITE,
-                (self.head_seq, self.head_hash),
-            )
+            if self.new_transfers:
+                driver.execute(_HEAD_UPDATE_PG, (self.head_seq, self.head_hash))
 
 
 def _select_in(

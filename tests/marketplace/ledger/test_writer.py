@@ -1,0 +1,126 @@
+"""The group-commit writer: what one loop turn submits commits as one batch (split at
+``batch_max``), ``drain`` waits for everything submitted, ``close`` commits what is
+queued, and a batch that raises fails alone. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from marketplace.ledger import LedgerStore, LedgerUnavailable, verify_ledger
+from marketplace.ledger.operations import HoldResult, Operation, PlaceHold
+from marketplace.ledger.writer import GroupCommitWriter
+
+from .conftest import make_client, row_counts
+
+EXPIRES_MS = 10**15
+
+
+class _GatedCommits:
+    """Wraps the writer's committer: records each batch's size, and holds the first batch
+    (on the database thread) until ``gate`` is set."""
+
+    def __init__(self, writer: GroupCommitWriter) -> None:
+        self.gate = threading.Event()
+        self.started: list[int] = []
+        self._commit = writer._committer.commit
+        writer._committer.commit = self  # type: ignore[method-assign]
+
+    def __call__(self, ops: Sequence[Operation]) -> Any:
+        self.started.append(len(ops))
+        if len(self.started) == 1:
+            assert self.gate.wait(10), "the test never opened the gate"
+        return self._commit(ops)
+
+
+def _holds(writer: GroupCommitWriter, client: str, prefix: str, count: int) -> list[Any]:
+    return [
+        writer.submit(PlaceHold(f"{prefix}{i}", client, 10, EXPIRES_MS, "t")) for i in range(count)
+    ]
+
+
+@pytest.fixture
+async def writer(store: LedgerStore) -> AsyncIterator[GroupCommitWriter]:
+    instance = GroupCommitWriter(store.engine)
+    instance.start()
+    yield instance
+    await instance.close()
+
+
+async def test_one_loop_turn_commits_as_one_batch(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    client = make_client(store)
+    before = writer.batches
+    answers = await asyncio.gather(*_holds(writer, client, "r", 50))
+    assert writer.batches == before + 1
+    assert answers == [HoldResult(f"r{i}", client, 10, created=True) for i in range(50)]
+    assert row_counts(store)["open_holds"] == 50
+
+
+async def test_batch_max_splits_what_was_handed_over(store: LedgerStore) -> None:
+    client = make_client(store)
+    writer = GroupCommitWriter(store.engine, batch_max=16)
+    writer.start()
+    try:
+        answers = await asyncio.gather(*_holds(writer, client, "r", 50))
+    finally:
+        await writer.close()
+    assert writer.batches == 4  # 16 + 16 + 16 + 2
+    assert all(isinstance(a, HoldResult) and a.created for a in answers)
+    assert row_counts(store)["open_holds"] == 50
+    assert verify_ledger(store.engine).ok
+
+
+async def test_drain_waits_for_every_operation_even_when_the_last_is_cancelled(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    client = make_client(store)
+    commits = _GatedCommits(writer)
+    futures = _holds(writer, client, "r", 3)
+    futures[-1].cancel()  # its caller gave up; the operation is still committed
+    drained = asyncio.ensure_future(writer.drain())
+    await asyncio.sleep(0.05)
+    assert not drained.done() and not futures[0].done()
+    commits.gate.set()
+    await asyncio.wait_for(drained, 10)
+    assert futures[0].done() and futures[1].done()
+    assert row_counts(store)["open_holds"] == 3
+
+
+async def test_close_commits_what_is_queued_then_refuses(store: LedgerStore) -> None:
+    client = make_client(store)
+    writer = GroupCommitWriter(store.engine)
+    writer.start()
+    futures = _holds(writer, client, "r", 5)
+    await writer.close()
+    assert all(f.done() and f.result().created for f in futures)
+    with pytest.raises(LedgerUnavailable, match="not running"):
+        writer.submit(PlaceHold("late", client, 10, EXPIRES_MS, "t"))
+    assert row_counts(store)["open_holds"] == 5
+
+
+async def test_a_batch_that_raises_fails_alone(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    client = make_client(store)
+    commit = writer._committer.commit
+    calls = 0
+
+    def failing_once(ops: Sequence[Operation]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("disk on fire")
+        return commit(ops)
+
+    writer._committer.commit = failing_once  # type: ignore[method-assign]
+    failed = await asyncio.gather(*_holds(writer, client, "a", 2), return_exceptions=True)
+    assert all(isinstance(e, LedgerUnavailable) and "disk on fire" in str(e) for e in failed)
+    answers = await asyncio.gather(*_holds(writer, client, "b", 2))
+    assert all(a.created for a in answers)
+    assert row_counts(store)["open_holds"] == 2
