@@ -114,13 +114,16 @@ _KEY_SPEND_ADD = (  # a key's first settlement inserts its row; later ones add t
     " ON CONFLICT (api_key_id) DO UPDATE "
     "SET spent_micro_usd = key_spend.spent_micro_usd + excluded.spent_micro_usd"
 )
+# Array parameters go in binary (%b): psycopg dumps a list of strings as a text array
+# literal with a regular-expression test per element for quoting (1.7 us per element,
+# 169 us for 100 account ids) and in binary at 0.2 us per element.
 _KEY_SPEND_ADD_PG = (  # one statement for the whole batch
-    _KEY_SPEND_INSERT + "SELECT * FROM unnest(%s::text[], %s::bigint[])" + _KEY_SPEND_ADD
+    _KEY_SPEND_INSERT + "SELECT * FROM unnest(%b::text[], %b::bigint[])" + _KEY_SPEND_ADD
 )
 _BALANCES_UPDATE_PG = (  # one statement for the whole batch
     "UPDATE balances AS b SET debits_posted = v.dp, credits_posted = v.cp, "
     "debits_pending = v.dpp, credits_pending = v.cpp "
-    "FROM unnest(%s::varchar[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+    "FROM unnest(%b::varchar[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[]) "
     "AS v(id, dp, cp, dpp, cpp) WHERE b.account_id = v.id"
 )
 _TRANSFER_COLUMNS = [c.name for c in T_TRANSFERS.columns]
@@ -574,7 +577,7 @@ class _Batch:
         with driver.pipeline():
             if self.closed_holds:
                 driver.execute(
-                    f"DELETE FROM {T_HOLDS.name} WHERE transfer_id = ANY(%s)", (self.closed_holds,)
+                    f"DELETE FROM {T_HOLDS.name} WHERE transfer_id = ANY(%b)", (self.closed_holds,)
                 )
             if self.dirty:
                 changed = sorted(self.dirty)
@@ -596,7 +599,7 @@ def _select_in(
     """Rows of ``table`` whose ``key`` is one of ``values`` (in chunks), on the driver."""
     head = f"SELECT {', '.join(columns)} FROM {table.name} WHERE {key}"
     if conn.dialect.name == "postgresql":
-        yield from conn.exec_driver_sql(f"{head} = ANY(%s)", (list(set(values)),)).all()
+        yield from conn.exec_driver_sql(f"{head} = ANY(%b)", (list(set(values)),)).all()
         return
     mark = _mark(conn)
     head += " IN "
