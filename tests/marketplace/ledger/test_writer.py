@@ -62,7 +62,7 @@ async def test_one_loop_turn_commits_as_one_batch(
     assert row_counts(store)["open_holds"] == 50
 
 
-async def test_batch_max_splits_what_was_handed_over(store: LedgerStore) -> None:
+async def test_batch_max_splits_what_one_turn_queued(store: LedgerStore) -> None:
     client = make_client(store)
     writer = GroupCommitWriter(store.engine, batch_max=16)
     writer.start()
