@@ -14,6 +14,7 @@ from marketplace.identity import Identity
 from marketplace.ledger import Ledger, LedgerSettings, LedgerStore
 from marketplace.ledger.models import AccountKind
 from marketplace.ledger.receipts import RelayedSegment, sign_receipt
+from marketplace.ledger.writer import GroupCommitWriter
 from tests.postgres import fresh_schema
 
 
@@ -41,6 +42,15 @@ def store(settings: LedgerSettings) -> Iterator[LedgerStore]:
     opened = LedgerStore.open(settings)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+async def writer(store: LedgerStore) -> AsyncIterator[GroupCommitWriter]:
+    """A group-commit writer of its own on ``store`` (no Ledger around it)."""
+    instance = GroupCommitWriter(store.engine)
+    instance.start()
+    yield instance
+    await instance.close()
 
 
 @pytest.fixture

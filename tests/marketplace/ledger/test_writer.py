@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -41,14 +41,6 @@ def _holds(writer: GroupCommitWriter, client: str, prefix: str, count: int) -> l
     return [
         writer.submit(PlaceHold(f"{prefix}{i}", client, 10, EXPIRES_MS, "t")) for i in range(count)
     ]
-
-
-@pytest.fixture
-async def writer(store: LedgerStore) -> AsyncIterator[GroupCommitWriter]:
-    instance = GroupCommitWriter(store.engine)
-    instance.start()
-    yield instance
-    await instance.close()
 
 
 async def test_one_loop_turn_commits_as_one_batch(

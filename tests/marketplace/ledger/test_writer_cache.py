@@ -9,8 +9,6 @@ import asyncio
 import gc
 from typing import Any
 
-import pytest
-
 from marketplace.ledger import InsufficientBalance, LedgerStore, ReplayedReceipt, verify_ledger
 from marketplace.ledger.operations import (
     HoldResult,
@@ -40,14 +38,6 @@ def _settle(request_id: str, account_id: str, cost: int, worker_id: str | None =
 async def _batch(writer: GroupCommitWriter, *ops: Any) -> list[Any]:
     """Submit ``ops`` together (one batch) and collect answers or errors."""
     return await asyncio.gather(*(writer.submit(op) for op in ops), return_exceptions=True)
-
-
-@pytest.fixture
-async def writer(store: LedgerStore) -> Any:
-    instance = GroupCommitWriter(store.engine)
-    instance.start()
-    yield instance
-    await instance.close()
 
 
 async def test_retried_settlement_in_a_remembered_batch_answers_the_first(
