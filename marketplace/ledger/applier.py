@@ -557,10 +557,9 @@ class _Batch:
         if self.postgres:
             return  # balances, key spend and head went with the closed holds
         if self.dirty:  # one statement per up to 64 accounts, not one per account
-            changed = sorted(self.dirty)
             _sqlite_multi_row(
                 self.driver,
-                [(a, *self.accounts[a][3:]) for a in changed],
+                [(a, *self.accounts[a][3:]) for a in sorted(self.dirty)],
                 _sqlite_balances_sql,
             )
         if self.key_spend:
