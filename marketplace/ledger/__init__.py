@@ -41,7 +41,8 @@ The writer remembers balances, providers and open holds between its batches whil
 journal head is the one it wrote last (``writer_cache``), and then skips the look-ups
 that only find a retried request's earlier rows: unique keys refuse a duplicate, and the
 batch is re-read and re-applied, so retries answer exactly as before. Rows go to the
-database as plain tuples (multi-row INSERT on SQLite, COPY on PostgreSQL).
+database as plain tuples (multi-row INSERT on SQLite; COPY on PostgreSQL, where the
+statements that take arrays share one pipeline: 12 waits for the server per batch).
 
 **Holds off the disk path.** ``Ledger.place_hold`` admits a hold against an in-memory
 available balance (database value adopted after every commit + effects of queued
