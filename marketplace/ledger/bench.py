@@ -29,8 +29,9 @@ writer, decide the p99 of a run that has them. ``checkpoints_started_postgres`` 
 (a checkpoint there is the other known cause of a bad PostgreSQL p99). Before its
 throughput run, and so before that window, the benchmark asks PostgreSQL for a
 CHECKPOINT (``checkpoint_before_window_postgres``: 1 if it ran), so that the server
-recycles WAL segments in the window as a server under steady load does, and ``wal_segments_added_postgres`` counts the segments it had to create
-instead (each one a 16 MB file of zeros written first: see ``_checkpoint_now``).
+recycles WAL segments in the window as a server under steady load does, and
+``wal_segments_added_postgres`` counts the segments it had to create instead (each one
+a 16 MB file of zeros written first: see ``_checkpoint_now``).
 
 Wall-clock rates depend on what else the machine runs, so the output also carries the CPU
 time the writer's database thread spent per settlement in the throughput run
@@ -276,24 +277,38 @@ async def _steady(
     return delays[int(len(delays) * 0.99) - 1] * 1000, statistics.median(delays) * 1000, stalls
 
 
-def _checkpoint_counters(engine: Any) -> tuple[int, int] | None:
-    """PostgreSQL's checkpoints so far and the buffers they wrote (None on SQLite)."""
+def _postgres_row(engine: Any, query: str, *, autocommit: bool = False) -> tuple[Any, ...] | None:
+    """The first row of ``query`` on PostgreSQL (``()`` for a statement that returns
+    none); None on SQLite, or when the server refuses it (a view this version lacks, a
+    right this role lacks)."""
     if engine.dialect.name != "postgresql":
         return None
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
+    try:
+        with engine.connect() as conn:
+            if autocommit:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+            result = conn.execute(text(query))
+            if not result.returns_rows:
+                return ()
+            row = result.first()
+            return None if row is None else tuple(row)
+    except DBAPIError:
+        return None
+
+
+def _checkpoint_counters(engine: Any) -> tuple[int, int] | None:
+    """PostgreSQL's checkpoints so far and the buffers they wrote (None on SQLite)."""
     queries = (  # PostgreSQL 17 moved the counters to pg_stat_checkpointer
         "SELECT num_timed + num_requested, buffers_written FROM pg_stat_checkpointer",
         "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint FROM pg_stat_bgwriter",
     )
     for query in queries:
-        try:
-            with engine.connect() as conn:
-                started, written = conn.execute(text(query)).one()
-            return int(started), int(written)
-        except DBAPIError:
-            continue
+        row = _postgres_row(engine, query)
+        if row is not None:
+            return int(row[0]), int(row[1])
     return None
 
 
@@ -308,32 +323,14 @@ def _checkpoint_now(engine: Any) -> bool:
     waiting behind it stalled for about 50 ms (p99 56-75 ms in three runs; 11 ms with
     the checkpoint first). ``wal_segments_added_postgres`` reports any still created.
     """
-    if engine.dialect.name != "postgresql":
-        return False
-    from sqlalchemy import text
-    from sqlalchemy.exc import DBAPIError
-
-    try:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("CHECKPOINT"))
-    except DBAPIError:
-        return False
-    return True
+    return _postgres_row(engine, "CHECKPOINT", autocommit=True) is not None
 
 
 def _wal_segments(engine: Any) -> int | None:
     """PostgreSQL: files in ``pg_wal`` (a recycled segment is renamed, a new one adds a
     file); None on SQLite or without the right to list them."""
-    if engine.dialect.name != "postgresql":
-        return None
-    from sqlalchemy import text
-    from sqlalchemy.exc import DBAPIError
-
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(text("SELECT count(*) FROM pg_ls_waldir()")).scalar_one())
-    except DBAPIError:
-        return None
+    row = _postgres_row(engine, "SELECT count(*) FROM pg_ls_waldir()")
+    return None if row is None else int(row[0])
 
 
 def _checkpoint_activity(
@@ -371,7 +368,7 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         account = store.create_account(AccountKind.CLIENT, f"bench-client-{i}")
         store.deposit(account.id, 10**12)
         clients.append((account.id, store.issue_key(account.id, "bench").key.id))
-    writer = GroupCommitWriter(store.engine, batch_max=settings.commit_batch_max)
+    writer = GroupCommitWriter(engine, batch_max=settings.commit_batch_max)
     writer.start()
     try:
         # warm-up (creates the provider accounts)
@@ -381,7 +378,7 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         # Before the throughput run, not right before the timed window: after a checkpoint
         # each page's first change writes a full 8 KB image of it to the WAL, and the
         # throughput run takes that burst.
-        checkpointed = _checkpoint_now(store.engine)
+        checkpointed = _checkpoint_now(engine)
         lag = int(rate_per_s * REQUEST_SECONDS)
         pairs = _make_ops(THROUGHPUT_SETTLEMENTS + lag, clients, nodes, coordinator, rate_per_s)
         await _place_holds(writer, pairs[:lag])
@@ -401,11 +398,11 @@ async def _measure(settings: LedgerSettings, rate_per_s: int) -> dict[str, float
         cpu_us = (writer.cpu_s - cpu_before) / THROUGHPUT_SETTLEMENTS * 1e6
         mean_batch = 2 * THROUGHPUT_SETTLEMENTS / max(1, writer.batches - batches_before)
 
-        checkpoints_before = _checkpoint_counters(store.engine)
-        segments_before = _wal_segments(store.engine)
+        checkpoints_before = _checkpoint_counters(engine)
+        segments_before = _wal_segments(engine)
         p99, p50, stalls = await _steady(writer, clients, nodes, coordinator, rate_per_s)
-        checkpoints_after = _checkpoint_counters(store.engine)
-        segments_after = _wal_segments(store.engine)
+        checkpoints_after = _checkpoint_counters(engine)
+        segments_after = _wal_segments(engine)
         half_rate = max(100, int(throughput / 2))
         p99_half, _, _ = await _steady(writer, clients, nodes, coordinator, half_rate)
     finally:
