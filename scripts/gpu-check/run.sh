@@ -3,7 +3,11 @@
 # (the image's own torch stays), then `bench` (the node worker benchmark at 1, 32 and
 # 256 streams, CUDA graphs on and off), `tests` (the node's real-engine tests), both
 # (`all`, the default), or `e2e` (`mercato bench e2e`: a coordinator and a node process
-# on the GPU, billing on, against the engine in-process). Results go to $OUT.
+# on the GPU, billing on, against the engine in-process), or `market` (the integration
+# tests with three real node processes sharing the GPU: each sort mode's pick, a region
+# with no node, SIGKILL mid-stream and the resumed answer), or `served` (the other
+# integration tests that need no PostgreSQL: a served token, cancelling, billing, the
+# documented example). Results go to $OUT.
 set -u
 repo=$PWD
 stash=/root/stash
@@ -45,4 +49,16 @@ if [ "$what" = e2e ]; then
   timeout 500 python3 -m marketplace.cli bench e2e --json >"$OUT/e2e.log" 2>&1
   echo "e2e rc=$?"
   grep -v '^(EngineCore\|^INFO\|^WARNING' "$OUT/e2e.log" | tail -40
+fi
+if [ "$what" = market ] || [ "$what" = served ]; then
+  # Node engines share the GPU, 200 per mille of its memory each (three in `market`).
+  export MERCATO_NODE_GPU_MEMORY_UTILIZATION_PERMILLE=200
+  if [ "$what" = market ]; then
+    files="tests/integration/test_routing.py tests/integration/test_node_failure.py"
+  else
+    files="tests/integration/test_served_token.py tests/integration/test_billing.py tests/integration/test_docs_example.py"
+  fi
+  # shellcheck disable=SC2086  # a list of paths
+  timeout 540 python3 -m pytest -W ignore -p no:cacheprovider -q -rs -s -m "not postgres" \
+    $files 2>&1 | tee "$OUT/$what.log" | grep -v '^(EngineCore\|^INFO\|^WARNING' | tail -60
 fi
