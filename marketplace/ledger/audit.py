@@ -10,7 +10,13 @@ Checks, in one pass over the journal in sequence order:
   to zero, and no account that must not overdraw is below zero;
 * the journal head names the last entry; the open-holds index equals the pending
   transfers left unresolved; each API key's recorded spend equals the sum of its
-  settlements.
+  settlements;
+* the platform's pass-through accounts hold exactly what is in flight: clearing has
+  nothing posted (every charge leaves it in full, as earnings and fee) and its pending
+  credits are the open holds; the lease escrow holds what active leases have prepaid
+  and not yet been charged. Balances recomputed from a double-entry journal always sum
+  to zero, so a charge split into earnings and a fee that do not add up would pass
+  every check above and show only here.
 
 The report names the first entry that does not match.
 """
@@ -23,16 +29,19 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from marketplace.ledger.applier import (
+    CLEARING,
+    LEASE_ESCROW,
     T_ACCOUNTS,
     T_BALANCES,
     T_HEAD,
     T_HOLDS,
     T_KEY_SPEND,
+    T_LEASES,
     T_SETTLEMENTS,
     T_TRANSFERS,
 )
 from marketplace.ledger.journal import GENESIS_HASH, entry_hash
-from marketplace.ledger.models import TransferPhase
+from marketplace.ledger.models import LeaseStatus, TransferPhase
 
 
 @dataclass
@@ -113,6 +122,13 @@ def verify_ledger(engine: Engine, *, chunk_rows: int = 10_000) -> AuditReport:
         key_spend = {
             row.api_key_id: row.spent_micro_usd for row in conn.execute(select(T_KEY_SPEND))
         }
+        prepaid_unspent = conn.execute(
+            select(
+                func.coalesce(
+                    func.sum(T_LEASES.c.total_micro_usd - T_LEASES.c.charged_micro_usd), 0
+                )
+            ).where(T_LEASES.c.status == LeaseStatus.ACTIVE.value)
+        ).scalar_one()
     for account_id in sorted(set(stored) | set(sums)):
         want = sums.get(account_id, [0, 0, 0, 0])
         have = stored.get(account_id, [0, 0, 0, 0])
@@ -127,6 +143,7 @@ def verify_ledger(engine: Engine, *, chunk_rows: int = 10_000) -> AuditReport:
     total_pending = sum(s[3] - s[2] for s in sums.values())
     if total_posted or total_pending:
         report.fail(f"balances do not sum to zero: posted {total_posted}, pending {total_pending}")
+    _check_pass_through(sums, pending, int(prepaid_unspent), report)
     for key_id in sorted(set(settled_by_key) | set(key_spend)):
         want_spent = settled_by_key.get(key_id, 0)
         have_spent = key_spend.get(key_id, 0)
@@ -141,6 +158,34 @@ def verify_ledger(engine: Engine, *, chunk_rows: int = 10_000) -> AuditReport:
             f"{len(set(pending) - holds)} missing"
         )
     return report
+
+
+def _check_pass_through(
+    sums: dict[str, list[int]],
+    pending: dict[str, tuple[str, str, int]],
+    prepaid_unspent: int,
+    report: AuditReport,
+) -> None:
+    """Clearing and the lease escrow only pass money through: what they hold must be
+    what is in flight, to the micro-unit."""
+    debits, credits, debits_pending, credits_pending = sums.get(CLEARING, [0, 0, 0, 0])
+    if credits != debits:
+        report.fail(
+            f"account {CLEARING} keeps {credits - debits} micro-USD posted: a charge was not "
+            "passed on in full as earnings and fee"
+        )
+    held = sum(amount for _, credit, amount in pending.values() if credit == CLEARING)
+    if credits_pending - debits_pending != held:
+        report.fail(
+            f"account {CLEARING} has {credits_pending - debits_pending} micro-USD pending but "
+            f"the open holds add up to {held}"
+        )
+    debits, credits, _, _ = sums.get(LEASE_ESCROW, [0, 0, 0, 0])
+    if credits - debits != prepaid_unspent:
+        report.fail(
+            f"account {LEASE_ESCROW} holds {credits - debits} micro-USD but active leases have "
+            f"{prepaid_unspent} prepaid and not yet charged"
+        )
 
 
 def _apply(

@@ -7,7 +7,15 @@ from sqlalchemy import inspect, text
 
 from marketplace.ledger import LedgerSettings, LedgerStore, verify_ledger
 from marketplace.ledger.database import create_ledger_engine, migrate
-from marketplace.ledger.journal import CHAINED_FIELDS, canonical
+from marketplace.ledger.journal import CHAINED_FIELDS, GENESIS_HASH, canonical, entry_hash
+from marketplace.ledger.operations import (
+    ChargeLease,
+    CreateLease,
+    PlaceHold,
+    ReleaseHold,
+    Settle,
+    SettleSegment,
+)
 from tests.marketplace.ledger.conftest import make_client
 
 
@@ -108,3 +116,187 @@ def test_key_spend_migration_fills_from_settlements(database_url: str) -> None:
         spend = dict(conn.execute(text("SELECT api_key_id, spent_micro_usd FROM key_spend")).all())
     assert spend == {"k1": 42, "k2": 5}
     engine.dispose()
+
+
+def _rechain(store: LedgerStore) -> None:
+    """What a careful forger does after editing entries: recompute every hash, the
+    journal head, and every stored balance from the (edited) journal, so that only the
+    audit's semantic checks can still tell."""
+    with store.engine.begin() as conn:
+        rows = [
+            dict(r._mapping) for r in conn.execute(text("SELECT * FROM transfers ORDER BY seq"))
+        ]
+        sums: dict[str, list[int]] = {}
+        pending: dict[str, int] = {}
+        prev = GENESIS_HASH
+        for entry in rows:
+            digest = entry_hash(prev, entry)
+            conn.execute(
+                text("UPDATE transfers SET prev_hash = :p, hash = :h WHERE seq = :s"),
+                {"p": prev, "h": digest, "s": entry["seq"]},
+            )
+            prev = digest
+            debit = sums.setdefault(entry["debit_account_id"], [0, 0, 0, 0])
+            credit = sums.setdefault(entry["credit_account_id"], [0, 0, 0, 0])
+            amount, phase = entry["amount"], entry["phase"]
+            if phase == "single":
+                debit[0] += amount
+                credit[1] += amount
+            elif phase == "pending":
+                debit[2] += amount
+                credit[3] += amount
+                pending[entry["id"]] = amount
+            else:
+                held = pending.pop(entry["pending_id"])
+                debit[2] -= held
+                credit[3] -= held
+                if phase == "post":
+                    debit[0] += amount
+                    credit[1] += amount
+        conn.execute(
+            text("UPDATE journal_head SET seq = :s, hash = :h WHERE id = 1"),
+            {"s": rows[-1]["seq"], "h": prev},
+        )
+        for account_id, (dp, cp, dq, cq) in sums.items():
+            conn.execute(
+                text(
+                    "UPDATE balances SET debits_posted = :dp, credits_posted = :cp, "
+                    "debits_pending = :dq, credits_pending = :cq WHERE account_id = :a"
+                ),
+                {"dp": dp, "cp": cp, "dq": dq, "cq": cq, "a": account_id},
+            )
+
+
+def _hold_and_release(store: LedgerStore, client: str, request_id: str, amount: int) -> None:
+    store.apply([PlaceHold(request_id, client, amount, 10**15, "t")])
+    store.apply([ReleaseHold(request_id)])
+
+
+def test_an_edited_entry_with_a_recomputed_hash_breaks_the_next_link(store: LedgerStore) -> None:
+    """An entry edited and re-hashed on its own still fails: the next entry's prev_hash
+    names the old hash (the chain, not only each entry's own hash, is checked)."""
+    client = make_client(store, deposit=100)
+    store.deposit(client, 200)
+    store.deposit(client, 300)
+    _first, (seq, _edited_id), (next_seq, next_id) = _journal(store)
+    with store.engine.begin() as conn:
+        row = dict(
+            conn.execute(text("SELECT * FROM transfers WHERE seq = :s"), {"s": seq}).one()._mapping
+        )
+        row["created_at_unix_ms"] += 1  # no balance changes: only the chain can tell
+        conn.execute(
+            text("UPDATE transfers SET created_at_unix_ms = :c, hash = :h WHERE seq = :s"),
+            {
+                "c": row["created_at_unix_ms"],
+                "h": entry_hash(bytes(row["prev_hash"]), row),
+                "s": seq,
+            },
+        )
+    report = verify_ledger(store.engine)
+    assert not report.ok
+    assert (report.first_bad_seq, report.first_bad_id) == (next_seq, next_id)
+
+
+def test_a_journal_head_behind_the_journal_is_caught(store: LedgerStore) -> None:
+    """The head row must name the last entry (a truncated or stale head is tampering)."""
+    make_client(store, deposit=100)
+    assert verify_ledger(store.engine).ok
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE journal_head SET seq = seq - 1 WHERE id = 1"))
+    report = verify_ledger(store.engine)
+    assert not report.ok
+    assert any("journal head" in p for p in report.problems)
+
+
+def test_a_key_spend_that_differs_from_its_settlements_is_caught(store: LedgerStore) -> None:
+    """Recorded key spend must equal the sum of that key's settlement costs."""
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO key_spend (api_key_id, spent_micro_usd) VALUES ('k1', 5)"))
+    report = verify_ledger(store.engine)
+    assert not report.ok
+    assert any("api key k1" in p for p in report.problems)
+
+
+def test_an_open_holds_index_that_differs_from_the_journal_is_caught(store: LedgerStore) -> None:
+    """A deleted open-hold row (the money would stay held forever) is reported."""
+    client = make_client(store, deposit=1_000)
+    store.apply([PlaceHold("r1", client, 400, 10**15, "t")])
+    assert verify_ledger(store.engine).ok
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM open_holds"))
+    report = verify_ledger(store.engine)
+    assert not report.ok
+    assert any("open holds" in p for p in report.problems)
+
+
+def test_a_rechained_overdraft_is_caught(store: LedgerStore) -> None:
+    """A client account below zero is reported even when hashes and balances agree."""
+    client = make_client(store, deposit=100)
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE transfers SET debit_account_id = :c, credit_account_id = "
+                "'platform.deposits' WHERE credit_account_id = :c"
+            ),
+            {"c": client},
+        )
+    _rechain(store)
+    report = verify_ledger(store.engine)
+    assert not report.ok
+    assert any("overdrawn" in p for p in report.problems)
+
+
+def test_a_rechained_post_above_its_hold_is_caught(store: LedgerStore) -> None:
+    """A post may not take more than its pending transfer held."""
+    client = make_client(store, deposit=1_000)
+    _hold_and_release(store, client, "r1", 100)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE transfers SET phase = 'post', amount = 200 WHERE phase = 'void'"))
+    _rechain(store)
+    report = verify_ledger(store.engine)
+    assert not report.ok
+    assert any("posts 200 of a 100 hold" in p for p in report.problems)
+
+
+def _settle_one(store: LedgerStore, client: str, node_id: str, cost: int) -> None:
+    """A held request settled at ``cost`` (fee 10 %): the charge goes through clearing to
+    the node's provider account and the platform's fees."""
+    segment = SettleSegment("r1#0", 0, node_id, "m", 10, 20, cost, b"r", b"k", b"s", b"ck", b"cs")
+    store.apply([PlaceHold("r1", client, 2 * cost, 10**15, "t")])
+    store.apply([Settle("r1", client, "m", 1000, (segment,), 2 * cost)])
+
+
+def test_a_charge_not_passed_on_in_full_is_caught(store: LedgerStore) -> None:
+    """An earning one micro-USD short, with every hash, the head and every balance made
+    to agree: the journal still sums to zero, so only clearing's remainder shows it."""
+    client = make_client(store, deposit=10_000)
+    _settle_one(store, client, "node-1", 1_000)  # earning 900, fee 100
+    assert verify_ledger(store.engine).ok
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE transfers SET amount = amount - 1 WHERE kind = 'earning'"))
+    _rechain(store)
+    report = verify_ledger(store.engine)
+    assert report.problems == [
+        "account platform.clearing keeps 1 micro-USD posted: a charge was not passed on in "
+        "full as earnings and fee"
+    ]
+
+
+def test_lease_escrow_must_hold_what_active_leases_have_not_been_charged(
+    store: LedgerStore,
+) -> None:
+    """A lease's period earning one micro-USD short (rechained) leaves the escrow holding
+    more than the active lease's unspent prepayment."""
+    client = make_client(store, deposit=10_000_000)
+    start = 1_000_000
+    store.apply([CreateLease("l1", client, "node-1", 1, 1_000_000, 2, 1800, 1000, start)])
+    store.apply([ChargeLease("l1", start + 1_800_000)])  # one period of four
+    assert verify_ledger(store.engine).ok
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE transfers SET amount = amount - 1 WHERE kind = 'earning'"))
+    _rechain(store)
+    report = verify_ledger(store.engine)
+    assert report.problems == [
+        "account platform.lease_escrow holds 1500001 micro-USD but active leases have "
+        "1500000 prepaid and not yet charged"
+    ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from marketplace.identity import Identity
 from marketplace.ledger import (
@@ -20,6 +22,7 @@ from marketplace.ledger import (
 from marketplace.ledger.errors import (
     ForgedReceipt,
     InvalidKey,
+    LedgerUnavailable,
     MalformedKey,
     MiscountedReceipt,
     PermissionDenied,
@@ -31,6 +34,7 @@ from marketplace.ledger.errors import (
     WrongAccountKind,
 )
 from marketplace.ledger.models import AccountKind
+from marketplace.ledger.rate_limit import KeyRateLimiter
 from tests.marketplace.ledger.conftest import make_client, receipt_for, row_counts
 
 
@@ -356,6 +360,46 @@ async def test_crash_between_relay_and_commit_is_recovered_once(
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_settlement_the_database_refused_is_settled_on_restart(
+    settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    """The database is down when a settlement's batch commits: its future fails with
+    LedgerUnavailable, its record stays in the intent log, and the next start settles it
+    once (a successful commit, by contrast, removes the record: nothing is replayed)."""
+    client = make_client(store)
+    coordinator = Identity.from_seed(b"c" * 32)
+    first = Ledger(settings, coordinator=coordinator)
+    await first.start(sweep=False)
+    await (await first.place_hold("r1", client, 10_000)).durable
+    assert first._writer is not None
+    committer = first._writer._committer
+    real_commit = committer.commit
+
+    def database_down(ops: object) -> object:
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    committer.commit = database_down  # type: ignore[method-assign]
+    signed, relayed = receipt_for(node, "r1#0", 1000, 1000)
+    outcome = await first.settle("r1", [signed], [relayed])
+    with pytest.raises(LedgerUnavailable):
+        await outcome.durable
+    committer.commit = real_commit  # type: ignore[method-assign]
+    assert store.settlement("r1") is None
+    await first.close()
+
+    second = Ledger(settings, coordinator=coordinator)
+    report = await second.start(sweep=False)
+    await second.close()
+    assert report is not None and report.replayed == 1 and report.settled == 1
+    assert store.settlement("r1")["cost_micro_usd"] == 400  # type: ignore[index]
+    assert store.account(client).available_micro_usd == 1_000_000 - 400
+    third = Ledger(settings, coordinator=coordinator)
+    report = await third.start(sweep=False)
+    await third.close()
+    assert report is not None and report.replayed == 0
+    assert verify_ledger(store.engine).ok
+
+
 async def test_lease_paid_up_front_charged_per_period_refunded_on_failure(
     ledger: Ledger, store: LedgerStore, node: Identity
 ) -> None:
@@ -426,4 +470,78 @@ async def test_payouts_run_twice_pays_once(
     assert not store.run_payouts().payouts  # nothing left to pay
     assert store.account(node.node_id).available_micro_usd == 0
     assert store.account("platform.payouts").posted_micro_usd == 3_600
+    assert verify_ledger(store.engine).ok
+
+
+def test_api_key_secret_is_stored_only_as_its_sha256(store: LedgerStore) -> None:
+    """The database keeps the SHA-256 of a key's secret, never the key or the secret."""
+    client = make_client(store)
+    issued = store.issue_key(client)
+    secret = issued.secret_key[len("mk_") + 16 + 1 :]  # mk_<16 hex id>_<secret>
+    with store.engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM api_keys")).one()._mapping
+    assert row["secret_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
+    stored = " ".join(str(v) for v in row.values())
+    assert secret not in stored and issued.secret_key not in stored
+
+
+async def test_payouts_skip_balances_below_the_minimum(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    """A provider whose balance is below the minimum payout is not paid (nor recorded)."""
+    client = make_client(store)
+    await ledger.place_hold("r1", client, 10_000)
+    signed, relayed = receipt_for(node, "r1#0", 10_000, 10_000)  # 4000, provider gets 3600
+    await (await ledger.settle("r1", [signed], [relayed])).durable
+    result = store.run_payouts("batch-1", min_micro_usd=3_601)
+    assert result.payouts == [] and not result.created
+    assert store.account(node.node_id).available_micro_usd == 3_600
+    assert store.run_payouts("batch-2", min_micro_usd=3_600).payouts == [
+        (store.account(node.node_id).id, 3_600)
+    ]
+
+
+def test_rate_limiter_refills_at_the_per_minute_rate() -> None:
+    """A key limited to 60 requests per minute gets one more request per second, not more."""
+    limiter = KeyRateLimiter()
+    for _ in range(60):
+        limiter.check("k", 60, now_s=100.0)
+    with pytest.raises(RateLimited):
+        limiter.check("k", 60, now_s=100.5)  # half a request refilled
+    limiter.check("k", 60, now_s=101.0)  # one whole request refilled
+    with pytest.raises(RateLimited):
+        limiter.check("k", 60, now_s=101.0)
+
+
+async def test_a_lease_charged_to_its_end_is_ended(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    """Once every period is charged the lease ends: it leaves the active list and a later
+    end_lease refunds nothing."""
+    client = make_client(store, deposit=10_000_000)
+    lease = await ledger.create_lease(
+        client, node.node_id, gpus=1, price_micro_usd_per_gpu_hour=1_000_000, hours=1, period_s=600
+    )
+    charged = await ledger.charge_leases(now_ms=lease.started_at_unix_ms + 3_600_000 + 1)
+    assert [(c.status, c.charged_micro_usd) for c in charged] == [("ended", 1_000_000)]
+    assert await ledger.active_leases() == []
+    assert (await ledger.lease(lease.lease_id)).status == "ended"  # type: ignore[union-attr]
+    assert store.account(client).available_micro_usd == 9_000_000
+    assert verify_ledger(store.engine).ok
+
+
+async def test_the_background_sweep_expires_overdue_holds(
+    settings: LedgerSettings, store: LedgerStore
+) -> None:
+    """The sweeper a started ledger runs releases overdue holds without being asked."""
+    client = make_client(store, deposit=10_000)
+    fast = settings.model_copy(update={"hold_sweep_interval_s": 0.05})
+    async with Ledger(fast, coordinator=Identity.from_seed(b"c" * 32)) as swept:
+        await (await swept.place_hold("r1", client, 4_000, expires_in_s=0.001)).durable
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not store.open_holds():
+                break
+    assert store.open_holds() == []
+    assert store.account(client).available_micro_usd == 10_000
     assert verify_ledger(store.engine).ok

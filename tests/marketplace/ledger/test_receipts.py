@@ -128,3 +128,13 @@ def test_cut_off_segment_checks_every_other_field_exactly() -> None:
         check_receipt(
             signed, replace(relayed, output_tokens=5, output_tokens_max=64, input_tokens=9)
         )
+
+
+def test_receipt_signed_by_another_node_in_its_own_name_is_forged() -> None:
+    """A receipt naming NODE but signed (validly) by OTHER with OTHER's key: the key must
+    belong to the node the receipt names, not merely verify its own signature."""
+    signed, relayed = receipt_for(NODE, "r1#0", 10, 20)
+    signed.node_public_key = OTHER.public_key
+    signed.node_signature = OTHER.sign("mercato.v1.UsageReceipt", signed.receipt)
+    with pytest.raises(ForgedReceipt, match="signed with the key of"):
+        check_receipt(signed, relayed)

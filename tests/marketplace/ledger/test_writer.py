@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from marketplace.ledger import LedgerStore, LedgerUnavailable, verify_ledger
+from marketplace.ledger import InsufficientBalance, LedgerStore, LedgerUnavailable, verify_ledger
 from marketplace.ledger.operations import HoldResult, Operation, PlaceHold
 from marketplace.ledger.writer import GroupCommitWriter
 
@@ -116,3 +116,51 @@ async def test_a_batch_that_raises_fails_alone(
     answers = await asyncio.gather(*_holds(writer, client, "b", 2))
     assert all(a.created for a in answers)
     assert row_counts(store)["open_holds"] == 2
+
+
+async def test_a_failing_batch_does_not_fail_the_batch_queued_behind_it(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    """Operations queued while a batch is committing are not failed with it."""
+    client = make_client(store)
+    commit = writer._committer.commit
+    gate = threading.Event()
+    committing = threading.Event()
+    calls = 0
+
+    def failing_first(ops: Sequence[Operation]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            committing.set()
+            assert gate.wait(10)
+            raise RuntimeError("disk on fire")
+        return commit(ops)
+
+    writer._committer.commit = failing_first  # type: ignore[method-assign]
+    first = _holds(writer, client, "a", 2)
+    assert await asyncio.to_thread(committing.wait, 10)  # the first batch, held at the gate
+    second = _holds(writer, client, "b", 2)
+    gate.set()
+    failed = await asyncio.gather(*first, return_exceptions=True)
+    assert all(isinstance(e, LedgerUnavailable) for e in failed)
+    answers = await asyncio.gather(*second)
+    assert all(a.created for a in answers)
+    assert row_counts(store)["open_holds"] == 2
+
+
+async def test_the_writer_refuses_a_hold_above_the_available_balance(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    """The writer's own check, not only the in-memory one in front of it: a hold one
+    micro-USD above what the account has is refused and writes nothing, and a hold of
+    exactly the balance is accepted (two coordinators on one database rely on this)."""
+    client = make_client(store, deposit=1_000)
+    over = writer.submit(PlaceHold("r1", client, 1_001, 10**15, "t"))
+    with pytest.raises(InsufficientBalance, match="need 1001"):
+        await over
+    assert row_counts(store)["open_holds"] == 0
+    assert (await writer.submit(PlaceHold("r2", client, 1_000, 10**15, "t"))).created
+    with pytest.raises(InsufficientBalance):
+        await writer.submit(PlaceHold("r3", client, 1, 10**15, "t"))
+    assert row_counts(store)["open_holds"] == 1
