@@ -300,3 +300,30 @@ def coordinator_relay(coordinator: Coordinator):
     from coordinator.relay import Relay
 
     return Relay(coordinator.registry, coordinator_router(coordinator), coordinator.settings)
+
+
+def test_each_segment_counts_only_the_tokens_its_node_relayed() -> None:
+    """Usage per segment after a resume: recounting an unfinished first segment (as the
+    API does on cancel or failure, count_unfinished) stops at the next segment's first
+    message, so the first node is never billed for tokens the second one produced."""
+    from mercato.v1 import common_pb2, inference_pb2
+
+    from coordinator.outcome import RelayOutcome, SegmentOutcome
+
+    def delta(*ids: int) -> bytes:
+        return inference_pb2.GenerateResponse(
+            delta=common_pb2.TextDelta(text="x", token_ids=ids)
+        ).SerializeToString()
+
+    outcome = RelayOutcome("r")
+    first = SegmentOutcome("a", "eu-west", "r", 0, 100, 200, resumed_tokens=0, first_message=0)
+    outcome.segments.append(first)
+    outcome.delivered.messages += [delta(1, 2), delta(3)]
+    outcome.count_unreadable_as_zero(first)  # node a died mid-stream
+    second = SegmentOutcome("b", "eu-west", "r:1", 1, 100, 200, resumed_tokens=3, first_message=2)
+    outcome.segments.append(second)
+    outcome.delivered.messages += [delta(4), delta(5, 6)]
+    outcome.count_unfinished()  # then the client cancelled
+    assert [s.output_tokens for s in outcome.segments] == [3, 3]
+    assert outcome.output_tokens == 6
+    assert outcome.token_ids() == [1, 2, 3, 4, 5, 6]

@@ -267,3 +267,113 @@ def test_policies_register_by_name() -> None:
     if "test-by-id" not in policy_names():
         register_policy("test-by-id", near_best_slack=0.0)(by_id)
     assert get_policy("test-by-id").score is by_id
+
+
+def test_only_nodes_never_lift_the_price_caps() -> None:
+    """only_nodes narrows the market and never lifts a price cap: the named-nodes path
+    checks both caps itself (a price equal to the cap is allowed), in every sort mode."""
+    market, _ = build(
+        [
+            NodeSpec(listing("dear-in", price_input=301, price_output=100)),
+            NodeSpec(listing("dear-out", price_input=100, price_output=301)),
+            NodeSpec(listing("at-caps", price_input=300, price_output=300)),
+        ]
+    )
+    snapshot = market.snapshot()
+    for sort in SortMode:
+        decision = route(
+            snapshot,
+            request(
+                sort,
+                only_nodes=frozenset({"dear-in", "dear-out", "at-caps"}),
+                max_price_input_micro_usd_per_mtok=300,
+                max_price_output_micro_usd_per_mtok=300,
+            ),
+            random.Random(0),
+        )
+        assert [c.node_id for c in decision.candidates] == ["at-caps"], sort
+
+
+def test_throughput_mode_counts_load_and_ignores_claimed_speed() -> None:
+    """Throughput score = measured time per token x (1 + utilization): load makes the
+    faster node lose its lead, and a node's own claim of tokens/s plays no part."""
+    market, _ = build(
+        [
+            NodeSpec(listing("busy"), tpot_s=0.010, running=3),  # 0.010 x 1.75
+            NodeSpec(listing("idle"), tpot_s=0.012),
+            NodeSpec(listing("claims"), tpot_s=0.030),
+        ]
+    )
+    market.update_load("claims", LoadReport(output_tokens_per_s=100_000))
+    decision = route(
+        market.snapshot(),
+        request(SortMode.THROUGHPUT),
+        random.Random(0),
+        pick_strategy=PickStrategy.BEST,
+    )
+    assert [c.node_id for c in decision.candidates] == ["idle", "busy", "claims"]
+    scores = {c.node_id: c.score for c in decision.candidates}
+    assert scores["busy"] == pytest.approx(0.0175)
+    assert scores["claims"] == pytest.approx(0.030)
+
+
+def test_balanced_mode_weighs_duration_load_and_unreliability() -> None:
+    """Balanced score = cost / cheapest + duration / shortest + 6 x utilization + 4 x
+    unreliability, duration = (TTFT + max_tokens x TPOT) x (1 + utilization). Equal
+    prices here, so each node differs from "base" in one term only."""
+    market, _ = build(
+        [
+            NodeSpec(listing("base"), ttft_s=0.1, tpot_s=0.01),  # duration 1.1
+            NodeSpec(listing("loaded"), ttft_s=0.1, tpot_s=0.01, running=2),  # util 0.5
+            NodeSpec(listing("flaky"), ttft_s=0.1, tpot_s=0.01, failures=1),  # reliability 2/3
+            NodeSpec(listing("slow-decode"), ttft_s=0.05, tpot_s=0.02),  # duration 2.05
+        ]
+    )
+    decision = route(
+        market.snapshot(), request(), random.Random(0), pick_strategy=PickStrategy.BEST
+    )
+    assert decision.policy == "balanced"
+    scores = {c.node_id: c.score for c in decision.candidates}
+    assert scores["base"] == pytest.approx(2.0)
+    assert scores["slow-decode"] == pytest.approx(1.0 + 2.05 / 1.1)
+    assert scores["flaky"] == pytest.approx(2.0 + 4.0 / 3.0)
+    assert scores["loaded"] == pytest.approx(1.0 + 1.5 + 6.0 * 0.5)
+    assert [c.node_id for c in decision.candidates] == ["base", "slow-decode", "flaky", "loaded"]
+
+
+def test_two_choices_keeps_a_burst_off_the_busier_of_equal_nodes() -> None:
+    """Load-aware picking: price mode's score ignores load, so only power-of-two-choices
+    steers a burst to the idle one of two equally cheap nodes (taking the best score
+    with ties at random would send the busy one about half of it)."""
+    market, _ = build([NodeSpec(listing("busy"), running=3), NodeSpec(listing("idle"))])
+    snapshot = market.snapshot()
+    rng = random.Random(1)
+    picks = [route(snapshot, request(SortMode.PRICE), rng).pick.node_id for _ in range(100)]  # type: ignore[union-attr]
+    assert picks.count("idle") == 100
+    best = [
+        route(snapshot, request(SortMode.PRICE), rng, pick_strategy=PickStrategy.BEST).pick.node_id  # type: ignore[union-attr]
+        for _ in range(100)
+    ]
+    assert 0 < best.count("busy") < 100, "the baseline herds blindly; two choices does not"
+
+
+def test_again_moves_delivered_tokens_into_the_prompt() -> None:
+    """Router.again (failover and resume): the tokens already delivered join the prompt
+    (so context length and cost are judged on what the next node really gets), fewer
+    remain to generate, tried nodes are excluded, and the price caps become the first
+    decision's price ceiling."""
+    from coordinator.router import Routed, Router
+
+    market, _ = build(
+        [
+            NodeSpec(listing("a", price_input=100, price_output=200)),
+            NodeSpec(listing("b", price_input=150, price_output=250)),
+        ]
+    )
+    first = request()
+    decision = route(market.snapshot(), first, random.Random(0))
+    again = Router.again(Routed(first, decision), 30, {"a"})
+    assert (again.input_tokens, again.max_tokens) == (130, 70)
+    assert again.exclude == frozenset({"a"})
+    assert again.preferences.max_price_input_micro_usd_per_mtok == 150
+    assert again.preferences.max_price_output_micro_usd_per_mtok == 250
