@@ -197,6 +197,34 @@ async def test_resumes_are_bounded(tmp_path: Path) -> None:
         await coordinator.stop(grace_s=0)
 
 
+async def test_attempts_before_the_first_token_are_bounded(tmp_path: Path) -> None:
+    """max_attempts nodes are tried for a segment, not one more, even when a fresh
+    decision would offer another (the third node is within the first decision's price
+    ceiling): then UNAVAILABLE names what each one said."""
+    coordinator = Coordinator(fast_settings(tmp_path, max_attempts=2))
+    await coordinator.start()
+    nodes = []
+    try:
+        for price in (100_000, 200_000, 200_000):
+            node = FakeNode(coordinator.address, price_output=price)
+            node.worker.behaviour = Behaviour(refuse=(grpc.StatusCode.INTERNAL, "boom"))
+            nodes.append(await node.start())
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            request = chat_request()
+            request.routing.sort = inference_pb2.SORT_MODE_PRICE
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await collect(stub, request)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (caught.value.details() or "").count("boom") == 2
+        assert sum(len(n.worker.requests) for n in nodes) == 2
+        assert len(nodes[0].worker.requests) == 1
+    finally:
+        for node in nodes:
+            await node.stop()
+        await coordinator.stop(grace_s=0)
+
+
 async def test_routes_again_when_the_first_decision_runs_out(
     client, coordinator: Coordinator, make_node: NodeFactory
 ) -> None:
@@ -327,3 +355,25 @@ def test_each_segment_counts_only_the_tokens_its_node_relayed() -> None:
     assert [s.output_tokens for s in outcome.segments] == [3, 3]
     assert outcome.output_tokens == 6
     assert outcome.token_ids() == [1, 2, 3, 4, 5, 6]
+
+
+async def test_the_routing_seed_setting_makes_decisions_repeatable(
+    coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    """Two routers built with the same ``routing_seed`` pick the same nodes in the same
+    order among equal ones; another seed picks otherwise."""
+    from coordinator.router import Router
+    from coordinator.routing import RouteRequest, RoutingPreferences
+
+    for _ in range(4):
+        await make_node(price_output=100_000)
+    await wait_until(lambda: len(coordinator.registry.snapshot().nodes) == 4)
+    request = RouteRequest("tiny-model", 10, 16, RoutingPreferences())
+
+    def picks(seed: int) -> list[str]:
+        settings = coordinator.settings.model_copy(update={"routing_seed": seed})
+        router = Router(coordinator.registry, settings)
+        return [router.decide(request).pick.node_id for _ in range(40)]  # type: ignore[union-attr]
+
+    assert picks(7) == picks(7)
+    assert picks(7) != picks(8)

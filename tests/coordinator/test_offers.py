@@ -6,7 +6,7 @@ import pytest
 from mercato.v1 import market_pb2
 
 from coordinator.errors import OfferInvalid, OfferSignatureInvalid
-from coordinator.offers import verify_offer
+from coordinator.offers import TEXT_FIELD_CHARS_MAX, verify_offer
 from marketplace.identity import Identity
 
 from .fakes import make_offer, now_unix_ms, sign_offer
@@ -212,6 +212,13 @@ def _hardware_cases():
         o.hardware.accelerator = market_pb2.ACCELERATOR_KIND_NVIDIA_GPU
         o.hardware.gpus.add(name="H100", memory_bytes=2**50)
 
+    def long_gpu_name(o):
+        o.hardware.accelerator = market_pb2.ACCELERATOR_KIND_NVIDIA_GPU
+        o.hardware.gpus.add(name="H" * (TEXT_FIELD_CHARS_MAX + 1), memory_bytes=2**30)
+
+    def long_cpu_model(o):
+        o.hardware.cpu_model = "x" * (TEXT_FIELD_CHARS_MAX + 1)
+
     return [
         no_hardware,
         cpu_with_gpu,
@@ -220,6 +227,8 @@ def _hardware_cases():
         zero_cores,
         zero_memory,
         huge_gpu,
+        long_gpu_name,
+        long_cpu_model,
     ]
 
 
