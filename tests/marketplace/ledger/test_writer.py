@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from marketplace.ledger import InsufficientBalance, LedgerStore, LedgerUnavailable, verify_ledger
-from marketplace.ledger.operations import HoldResult, Operation, PlaceHold
+from marketplace.ledger.operations import HoldResult, Operation, PlaceHold, ReleaseHold
 from marketplace.ledger.writer import GroupCommitWriter
 
 from .conftest import make_client, row_counts
@@ -164,3 +164,25 @@ async def test_the_writer_refuses_a_hold_above_the_available_balance(
     with pytest.raises(InsufficientBalance):
         await writer.submit(PlaceHold("r3", client, 1, 10**15, "t"))
     assert row_counts(store)["open_holds"] == 1
+
+
+def test_the_sweeper_release_skips_a_hold_not_yet_due(store: LedgerStore) -> None:
+    """The sweeper's release carries the time it judged holds by: a hold that expires
+    later is left alone (answer "not_due"); one already past it is expired."""
+    client = make_client(store, deposit=1_000)
+    store.apply(
+        [
+            PlaceHold("late", client, 300, 2_000_000, "t"),
+            PlaceHold("due", client, 200, 1_000_000, "t"),
+        ]
+    )
+    late, due = store.apply(
+        [
+            ReleaseHold("late", expire=True, only_if_expired_at_unix_ms=1_500_000),
+            ReleaseHold("due", expire=True, only_if_expired_at_unix_ms=1_500_000),
+        ]
+    )
+    assert (late.status, late.released_micro_usd) == ("not_due", 0)
+    assert (due.status, due.released_micro_usd) == ("expired", 200)
+    assert [h["request_id"] for h in store.open_holds()] == ["late"]
+    assert verify_ledger(store.engine).ok
