@@ -167,6 +167,25 @@ def _rechain(store: LedgerStore) -> None:
             )
 
 
+def _caught_after(
+    store: LedgerStore,
+    sql: str,
+    needle: str,
+    params: dict[str, object] | None = None,
+    *,
+    rechain: bool = False,
+) -> None:
+    """Run the tampering ``sql`` (then re-chain, if asked): verify must fail, naming
+    ``needle`` among its problems."""
+    with store.engine.begin() as conn:
+        conn.execute(text(sql), params or {})
+    if rechain:
+        _rechain(store)
+    report = verify_ledger(store.engine)
+    assert not report.ok
+    assert any(needle in p for p in report.problems), report.problems
+
+
 def _hold_and_release(store: LedgerStore, client: str, request_id: str, amount: int) -> None:
     store.apply([PlaceHold(request_id, client, amount, 10**15, "t")])
     store.apply([ReleaseHold(request_id)])
@@ -201,20 +220,13 @@ def test_a_journal_head_behind_the_journal_is_caught(store: LedgerStore) -> None
     """The head row must name the last entry (a truncated or stale head is tampering)."""
     make_client(store, deposit=100)
     assert verify_ledger(store.engine).ok
-    with store.engine.begin() as conn:
-        conn.execute(text("UPDATE journal_head SET seq = seq - 1 WHERE id = 1"))
-    report = verify_ledger(store.engine)
-    assert not report.ok
-    assert any("journal head" in p for p in report.problems)
+    _caught_after(store, "UPDATE journal_head SET seq = seq - 1 WHERE id = 1", "journal head")
 
 
 def test_a_key_spend_that_differs_from_its_settlements_is_caught(store: LedgerStore) -> None:
     """Recorded key spend must equal the sum of that key's settlement costs."""
-    with store.engine.begin() as conn:
-        conn.execute(text("INSERT INTO key_spend (api_key_id, spent_micro_usd) VALUES ('k1', 5)"))
-    report = verify_ledger(store.engine)
-    assert not report.ok
-    assert any("api key k1" in p for p in report.problems)
+    sql = "INSERT INTO key_spend (api_key_id, spent_micro_usd) VALUES ('k1', 5)"
+    _caught_after(store, sql, "api key k1")
 
 
 def test_an_open_holds_index_that_differs_from_the_journal_is_caught(store: LedgerStore) -> None:
@@ -222,40 +234,25 @@ def test_an_open_holds_index_that_differs_from_the_journal_is_caught(store: Ledg
     client = make_client(store, deposit=1_000)
     store.apply([PlaceHold("r1", client, 400, 10**15, "t")])
     assert verify_ledger(store.engine).ok
-    with store.engine.begin() as conn:
-        conn.execute(text("DELETE FROM open_holds"))
-    report = verify_ledger(store.engine)
-    assert not report.ok
-    assert any("open holds" in p for p in report.problems)
+    _caught_after(store, "DELETE FROM open_holds", "open holds")
 
 
 def test_a_rechained_overdraft_is_caught(store: LedgerStore) -> None:
     """A client account below zero is reported even when hashes and balances agree."""
     client = make_client(store, deposit=100)
-    with store.engine.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE transfers SET debit_account_id = :c, credit_account_id = "
-                "'platform.deposits' WHERE credit_account_id = :c"
-            ),
-            {"c": client},
-        )
-    _rechain(store)
-    report = verify_ledger(store.engine)
-    assert not report.ok
-    assert any("overdrawn" in p for p in report.problems)
+    sql = (
+        "UPDATE transfers SET debit_account_id = :c, credit_account_id = "
+        "'platform.deposits' WHERE credit_account_id = :c"
+    )
+    _caught_after(store, sql, "overdrawn", {"c": client}, rechain=True)
 
 
 def test_a_rechained_post_above_its_hold_is_caught(store: LedgerStore) -> None:
     """A post may not take more than its pending transfer held."""
     client = make_client(store, deposit=1_000)
     _hold_and_release(store, client, "r1", 100)
-    with store.engine.begin() as conn:
-        conn.execute(text("UPDATE transfers SET phase = 'post', amount = 200 WHERE phase = 'void'"))
-    _rechain(store)
-    report = verify_ledger(store.engine)
-    assert not report.ok
-    assert any("posts 200 of a 100 hold" in p for p in report.problems)
+    sql = "UPDATE transfers SET phase = 'post', amount = 200 WHERE phase = 'void'"
+    _caught_after(store, sql, "posts 200 of a 100 hold", rechain=True)
 
 
 def _settle_one(store: LedgerStore, client: str, node_id: str, cost: int) -> None:
@@ -266,17 +263,22 @@ def _settle_one(store: LedgerStore, client: str, node_id: str, cost: int) -> Non
     store.apply([Settle("r1", client, "m", 1000, (segment,), 2 * cost)])
 
 
+def _problems_with_an_earning_one_short(store: LedgerStore) -> list[str]:
+    """verify's problems once every earning is one micro-USD short and the journal is
+    re-chained (hashes, head and balances made to agree); verify passes before."""
+    assert verify_ledger(store.engine).ok
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE transfers SET amount = amount - 1 WHERE kind = 'earning'"))
+    _rechain(store)
+    return verify_ledger(store.engine).problems
+
+
 def test_a_charge_not_passed_on_in_full_is_caught(store: LedgerStore) -> None:
     """An earning one micro-USD short, with every hash, the head and every balance made
     to agree: the journal still sums to zero, so only clearing's remainder shows it."""
     client = make_client(store, deposit=10_000)
     _settle_one(store, client, "node-1", 1_000)  # earning 900, fee 100
-    assert verify_ledger(store.engine).ok
-    with store.engine.begin() as conn:
-        conn.execute(text("UPDATE transfers SET amount = amount - 1 WHERE kind = 'earning'"))
-    _rechain(store)
-    report = verify_ledger(store.engine)
-    assert report.problems == [
+    assert _problems_with_an_earning_one_short(store) == [
         "account platform.clearing keeps 1 micro-USD posted: a charge was not passed on in "
         "full as earnings and fee"
     ]
@@ -291,12 +293,7 @@ def test_lease_escrow_must_hold_what_active_leases_have_not_been_charged(
     start = 1_000_000
     store.apply([CreateLease("l1", client, "node-1", 1, 1_000_000, 2, 1800, 1000, start)])
     store.apply([ChargeLease("l1", start + 1_800_000)])  # one period of four
-    assert verify_ledger(store.engine).ok
-    with store.engine.begin() as conn:
-        conn.execute(text("UPDATE transfers SET amount = amount - 1 WHERE kind = 'earning'"))
-    _rechain(store)
-    report = verify_ledger(store.engine)
-    assert report.problems == [
+    assert _problems_with_an_earning_one_short(store) == [
         "account platform.lease_escrow holds 1500001 micro-USD but active leases have "
         "1500000 prepaid and not yet charged"
     ]
