@@ -373,6 +373,26 @@ async def test_lease_routing_and_refund_when_its_node_leaves(setup: Setup) -> No
     )
 
 
+async def test_a_lease_seen_first_in_a_request_keeps_serverless_traffic_off_its_node(
+    setup: Setup,
+) -> None:
+    """A lease this coordinator has not read yet (made through another coordinator, or
+    before the last refresh): its first request marks the node leased at once, so the
+    serverless request right after it avoids the node without waiting for a refresh."""
+    billing, ledger = setup.billing, setup.ledger
+    principal = await billing.authenticate(Context(setup.key))  # type: ignore[arg-type]
+    setup.registry.live = {NODE.node_id, OTHER_NODE.node_id}
+    await billing.refresh_leases()  # nothing leased yet
+    lease = await ledger.create_lease(
+        principal, NODE.node_id, gpus=1, price_micro_usd_per_gpu_hour=100_000, hours=2
+    )
+    before = await billing.constrain(principal, valid(setup.settings))
+    assert list(before.routing.ignore_nodes) == []  # not known here yet
+    await billing.constrain(principal, valid(setup.settings, lease_id=lease.lease_id))
+    after = await billing.constrain(principal, valid(setup.settings))
+    assert list(after.routing.ignore_nodes) == [NODE.node_id]
+
+
 # ---------------------------------------------------------------- late receipts
 
 

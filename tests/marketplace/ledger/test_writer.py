@@ -5,6 +5,7 @@ queued, and a batch that raises fails alone. SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from marketplace.ledger import InsufficientBalance, LedgerStore, LedgerUnavailable, verify_ledger
+from marketplace.ledger.database import WRITE_OPTION
 from marketplace.ledger.operations import HoldResult, Operation, PlaceHold, ReleaseHold
 from marketplace.ledger.writer import GroupCommitWriter
 
@@ -185,4 +187,30 @@ def test_the_sweeper_release_skips_a_hold_not_yet_due(store: LedgerStore) -> Non
     assert (late.status, late.released_micro_usd) == ("not_due", 0)
     assert (due.status, due.released_micro_usd) == ("expired", 200)
     assert [h["request_id"] for h in store.open_holds()] == ["late"]
+    assert verify_ledger(store.engine).ok
+
+
+def test_a_batch_the_database_keeps_refusing_is_retried_one_operation_at_a_time(
+    store: LedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One operation the database refuses every time (here: whenever it is in the
+    transaction) must not sink the operations batched with it: after the batch's
+    attempts, each operation is committed alone, and only that one fails."""
+    from marketplace.ledger import writer as writer_module
+
+    client = make_client(store, deposit=1_000)
+    real_apply = writer_module.apply_batch
+
+    def refuse_poison(conn: Any, ops: Sequence[Operation], **kwargs: Any) -> Any:
+        if any(getattr(op, "request_id", None) == "poison" for op in ops):
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_apply(conn, ops, **kwargs)
+
+    monkeypatch.setattr(writer_module, "apply_batch", refuse_poison)
+    ops = [PlaceHold(rid, client, 100, 10**15, "t") for rid in ("a", "poison", "b")]
+    with store.engine.connect().execution_options(**{WRITE_OPTION: True}) as conn:
+        answers, _ = writer_module.commit_ops(conn, ops)
+    assert [type(a).__name__ for a in answers] == ["HoldResult", "LedgerUnavailable", "HoldResult"]
+    assert "disk I/O error" in str(answers[1])
+    assert sorted(h["request_id"] for h in store.open_holds()) == ["a", "b"]
     assert verify_ledger(store.engine).ok
