@@ -643,3 +643,48 @@ async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
     finally:
         await node.stop()
         await coordinator.stop(grace_s=0)
+
+
+async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gRPC API with billing on: Generate, ListModels and ListNodes without a
+    key, with an unknown key or with a revoked key are UNAUTHENTICATED, and no Generate
+    reaches a node."""
+    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
+    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
+    await coordinator.start()
+    node = fakes.FakeNode(coordinator.address)
+    try:
+        await node.start()
+        assert coordinator.billing is not None
+        store = coordinator.billing.ledger.store
+        account = store.create_account(AccountKind.CLIENT, "dave")
+        store.deposit(account.id, 1_000_000, "fund-dave")
+        issued = store.issue_key(account.id, "k")
+        await coordinator.billing.ledger.revoke_key(issued.key.id)
+        request = inference_pb2.GenerateRequest(model=fakes.MODEL, prompt="hi")
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for metadata in (
+                (),
+                (("authorization", "Bearer mk_0123456789abcdef_" + "A" * 43),),
+                (("authorization", f"Bearer {issued.secret_key}"),),
+            ):
+                calls = (
+                    lambda m=metadata: stub.Generate(request, metadata=m, timeout=10).read(),
+                    lambda m=metadata: stub.ListModels(
+                        inference_pb2.ListModelsRequest(), metadata=m, timeout=10
+                    ),
+                    lambda m=metadata: stub.ListNodes(
+                        inference_pb2.ListNodesRequest(), metadata=m, timeout=10
+                    ),
+                )
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call()
+                    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+        assert node.worker.requests == []
+    finally:
+        await node.stop()
+        await coordinator.stop(grace_s=0)

@@ -59,3 +59,22 @@ def test_cross_field_errors_name_the_setting() -> None:
 def test_unknown_field_is_refused() -> None:
     with pytest.raises(ValidationError):
         CoordinatorSettings(no_such_setting=1)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MAX_MESSAGES", "0"),
+        ("MAX_MESSAGES", "65537"),
+        ("MAX_ATTEMPTS", "0"),
+        ("MAX_ATTEMPTS", "65"),
+    ],
+)
+def test_out_of_range_environment_values_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """A value outside a setting's bounds in the environment fails start-up, naming the
+    setting, instead of being accepted silently."""
+    monkeypatch.setenv(f"MERCATO_COORDINATOR_{variable}", value)
+    with pytest.raises(ValidationError, match=variable.lower()):
+        CoordinatorSettings()

@@ -50,3 +50,20 @@ def test_node_id_is_the_libp2p_peer_id_of_the_same_key() -> None:
 def test_public_key_of_wrong_size_is_refused() -> None:
     with pytest.raises(IdentityError, match="32 bytes"):
         node_id_from_public_key(b"short")
+
+
+def test_domain_and_message_are_separated() -> None:
+    """The signed bytes keep domain and message apart: ("mercato.v1.Node", b"Offer") and
+    ("mercato.v1.NodeOffer", b"") must not be the same signed text."""
+    alice = Identity.generate()
+    signature = alice.sign("mercato.v1.Node", b"Offer")
+    assert not verify(alice.public_key, "mercato.v1.NodeOffer", b"", signature)
+
+
+def test_key_file_readable_by_the_group_is_refused(tmp_path: Path) -> None:
+    """Any group or other permission bit on the key file is refused, not only 'other'."""
+    path = tmp_path / "identity.key"
+    Identity.generate().save(path)
+    path.chmod(0o640)
+    with pytest.raises(IdentityError, match="chmod 600"):
+        Identity.load(path)

@@ -239,3 +239,20 @@ def test_closed_outbox_drops_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     outbox.put(_late_receipt(identity, "b"))
     assert len(outbox) == 0 and outbox.dropped == 2
     assert "the node stopped" in caplog.text
+
+
+async def test_every_heartbeat_samples_the_load_afresh(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The load is read for each heartbeat, not once per stream: a coordinator sees it change."""
+    control = RecordingControl()
+    server, port = await start_control(control)
+    reads = iter(range(1, 1000))
+    agent = _agent(f"127.0.0.1:{port}", Identity.generate(), tmp_path)
+    agent._read_load = lambda: node_pb2.NodeLoad(running_requests=next(reads))
+    agent.start()
+    try:
+        await _until(lambda: len(control.heartbeats) >= 3)
+        running = [hb.load.running_requests for _, hb in control.heartbeats[:3]]
+        assert running == sorted(set(running)) and running[0] >= 1
+    finally:
+        await agent.stop()
+        await server.stop(0)

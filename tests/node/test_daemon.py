@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 from mercato.v1 import common_pb2, node_pb2
 
 from node.daemon import READY_PREFIX
@@ -73,6 +74,97 @@ async def test_node_process_registers_serves_and_stops_cleanly(tmp_path: Path) -
         async with asyncio.timeout(30):
             code = await process.wait()
         assert code == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await server.stop(0)
+
+
+def test_node_load_reports_the_engine_view_never_below_the_workers_count() -> None:
+    """node_load: running from the engine, raised to the worker's calls not waiting;
+    waiting as the engine says (not swapped); KV usage in permille, clamped to 0..1000."""
+    from types import SimpleNamespace
+
+    from node.daemon import node_load
+    from node.engine.base import EngineLoad
+
+    def load(running: int, waiting: int, kv: float, in_flight: int) -> node_pb2.NodeLoad:
+        engine = SimpleNamespace(load=lambda: EngineLoad(running, waiting, kv, 12.6))
+        return node_load(engine, SimpleNamespace(in_flight=in_flight))  # type: ignore[arg-type]
+
+    got = load(running=2, waiting=3, kv=0.25, in_flight=9)
+    assert (got.running_requests, got.waiting_requests) == (6, 3)  # 9 in flight, 3 waiting
+    assert (got.kv_cache_usage_permille, got.output_tokens_per_s) == (250, 13)
+    got = load(running=4, waiting=1, kv=1.7, in_flight=0)
+    assert (got.running_requests, got.waiting_requests, got.kv_cache_usage_permille) == (4, 1, 1000)
+
+
+async def test_node_process_offers_and_serves_with_its_settings(tmp_path: Path) -> None:
+    """Settings reach the offer (engine context length, concurrency) and the worker
+    (receipt prices, the max_concurrency limit) of a real node process."""
+    import grpc
+    import grpc.aio
+    from mercato.v1 import market_pb2, node_pb2_grpc
+
+    control = RecordingControl(heartbeat_interval_ms=50)
+    server, port = await start_control(control)
+    env = {
+        **os.environ,
+        "MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": "20",
+        "MERCATO_NODE_FAKE_ENGINE_CONTEXT_LENGTH": "1000",
+        "MERCATO_NODE_PRICE_INPUT_MICRO_USD_PER_MTOK": "7",
+        "MERCATO_NODE_PRICE_OUTPUT_MICRO_USD_PER_MTOK": "11",
+        "MERCATO_NODE_MAX_CONCURRENCY": "1",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "marketplace.cli", "node", "start", "--engine", "fake",
+        "--home", str(tmp_path), "--port", "0", "--coordinator", f"127.0.0.1:{port}",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(60):
+            line = (await process.stdout.readline()).decode()
+        ready = json.loads(line[len(READY_PREFIX) + 1 :])
+        [offer] = control.offers
+        [model] = offer.models
+        assert (model.context_length, offer.max_concurrency) == (1000, 1)
+        assert (model.price_input_micro_usd_per_mtok, model.price_output_micro_usd_per_mtok) == (
+            7,
+            11,
+        )
+        async with grpc.aio.insecure_channel(ready["worker_address"]) as channel:
+            stub = node_pb2_grpc.NodeWorkerServiceStub(channel)
+
+            def request(request_id: str, max_tokens: int) -> node_pb2.WorkerGenerateRequest:
+                return node_pb2.WorkerGenerateRequest(
+                    request_id=request_id, model=ready["model"], prompt="hi",
+                    sampling=common_pb2.SamplingParams(max_tokens=max_tokens),
+                )  # fmt: skip
+
+            slow = stub.Generate(request("slow", 200))
+            await slow.read()  # first delta: the one slot is taken
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in stub.Generate(request("second", 2)):
+                    pass
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            slow.cancel()
+            responses = []
+            async with asyncio.timeout(10):
+                while not responses:
+                    try:
+                        responses = [r async for r in stub.Generate(request("d2", 2))]
+                    except grpc.aio.AioRpcError:  # the cancelled call still holds the slot
+                        await asyncio.sleep(0.05)
+        usage = market_pb2.UsageReceipt.FromString(responses[-1].final.receipt.receipt)
+        assert (usage.price_input_micro_usd_per_mtok, usage.price_output_micro_usd_per_mtok) == (
+            7,
+            11,
+        )
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await process.wait() == 0
     finally:
         if process.returncode is None:
             process.kill()

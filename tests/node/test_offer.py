@@ -80,3 +80,10 @@ def test_identity_key_file_is_private_and_stable(tmp_path: Path) -> None:
     first = Identity.load_or_create(settings.identity_path)
     assert settings.identity_path.stat().st_mode & 0o777 == 0o600
     assert Identity.load_or_create(settings.identity_path).node_id == first.node_id
+
+
+def test_offer_takes_concurrency_and_lease_price_from_the_settings(tmp_path: Path) -> None:
+    """max_concurrency and the per-GPU-hour price come from the settings, not defaults."""
+    identity = Identity.generate()
+    offer = _offer(identity, tmp_path, max_concurrency=3, price_micro_usd_per_gpu_hour=1234)
+    assert (offer.max_concurrency, offer.price_micro_usd_per_gpu_hour) == (3, 1234)

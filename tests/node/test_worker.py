@@ -140,6 +140,41 @@ async def test_raw_prompt_and_stop_strings(harness: WorkerHarness) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "resume_token_ids",
         ),
+        (
+            # One past the inclusive limit (246 fits; see the next test).
+            lambda: node_pb2.WorkerGenerateRequest(
+                request_id="r",
+                model=MODEL,
+                prompt="0123456789",
+                sampling=common_pb2.SamplingParams(max_tokens=247),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "context length 256",
+        ),
+        (
+            lambda: node_pb2.WorkerGenerateRequest(request_id="r", model=MODEL, prompt=""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt: must not be empty",
+        ),
+        (
+            # The fake engine's vocabulary has 272 ids (0..271).
+            lambda: node_pb2.WorkerGenerateRequest(
+                request_id="r", model=MODEL, prompt="x", resume_token_ids=[272]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "resume_token_ids",
+        ),
+        (lambda: chat_request(seed=2**63), grpc.StatusCode.INVALID_ARGUMENT, "sampling.seed"),
+        (
+            lambda: chat_request(request_id="x" * 129),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request_id",
+        ),
+        (
+            lambda: chat_request(temperature=float("nan")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
     ],
 )
 async def test_invalid_requests_get_a_status_naming_the_field(
@@ -398,3 +433,91 @@ async def test_no_late_receipt_for_a_finished_call(harness: WorkerHarness) -> No
     assert final is not None and final.receipt.receipt  # the receipt went in the final
     await _until(lambda: harness.worker.in_flight == 0)
     assert harness.late_receipts == []
+
+
+class _DirectContext:
+    """What Generate uses of a ServicerContext, for driving the handler without gRPC."""
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AssertionError(f"aborted {code}: {details}")
+
+
+async def test_late_receipt_counts_exactly_the_tokens_written() -> None:
+    """A handler closed mid-stream signs a late receipt whose output count is exactly the
+    tokens it yielded (no in-flight slack when driven directly) and whose input count is
+    the prompt's."""
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=0)
+    try:
+        stream = harness.worker.Generate(
+            chat_request(max_tokens=50, request_id="exact"), _DirectContext()
+        )
+        written = 0
+        async for response in stream:
+            written += len(response.delta.token_ids)
+            if written >= 4:
+                break
+        await stream.aclose()  # the inner generator is closed as grpc's would be: by the loop
+        del stream
+        await _until(lambda: harness.late_receipts)
+        [signed] = harness.late_receipts
+        usage = market_pb2.UsageReceipt.FromString(signed.receipt)
+        assert usage.output_tokens == written
+        assert usage.input_tokens == len(harness.engine.render_chat([("user", "hello")]))
+        assert verify(signed.node_public_key, RECEIPT_DOMAIN, signed.receipt, signed.node_signature)
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_cut_while_writing_the_final_hands_over_its_receipt() -> None:
+    """A call cut off at the final (the coordinator may not have it) hands the final's
+    receipt to the late-receipt sink, so that work is still billed."""
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=0)
+    try:
+        stream = harness.worker.Generate(
+            chat_request(max_tokens=3, request_id="at-final"), _DirectContext()
+        )
+        final = None
+        async for response in stream:
+            if response.HasField("final"):
+                final = response.final
+                break
+        await stream.aclose()
+        del stream
+        await _until(lambda: harness.late_receipts)
+        assert final is not None
+        assert harness.late_receipts == [final.receipt]
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
+async def test_resumed_token_ids_are_appended_to_the_prompt_and_are_not_output(
+    harness: WorkerHarness,
+) -> None:
+    """Resume: the engine sees the prompt followed by resume_token_ids (the fake engine's
+    output depends on the whole prompt), and they count as input, never as output."""
+    sampling = common_pb2.SamplingParams(max_tokens=6)
+    resumed = node_pb2.WorkerGenerateRequest(
+        request_id="resumed", model=MODEL, prompt="abc", sampling=sampling
+    )
+    resumed.resume_token_ids.extend(b"de")
+    whole = node_pb2.WorkerGenerateRequest(
+        request_id="whole", model=MODEL, prompt="abcde", sampling=sampling
+    )
+    deltas_resumed, final_resumed = await collect(harness.stub.Generate(resumed))
+    deltas_whole, final_whole = await collect(harness.stub.Generate(whole))
+    assert final_resumed is not None and final_whole is not None
+    assert [t for d in deltas_resumed for t in d.token_ids] == [
+        t for d in deltas_whole for t in d.token_ids
+    ]
+    assert (final_resumed.input_tokens, final_resumed.output_tokens) == (5, 6)
+    usage = market_pb2.UsageReceipt.FromString(final_resumed.receipt.receipt)
+    assert (usage.input_tokens, usage.output_tokens) == (5, 6)

@@ -111,3 +111,81 @@ def test_errors_say_what_to_do(database_url: str) -> None:
     assert error["error"] == "unknown_receipt"
     result = runner.invoke(app, ["balance", "nobody", "--database-url", url])
     assert result.exit_code == 1 and "error:" in result.stderr
+
+
+def test_ledger_verify_exits_1_on_a_tampered_ledger(database_url: str) -> None:
+    """`ledger verify` fails (exit 1, ok false, the bad entry named) once an amount is edited."""
+    from sqlalchemy import create_engine, text
+
+    url = database_url
+    mercato(url, "accounts", "create", "--name", "alice")
+    mercato(url, "credits", "deposit", "alice", "1000", "--transfer-id", "dep-1")
+    assert mercato(url, "ledger", "verify")["ok"] is True
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE transfers SET amount = 1 WHERE seq = (SELECT MAX(seq) FROM transfers)")
+            )
+    finally:
+        engine.dispose()
+    report = mercato(url, "ledger", "verify", ok=False)
+    assert report["ok"] is False and report["first_bad_seq"] is not None
+    human = runner.invoke(app, ["ledger", "verify", "--database-url", url])
+    assert human.exit_code == 1 and "DOES NOT VERIFY" in human.stderr
+
+
+def test_keys_issue_shows_the_secret_once_and_never_again(database_url: str) -> None:
+    """The human output of `keys issue` prints the secret exactly once; `keys list` never."""
+    url = database_url
+    mercato(url, "accounts", "create", "--name", "alice")
+    result = runner.invoke(app, ["keys", "issue", "--account", "alice", "--database-url", url])
+    assert result.exit_code == 0, result.output
+    [secret] = [w for w in result.stdout.split() if w.startswith("mk_")]
+    assert result.stdout.count(secret) == 1
+    listed = runner.invoke(app, ["keys", "list", "--database-url", url, "--json"])
+    assert secret not in listed.stdout and secret.split("_", 2)[2] not in listed.stdout
+
+
+def test_receipts_show_json_has_every_field(database_url: str, tmp_path: Path) -> None:
+    """`receipts show --json`: each receipt carries the documented keys, with the cost."""
+    url = database_url
+    mercato(url, "accounts", "create", "--name", "alice")
+    node = Identity.from_seed(b"n" * 32)
+    mercato(
+        url,
+        "accounts",
+        "create",
+        "--name",
+        "gpu-1",
+        "--kind",
+        "provider",
+        "--node-id",
+        node.node_id,
+    )
+    mercato(url, "credits", "deposit", "alice", "2000000")
+    issued = mercato(url, "keys", "issue", "--account", "alice")
+
+    async def request() -> None:
+        settings = LedgerSettings(database_url=url, intent_log_dir=tmp_path / "intents")
+        async with Ledger(settings, coordinator=Identity.from_seed(b"c" * 32)) as ledger:
+            principal = await ledger.authenticate(issued["api_key"])
+            await ledger.place_hold("req-1", principal, 10_000)
+            signed, relayed = receipt_for(node, "req-1#0", 1000, 1000)
+            await (await ledger.settle("req-1", [signed], [relayed])).durable
+
+    asyncio.run(request())
+    [shown] = mercato(url, "receipts", "show", "req-1")["receipts"]
+    assert set(shown) == {
+        "request_id", "node_request_id", "node_id", "model", "segment_index", "input_tokens",
+        "output_tokens", "price_input_micro_usd_per_mtok", "price_output_micro_usd_per_mtok",
+        "cost_micro_usd", "coordinator_public_key", "signed_receipt_b64",
+    }  # fmt: skip
+    assert shown["node_id"] == node.node_id and shown["cost_micro_usd"] == 400
+    assert shown["coordinator_public_key"] == Identity.from_seed(b"c" * 32).public_key.hex()
+
+
+def test_receipts_verify_without_a_request_or_file_exits_1(database_url: str) -> None:
+    """`receipts verify` with nothing to verify is an error (exit 1), not an empty success."""
+    error = mercato(database_url, "receipts", "verify", ok=False)
+    assert error["error"] == "invalid_argument" and "--file" in error["message"]
