@@ -4,6 +4,7 @@ settlement of good, forged, miscounted and missing receipts, leases."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ from marketplace.ledger import (
     verify_offline,
 )
 from marketplace.ledger.models import AccountKind
+from marketplace.ledger.store import IssuedKey, LedgerStore
 
 from . import fakes
 from .conftest import fast_settings
@@ -587,24 +589,43 @@ async def test_late_copy_of_a_final_receipt_is_ignored(setup: Setup) -> None:
     assert await rejections(setup, request.request_id) == []
 
 
-async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
+def _funded_client_key(store: LedgerStore, name: str) -> IssuedKey:
+    """A client account ``name`` with 1 USD deposited, and an API key issued for it."""
+    account = store.create_account(AccountKind.CLIENT, name)
+    store.deposit(account.id, 1_000_000, f"fund-{name}")
+    return store.issue_key(account.id, "k")
+
+
+@contextlib.asynccontextmanager
+async def _billed_coordinator_and_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A whole coordinator (billing on, SQLite) and a fake node that sends the receipt of
-    its cut-off call on its heartbeat stream, as a real node does."""
+) -> AsyncIterator[tuple[Coordinator, fakes.FakeNode]]:
+    """A whole coordinator (billing on, SQLite in ``tmp_path``) and a fake node
+    registered with it; both stopped at the end."""
     monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
     coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
     await coordinator.start()
     node = fakes.FakeNode(coordinator.address)
     try:
         await node.start()
+        yield coordinator, node
+    finally:
+        await node.stop()
+        await coordinator.stop(grace_s=0)
+
+
+async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole coordinator (billing on, SQLite) and a fake node that sends the receipt of
+    its cut-off call on its heartbeat stream, as a real node does."""
+    async with _billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
         node.send_late_receipts = True
         node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(40)], delay_s=0.05)
         assert coordinator.billing is not None
         ledger = coordinator.billing.ledger
-        account = ledger.store.create_account(AccountKind.CLIENT, "carol")
-        ledger.store.deposit(account.id, 1_000_000, "fund-carol")
-        key = ledger.store.issue_key(account.id, "k").secret_key
+        issued = _funded_client_key(ledger.store, "carol")
+        key, account_id = issued.secret_key, issued.key.account_id
         request = inference_pb2.GenerateRequest(
             request_id="cut-1",
             model=fakes.MODEL,
@@ -636,13 +657,10 @@ async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
         assert usage.node_id == node.node_id and usage.output_tokens >= relayed
         await ledger.flush()
         fee = cost * ledger.settings.platform_fee_bps // 10_000
-        assert ledger.store.account(account.id).posted_micro_usd == 1_000_000 - cost
-        assert ledger.store.account(account.id).pending_debits_micro_usd == 0
+        assert ledger.store.account(account_id).posted_micro_usd == 1_000_000 - cost
+        assert ledger.store.account(account_id).pending_debits_micro_usd == 0
         assert ledger.store.account(node.node_id).posted_micro_usd == cost - fee
         assert ledger.store.rejections("cut-1") == []
-    finally:
-        await node.stop()
-        await coordinator.stop(grace_s=0)
 
 
 async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
@@ -651,17 +669,9 @@ async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
     """Through the gRPC API with billing on: Generate, ListModels and ListNodes without a
     key, with an unknown key or with a revoked key are UNAUTHENTICATED, and no Generate
     reaches a node."""
-    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
-    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
-    await coordinator.start()
-    node = fakes.FakeNode(coordinator.address)
-    try:
-        await node.start()
+    async with _billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
         assert coordinator.billing is not None
-        store = coordinator.billing.ledger.store
-        account = store.create_account(AccountKind.CLIENT, "dave")
-        store.deposit(account.id, 1_000_000, "fund-dave")
-        issued = store.issue_key(account.id, "k")
+        issued = _funded_client_key(coordinator.billing.ledger.store, "dave")
         await coordinator.billing.ledger.revoke_key(issued.key.id)
         request = inference_pb2.GenerateRequest(model=fakes.MODEL, prompt="hi")
         async with grpc.aio.insecure_channel(coordinator.address) as channel:
@@ -685,6 +695,3 @@ async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
                         await call()
                     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
         assert node.worker.requests == []
-    finally:
-        await node.stop()
-        await coordinator.stop(grace_s=0)

@@ -8,6 +8,7 @@ tokens delivered so far. Neither ever leaves the request's hard constraints.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -173,14 +174,21 @@ async def test_node_dying_after_its_last_token_needs_no_resume(
     assert not second.worker.requests
 
 
-async def test_resumes_are_bounded(tmp_path: Path) -> None:
-    coordinator = Coordinator(fast_settings(tmp_path, max_resumes=1))
+async def _refused_by_every_node(
+    tmp_path: Path,
+    prices: tuple[int, ...],
+    behaviour: Callable[[], Behaviour],
+    **settings: object,
+) -> tuple[grpc.aio.AioRpcError, list[FakeNode]]:
+    """A coordinator of its own (``settings``) and one fake node per output price, each
+    doing ``behaviour()``; a price-sorted request that must fail. (Its error, the nodes.)"""
+    coordinator = Coordinator(fast_settings(tmp_path, **settings))
     await coordinator.start()
     nodes = []
     try:
-        for price in (100_000, 200_000, 300_000):
+        for price in prices:
             node = FakeNode(coordinator.address, price_output=price)
-            node.worker.behaviour = Behaviour(deltas=["x"] * 5, fail_after=1)
+            node.worker.behaviour = behaviour()
             nodes.append(await node.start())
         async with grpc.aio.insecure_channel(coordinator.address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -188,41 +196,39 @@ async def test_resumes_are_bounded(tmp_path: Path) -> None:
             request.routing.sort = inference_pb2.SORT_MODE_PRICE
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await collect(stub, request)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "resumed 1 time" in (caught.value.details() or "")
-        assert [len(n.worker.requests) for n in nodes] == [1, 1, 0]
     finally:
         for node in nodes:
             await node.stop()
         await coordinator.stop(grace_s=0)
+    return caught.value, nodes
+
+
+async def test_resumes_are_bounded(tmp_path: Path) -> None:
+    error, nodes = await _refused_by_every_node(
+        tmp_path,
+        (100_000, 200_000, 300_000),
+        lambda: Behaviour(deltas=["x"] * 5, fail_after=1),
+        max_resumes=1,
+    )
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "resumed 1 time" in (error.details() or "")
+    assert [len(n.worker.requests) for n in nodes] == [1, 1, 0]
 
 
 async def test_attempts_before_the_first_token_are_bounded(tmp_path: Path) -> None:
     """max_attempts nodes are tried for a segment, not one more, even when a fresh
     decision would offer another (the third node is within the first decision's price
     ceiling): then UNAVAILABLE names what each one said."""
-    coordinator = Coordinator(fast_settings(tmp_path, max_attempts=2))
-    await coordinator.start()
-    nodes = []
-    try:
-        for price in (100_000, 200_000, 200_000):
-            node = FakeNode(coordinator.address, price_output=price)
-            node.worker.behaviour = Behaviour(refuse=(grpc.StatusCode.INTERNAL, "boom"))
-            nodes.append(await node.start())
-        async with grpc.aio.insecure_channel(coordinator.address) as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            request = chat_request()
-            request.routing.sort = inference_pb2.SORT_MODE_PRICE
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await collect(stub, request)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert (caught.value.details() or "").count("boom") == 2
-        assert sum(len(n.worker.requests) for n in nodes) == 2
-        assert len(nodes[0].worker.requests) == 1
-    finally:
-        for node in nodes:
-            await node.stop()
-        await coordinator.stop(grace_s=0)
+    error, nodes = await _refused_by_every_node(
+        tmp_path,
+        (100_000, 200_000, 200_000),
+        lambda: Behaviour(refuse=(grpc.StatusCode.INTERNAL, "boom")),
+        max_attempts=2,
+    )
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert (error.details() or "").count("boom") == 2
+    assert sum(len(n.worker.requests) for n in nodes) == 2
+    assert len(nodes[0].worker.requests) == 1
 
 
 async def test_routes_again_when_the_first_decision_runs_out(

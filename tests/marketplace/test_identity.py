@@ -17,10 +17,12 @@ def test_key_file_created_once_with_mode_0600(tmp_path: Path) -> None:
     assert Identity.load_or_create(path).public_key == first.public_key
 
 
-def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o644, 0o640], ids=["others", "group"])
+def test_key_file_readable_by_others_or_the_group_is_refused(tmp_path: Path, mode: int) -> None:
+    """Any group or other permission bit on the key file is refused, not only 'other'."""
     path = tmp_path / "identity.key"
     Identity.generate().save(path)
-    path.chmod(0o644)
+    path.chmod(mode)
     with pytest.raises(IdentityError, match="chmod 600"):
         Identity.load(path)
 
@@ -58,12 +60,3 @@ def test_domain_and_message_are_separated() -> None:
     alice = Identity.generate()
     signature = alice.sign("mercato.v1.Node", b"Offer")
     assert not verify(alice.public_key, "mercato.v1.NodeOffer", b"", signature)
-
-
-def test_key_file_readable_by_the_group_is_refused(tmp_path: Path) -> None:
-    """Any group or other permission bit on the key file is refused, not only 'other'."""
-    path = tmp_path / "identity.key"
-    Identity.generate().save(path)
-    path.chmod(0o640)
-    with pytest.raises(IdentityError, match="chmod 600"):
-        Identity.load(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -22,12 +23,10 @@ def mercato(url: str, *args: str, ok: bool = True) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_operator_flow(database_url: str, tmp_path: Path) -> None:
-    url = database_url
-    alice = mercato(url, "accounts", "create", "--name", "alice")
-    assert alice["kind"] == "client"
+def _provider_account(url: str) -> tuple[Identity, dict[str, Any]]:
+    """The provider account gpu-1, bound to a fixed node identity (the node, the JSON)."""
     node = Identity.from_seed(b"n" * 32)
-    provider = mercato(
+    created = mercato(
         url,
         "accounts",
         "create",
@@ -38,6 +37,29 @@ def test_operator_flow(database_url: str, tmp_path: Path) -> None:
         "--node-id",
         node.node_id,
     )
+    return node, created
+
+
+def _settle_one_request(url: str, tmp_path: Path, api_key: str, node: Identity) -> None:
+    """Request req-1 held and settled through the ledger, as a coordinator would: 1,000
+    input and 1,000 output tokens on ``node`` (400 micro-USD)."""
+
+    async def request() -> None:
+        settings = LedgerSettings(database_url=url, intent_log_dir=tmp_path / "intents")
+        async with Ledger(settings, coordinator=Identity.from_seed(b"c" * 32)) as ledger:
+            principal = await ledger.authenticate(api_key)
+            await ledger.place_hold("req-1", principal, 10_000)
+            signed, relayed = receipt_for(node, "req-1#0", 1000, 1000)
+            await (await ledger.settle("req-1", [signed], [relayed])).durable
+
+    asyncio.run(request())
+
+
+def test_operator_flow(database_url: str, tmp_path: Path) -> None:
+    url = database_url
+    alice = mercato(url, "accounts", "create", "--name", "alice")
+    assert alice["kind"] == "client"
+    node, provider = _provider_account(url)
     assert provider["node_id"] == node.node_id
     issued = mercato(
         url, "keys", "issue", "--account", "alice", "--spend-limit-micro-usd", "5000000"
@@ -48,16 +70,7 @@ def test_operator_flow(database_url: str, tmp_path: Path) -> None:
     again = mercato(url, "credits", "deposit", "alice", "2000000", "--transfer-id", "dep-1")
     assert again["transfer"]["created"] is False
     assert mercato(url, "balance", "alice")["available_micro_usd"] == 2_000_000
-
-    async def request() -> None:
-        settings = LedgerSettings(database_url=url, intent_log_dir=tmp_path / "intents")
-        async with Ledger(settings, coordinator=Identity.from_seed(b"c" * 32)) as ledger:
-            principal = await ledger.authenticate(issued["api_key"])
-            await ledger.place_hold("req-1", principal, 10_000)
-            signed, relayed = receipt_for(node, "req-1#0", 1000, 1000)
-            await (await ledger.settle("req-1", [signed], [relayed])).durable
-
-    asyncio.run(request())
+    _settle_one_request(url, tmp_path, issued["api_key"], node)
     usage = mercato(url, "usage", "--account", "alice")
     assert [(u["model"], u["requests"], u["cost_micro_usd"]) for u in usage] == [("smol", 1, 400)]
     shown = mercato(url, "receipts", "show", "req-1")
@@ -151,30 +164,10 @@ def test_receipts_show_json_has_every_field(database_url: str, tmp_path: Path) -
     """`receipts show --json`: each receipt carries the documented keys, with the cost."""
     url = database_url
     mercato(url, "accounts", "create", "--name", "alice")
-    node = Identity.from_seed(b"n" * 32)
-    mercato(
-        url,
-        "accounts",
-        "create",
-        "--name",
-        "gpu-1",
-        "--kind",
-        "provider",
-        "--node-id",
-        node.node_id,
-    )
+    node, _ = _provider_account(url)
     mercato(url, "credits", "deposit", "alice", "2000000")
     issued = mercato(url, "keys", "issue", "--account", "alice")
-
-    async def request() -> None:
-        settings = LedgerSettings(database_url=url, intent_log_dir=tmp_path / "intents")
-        async with Ledger(settings, coordinator=Identity.from_seed(b"c" * 32)) as ledger:
-            principal = await ledger.authenticate(issued["api_key"])
-            await ledger.place_hold("req-1", principal, 10_000)
-            signed, relayed = receipt_for(node, "req-1#0", 1000, 1000)
-            await (await ledger.settle("req-1", [signed], [relayed])).durable
-
-    asyncio.run(request())
+    _settle_one_request(url, tmp_path, issued["api_key"], node)
     [shown] = mercato(url, "receipts", "show", "req-1")["receipts"]
     assert set(shown) == {
         "request_id", "node_request_id", "node_id", "model", "segment_index", "input_tokens",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -98,21 +98,31 @@ async def test_close_commits_what_is_queued_then_refuses(store: LedgerStore) -> 
     assert row_counts(store)["open_holds"] == 5
 
 
+def _first_commit_fails(
+    writer: GroupCommitWriter, before: Callable[[], None] | None = None
+) -> None:
+    """The writer's next commit raises (after calling ``before``, if given); later
+    commits go through."""
+    commit = writer._committer.commit
+    calls = 0
+
+    def failing_first(ops: Sequence[Operation]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            if before is not None:
+                before()
+            raise RuntimeError("disk on fire")
+        return commit(ops)
+
+    writer._committer.commit = failing_first  # type: ignore[method-assign]
+
+
 async def test_a_batch_that_raises_fails_alone(
     store: LedgerStore, writer: GroupCommitWriter
 ) -> None:
     client = make_client(store)
-    commit = writer._committer.commit
-    calls = 0
-
-    def failing_once(ops: Sequence[Operation]) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("disk on fire")
-        return commit(ops)
-
-    writer._committer.commit = failing_once  # type: ignore[method-assign]
+    _first_commit_fails(writer)
     failed = await asyncio.gather(*_holds(writer, client, "a", 2), return_exceptions=True)
     assert all(isinstance(e, LedgerUnavailable) and "disk on fire" in str(e) for e in failed)
     answers = await asyncio.gather(*_holds(writer, client, "b", 2))
@@ -125,21 +135,14 @@ async def test_a_failing_batch_does_not_fail_the_batch_queued_behind_it(
 ) -> None:
     """Operations queued while a batch is committing are not failed with it."""
     client = make_client(store)
-    commit = writer._committer.commit
     gate = threading.Event()
     committing = threading.Event()
-    calls = 0
 
-    def failing_first(ops: Sequence[Operation]) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            committing.set()
-            assert gate.wait(10)
-            raise RuntimeError("disk on fire")
-        return commit(ops)
+    def held_at_the_gate() -> None:
+        committing.set()
+        assert gate.wait(10)
 
-    writer._committer.commit = failing_first  # type: ignore[method-assign]
+    _first_commit_fails(writer, before=held_at_the_gate)
     first = _holds(writer, client, "a", 2)
     assert await asyncio.to_thread(committing.wait, 10)  # the first batch, held at the gate
     second = _holds(writer, client, "b", 2)
