@@ -89,6 +89,7 @@ from coordinator.outcome import client_request_id
 from coordinator.registry import NodeRegistry
 from coordinator.settings import CoordinatorSettings, FaultPoint
 from coordinator.validation import ValidRequest
+from marketplace.aio import cancel_and_wait
 from marketplace.identity import Identity
 from marketplace.ledger import (
     BadReceipt,
@@ -326,9 +327,7 @@ class Billing:
         for admission in self._pending.values():
             admission.late_arrival.set()
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            await cancel_and_wait(self._refresher)
             self._refresher = None
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -640,7 +639,8 @@ class Billing:
                 return
             admission.late_arrival.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(admission.late_arrival.wait(), remaining_s)
+                async with asyncio.timeout(remaining_s):
+                    await admission.late_arrival.wait()
 
     def _awaits_late_receipt(self, admission: Admission, part: ServedPart) -> bool:
         """A segment cut off before its final, that relayed output, from a node still in

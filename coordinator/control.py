@@ -21,7 +21,6 @@ Without billing they are ignored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -40,6 +39,7 @@ from coordinator.errors import (
 )
 from coordinator.registry import NodeRegistry
 from coordinator.settings import CoordinatorSettings
+from marketplace.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,7 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
             reason = f"heartbeat stream broke ({type(exc).__name__})"
             raise
         finally:
-            pinger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pinger
+            await cancel_and_wait(pinger)
             self._registry.end_session(node_id, session_token, reason)
 
     def _take_late_receipts(self, node_id: str, heartbeat: node_pb2.HeartbeatRequest) -> None:

@@ -19,7 +19,6 @@ ever offered (to tell an unknown model from one that is down).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import secrets
@@ -35,6 +34,7 @@ from coordinator.offers import VerifiedOffer, verify_offer
 from coordinator.routing import LoadReport, Market, MarketSnapshot, NodeListing
 from coordinator.settings import CoordinatorSettings
 from coordinator.worker_session import WorkerLink
+from marketplace.aio import cancel_and_wait
 from marketplace.dispatch import DISPATCH_METADATA, dispatch_tag
 
 log = logging.getLogger(__name__)
@@ -289,9 +289,7 @@ class NodeRegistry:
     async def close(self) -> None:
         """Stop the reaper, drop every node and close every channel."""
         if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            await cancel_and_wait(self._reaper)
             self._reaper = None
         for node_id in list(self._entries):
             self.drop(node_id, "coordinator shutting down")

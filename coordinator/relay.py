@@ -361,7 +361,8 @@ class Relay:
                 state = channel.get_state(try_to_connect=True)
 
         try:
-            await asyncio.wait_for(ready(), self._settings.connect_timeout_s)
+            async with asyncio.timeout(self._settings.connect_timeout_s):
+                await ready()
         except TimeoutError:
             raise _AttemptFailed(
                 AttemptFailure(

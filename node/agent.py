@@ -24,7 +24,6 @@ outbox for the next stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +32,7 @@ import grpc
 import grpc.aio
 from mercato.v1 import market_pb2, node_pb2, node_pb2_grpc
 
+from marketplace.aio import cancel_and_wait
 from marketplace.dispatch import dispatch_tag
 from node.receipts import ReceiptOutbox
 
@@ -85,10 +85,7 @@ class NodeAgent:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def run(self) -> None:
         """Register and heartbeat until cancelled."""
@@ -201,7 +198,8 @@ class NodeAgent:
         try:
             while True:
                 try:
-                    answer = await asyncio.wait_for(call.read(), timeout=liveness_s)
+                    async with asyncio.timeout(liveness_s):
+                        answer = await call.read()
                 except TimeoutError:
                     logger.warning(
                         "coordinator %s answered no heartbeat for %.1f s", self._address, liveness_s

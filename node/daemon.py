@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from mercato.v1 import market_pb2, node_pb2
 
+from marketplace.aio import wait_then_cancel
 from marketplace.identity import Identity
 from node.agent import NodeAgent
 from node.engine.base import Engine
@@ -145,9 +146,8 @@ async def _serve(
     engine_died = False
     try:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                agent.registered.wait(), settings.ready_wait_for_registration_ms / 1000
-            )
+            async with asyncio.timeout(settings.ready_wait_for_registration_ms / 1000):
+                await agent.registered.wait()
         ready = {
             "node_id": identity.node_id,
             "worker_address": worker_address,
@@ -160,7 +160,8 @@ async def _serve(
         sys.stdout.flush()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _ENGINE_WATCH_INTERVAL_S)
+                async with asyncio.timeout(_ENGINE_WATCH_INTERVAL_S):
+                    await stop.wait()
             if not engine.healthy and not stop.is_set():
                 engine_died = True
                 logger.error("the engine died; the node stops serving (restart it)")
@@ -184,7 +185,5 @@ async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> tuple[bool
         stopper.cancel()
     if task.done():
         return True, task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await wait_then_cancel(task)
     return False, None

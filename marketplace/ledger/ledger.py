@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from mercato.v1 import market_pb2
 
+from marketplace.aio import cancel_and_wait
 from marketplace.identity import Identity
 from marketplace.ledger import api_keys, identifiers, money
 from marketplace.ledger.applier import DEPOSITS, now_unix_ms
@@ -198,9 +199,7 @@ class Ledger:
     async def close(self) -> None:
         """Commit everything queued, then stop. Unsettled holds stay (they expire)."""
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait(self._sweeper)
             self._sweeper = None
         if self._writer is not None:
             await self._writer.close()

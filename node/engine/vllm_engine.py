@@ -178,7 +178,8 @@ class VllmEngine(Engine):
         # engine would outlive shutdown() and its destructor would run at interpreter exit.
         build = asyncio.to_thread(self._build)
         try:
-            await asyncio.wait_for(build, timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await build
         except TimeoutError as exc:
             raise EngineStartError(
                 f"vLLM did not load {self._model_path} within {timeout_s:.0f} s; raise "

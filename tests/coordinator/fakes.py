@@ -285,7 +285,8 @@ class FakeNode:
                 wait_s = next_beat_s - loop.time()
                 if wait_s > 0:
                     with contextlib.suppress(TimeoutError):
-                        pong_id = await asyncio.wait_for(pongs.get(), wait_s)
+                        async with asyncio.timeout(wait_s):
+                            pong_id = await pongs.get()
                 if pong_id and self.answer_pings:
                     yield node_pb2.HeartbeatRequest(sequence=sequence, pong_id=pong_id)
                 elif not pong_id:

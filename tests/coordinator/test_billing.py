@@ -451,7 +451,8 @@ async def test_cancelled_request_is_charged_the_relayed_tokens_on_the_late_recei
     assert not settling.done()  # waiting for the node's late receipt
     # The node wrote 8 tokens; 2 were in flight when the call was cut.
     billing.accept_late_receipt(NODE.node_id, late_receipt(part, output_tokens=8))
-    charge = await asyncio.wait_for(settling, 5)
+    async with asyncio.timeout(5):
+        charge = await settling
 
     cost = math.ceil((20 * PRICE_IN + 6 * PRICE_OUT) / 1_000_000)
     assert charge.cost_micro_usd == cost and charge.late_segments == 1

@@ -238,7 +238,8 @@ async def test_routes_again_when_the_first_decision_runs_out(
     slow = await make_node(price_output=100_000)
     slow.worker.behaviour = Behaviour(hang=True)  # past first_token_timeout_s (2 s)
     call = client.Generate(chat_request(), timeout=10)
-    await asyncio.wait_for(slow.worker.started.wait(), 5)
+    async with asyncio.timeout(5):
+        await slow.worker.started.wait()
     late = await make_node(price_output=100_000)
     responses = [r async for r in call]
     _, final = deltas_and_final(responses)
@@ -255,7 +256,8 @@ async def test_client_cancel_is_no_verdict_on_the_node(
     assert (await call.read()).WhichOneof("chunk") == "delta"
     assert coordinator.registry.snapshot().get(node.node_id).in_flight == 1
     call.cancel()
-    await asyncio.wait_for(node.worker.cancelled.wait(), 5)
+    async with asyncio.timeout(5):
+        await node.worker.cancelled.wait()
     await wait_until(lambda: coordinator.registry.snapshot().get(node.node_id).in_flight == 0)
     measurements = coordinator.registry.market.measurements(node.node_id)
     assert measurements.outcomes.weight == 0  # neither success nor failure

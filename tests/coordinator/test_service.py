@@ -208,7 +208,8 @@ async def test_client_cancel_reaches_the_worker(
     assert first.WhichOneof("chunk") == "delta"
     assert coordinator.registry.snapshot().nodes[0].in_flight == 1
     call.cancel()
-    await asyncio.wait_for(node.worker.cancelled.wait(), 5)
+    async with asyncio.timeout(5):
+        await node.worker.cancelled.wait()
     await wait_until(lambda: coordinator.registry.snapshot().nodes[0].in_flight == 0)
 
 
@@ -221,7 +222,8 @@ async def test_client_deadline_bounds_the_worker_call(client, make_node: NodeFac
     [remaining] = node.worker.time_remaining_s
     # gRPC rounds the timeout it puts on the wire up a little; no deadline at all is None.
     assert remaining is not None and 0 < remaining <= 1.1
-    await asyncio.wait_for(node.worker.cancelled.wait(), 5)
+    async with asyncio.timeout(5):
+        await node.worker.cancelled.wait()
 
 
 async def test_node_whose_heartbeats_end_is_dropped_and_avoided(
@@ -286,7 +288,8 @@ async def test_failover_before_the_first_token(
     if failure != "dead":
         assert len(first.worker.requests) == 1
     if failure == "hang":
-        await asyncio.wait_for(first.worker.cancelled.wait(), 5)
+        async with asyncio.timeout(5):
+            await first.worker.cancelled.wait()
 
 
 async def test_node_blaming_the_request_is_not_retried(client, make_node: NodeFactory) -> None:

@@ -256,3 +256,64 @@ async def test_every_heartbeat_samples_the_load_afresh(tmp_path) -> None:  # typ
     finally:
         await agent.stop()
         await server.stop(0)
+
+
+class _ScriptedCall:
+    """A heartbeat call whose answers the test hands over one at a time."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[node_pb2.HeartbeatResponse] = asyncio.Queue()
+        self.reading = asyncio.Event()
+
+    async def read(self) -> node_pb2.HeartbeatResponse:
+        self.reading.set()
+        return await self.answers.get()
+
+    def cancel(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("yields_between", [0, 1, 2, 3])
+async def test_stop_wins_over_a_heartbeat_answer_arriving_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, yields_between: int
+) -> None:
+    """stop() must end the agent even when a heartbeat answer is delivered in the same
+    loop turn. (Python 3.11's asyncio.wait_for returned the answer and dropped the
+    cancellation then, so a node ignored SIGTERM until killed.)"""
+    import node.agent as agent_module
+
+    call = _ScriptedCall()
+
+    class ScriptedStub:
+        def __init__(self, channel: object) -> None:
+            pass
+
+        async def Register(self, request: object, **_: object) -> node_pb2.RegisterResponse:
+            return node_pb2.RegisterResponse(
+                node_id="n", heartbeat_interval_ms=60_000, liveness_timeout_ms=120_000
+            )
+
+        def Heartbeat(self, requests: object, metadata: object) -> _ScriptedCall:
+            return call
+
+    monkeypatch.setattr(agent_module.node_pb2_grpc, "NodeControlServiceStub", ScriptedStub)
+    agent = _agent("127.0.0.1:9", Identity.generate(), tmp_path)
+    agent.start()
+    async with asyncio.timeout(10):
+        await call.reading.wait()
+    for sequence in range(1, 4):  # answers are read while the agent runs
+        call.reading.clear()
+        call.answers.put_nowait(node_pb2.HeartbeatResponse(sequence=sequence))
+        async with asyncio.timeout(10):
+            await call.reading.wait()
+    call.answers.put_nowait(node_pb2.HeartbeatResponse(sequence=4))
+    for _ in range(yields_between):
+        await asyncio.sleep(0)
+    stopping = asyncio.ensure_future(agent.stop())
+    done, _ = await asyncio.wait((stopping,), timeout=5)
+    if not done:  # a second cancel is not lost: clean up, then fail
+        for task in asyncio.all_tasks():
+            if task.get_name() == "mercato-node-agent":
+                task.cancel()
+        await stopping
+    assert done, "the agent ignored stop(): the cancellation was lost"

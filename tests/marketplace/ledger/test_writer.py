@@ -81,7 +81,8 @@ async def test_drain_waits_for_every_operation_even_when_the_last_is_cancelled(
     await asyncio.sleep(0.05)
     assert not drained.done() and not futures[0].done()
     commits.gate.set()
-    await asyncio.wait_for(drained, 10)
+    async with asyncio.timeout(10):
+        await drained
     assert futures[0].done() and futures[1].done()
     assert row_counts(store)["open_holds"] == 3
 
