@@ -22,6 +22,7 @@ OFFER_DOMAIN = "mercato.v1.NodeOffer"
 
 # Told, when a Generate is cut off, the request and how many deltas (tokens) it yielded.
 CutOffHook = Callable[[node_pb2.WorkerGenerateRequest, int], None]
+ReceiptSigner = Callable[[node_pb2.WorkerGenerateRequest, int], market_pb2.SignedReceipt]
 
 
 def now_unix_ms() -> int:
@@ -110,6 +111,8 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         self.cancelled = asyncio.Event()
         self.started = asyncio.Event()
         self.on_cut_off: CutOffHook | None = None
+        # Signs the final's receipt as a real node does; None: a placeholder receipt.
+        self.final_receipt: ReceiptSigner | None = None
 
     async def Generate(
         self, request: node_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
@@ -151,7 +154,9 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
                 input_tokens=b.input_tokens + len(request.resume_token_ids),
                 output_tokens=len(deltas),
             )
-            if b.receipt:
+            if b.receipt and self.final_receipt is not None:
+                final.receipt.CopyFrom(self.final_receipt(request, len(deltas)))
+            elif b.receipt:
                 final.receipt.receipt = b"receipt:" + request.request_id.encode()
             yield node_pb2.WorkerGenerateResponse(final=final)
         except (asyncio.CancelledError, GeneratorExit):
@@ -322,20 +327,25 @@ class FakeNode:
 
     def _cut_off(self, request: node_pb2.WorkerGenerateRequest, sent: int) -> None:
         """Sign a receipt for the deltas a cut-off call yielded, as a real node does."""
-        if not self.send_late_receipts:
-            return
+        if self.send_late_receipts:
+            self.late_receipts.append(self.signed_usage(request, sent))
+
+    def signed_usage(
+        self, request: node_pb2.WorkerGenerateRequest, output_tokens: int
+    ) -> market_pb2.SignedReceipt:
+        """This node's signed receipt for ``output_tokens`` of ``request``."""
         usage = market_pb2.UsageReceipt(
             request_id=request.request_id,
             node_id=self.identity.node_id,
             model=request.model,
             input_tokens=self.worker.behaviour.input_tokens + len(request.resume_token_ids),
-            output_tokens=sent,
+            output_tokens=output_tokens,
             price_input_micro_usd_per_mtok=self.price_input,
             price_output_micro_usd_per_mtok=self.price_output,
             segment_index=request.segment_index,
             lease_id=request.lease_id,
         )
-        self.late_receipts.append(sign_receipt(usage, self.identity))
+        return sign_receipt(usage, self.identity)
 
     def go_silent(self) -> None:
         """Stop beating but keep the heartbeat stream open."""

@@ -696,3 +696,80 @@ async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
                         await call()
                     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
         assert node.worker.requests == []
+
+
+async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Coordinator.stop(grace) with two billed streams open: the one that ends within the
+    grace gets its final and is charged; the one cut off at the grace leaves no hold open;
+    a request during the grace is refused; the journal verifies when the database is
+    opened afresh."""
+    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
+    # The cut-off request waits for a late receipt that its (live) node never sends:
+    # stopping must end that wait and still release its hold.
+    settings = fast_settings(tmp_path, billing_enabled=True, late_receipt_wait_s=60)
+    coordinator = Coordinator(settings)
+    await coordinator.start()
+    node = fakes.FakeNode(coordinator.address)
+    try:
+        await node.start()
+        node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(60)], delay_s=0.05)
+        node.worker.final_receipt = node.signed_usage
+        assert coordinator.billing is not None
+        store = coordinator.billing.ledger.store
+        issued = _funded_client_key(store, "erin")
+        metadata = (("authorization", f"Bearer {issued.secret_key}"),)
+
+        def request(request_id: str, max_tokens: int) -> inference_pb2.GenerateRequest:
+            return inference_pb2.GenerateRequest(
+                request_id=request_id,
+                model=fakes.MODEL,
+                prompt="Count.",
+                sampling=common_pb2.SamplingParams(max_tokens=max_tokens),
+            )
+
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            short = stub.Generate(request("short", 12), metadata=metadata, timeout=30)
+            long = stub.Generate(request("long", 60), metadata=metadata, timeout=30)
+            first_short, first_long = await short.read(), await long.read()
+            assert first_short.HasField("delta") and first_long.HasField("delta")
+            stopping = asyncio.ensure_future(coordinator.stop(grace_s=1.5))
+            await asyncio.sleep(0.1)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(request("late", 4), metadata=metadata, timeout=5).read()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            short_rest = []
+            while (response := await short.read()) is not grpc.aio.EOF:
+                short_rest.append(response)
+            assert short_rest[-1].HasField("final")
+            assert short_rest[-1].final.cost_micro_usd > 0
+            with pytest.raises(grpc.aio.AioRpcError):
+                while await long.read() is not grpc.aio.EOF:
+                    pass
+            async with asyncio.timeout(30):
+                await stopping
+    finally:
+        await node.stop()
+        await coordinator.stop(grace_s=0)
+
+    reopened = LedgerStore.open(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'mercato.db'}"))
+    try:
+        charged = reopened.settlement("short")
+        assert (
+            charged is not None and charged["cost_micro_usd"] == short_rest[-1].final.cost_micro_usd
+        )
+        assert reopened.settlement("late") is None
+        assert reopened.open_holds() == [], "a hold was left open by the shutdown"
+        # Cut off at the grace: its node's late receipt cannot reach a stopped
+        # coordinator, so nothing is charged (a settlement of 0 writes no row).
+        assert reopened.settlement("long") is None
+        report = verify_ledger(reopened.engine)
+        assert report.ok, report.problems
+        assert reopened.account(issued.key.account_id).posted_micro_usd == (
+            1_000_000 - charged["cost_micro_usd"]
+        )
+    finally:
+        reopened.close()
