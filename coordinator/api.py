@@ -15,10 +15,16 @@ to its lease's node, a serverless one never to a leased node) and settles what w
 delivered before the final, which then carries the cost and the countersigned receipts.
 A call that ends without its final (cancelled, deadline, failed) settles in the
 background, after the late receipts of the segments it cut off (see coordinator.billing).
+
+Shutdown (:meth:`InferenceServicer.drain`): new Generate calls are refused UNAVAILABLE,
+open ones get the grace to finish, and those still streaming then are cut off with
+UNAVAILABLE while the nodes' heartbeat streams are still open, so each cut-off segment's
+late receipt still reaches billing and the node is paid for what the client received.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -27,7 +33,7 @@ import grpc.aio
 from mercato.v1 import common_pb2, inference_pb2
 
 from coordinator.billing import Admission, Billing, crash_if
-from coordinator.errors import CoordinatorError, LeaseNotFound, abort_with
+from coordinator.errors import CoordinatorError, LeaseNotFound, ShuttingDown, abort_with
 from coordinator.listings import list_models, list_nodes
 from coordinator.outcome import RelayOutcome
 from coordinator.registry import NodeRegistry
@@ -57,58 +63,105 @@ class InferenceServicer:
         self._router = router if router is not None else Router(registry, settings)
         self._billing = billing
         self._relay = Relay(registry, self._router, settings)
+        # The tasks of the Generate calls open now (for drain), and whether it has begun.
+        self._open: set[asyncio.Task[object]] = set()
+        self._draining = False
+
+    async def drain(self, grace_s: float, cut_wait_s: float = 10.0) -> None:
+        """Refuse new Generate calls; give the open ones ``grace_s`` seconds to finish,
+        then cut them off (UNAVAILABLE). Returns once every call has ended, or after
+        ``cut_wait_s`` more seconds."""
+        self._draining = True
+        if self._open and grace_s > 0:
+            await asyncio.wait(set(self._open), timeout=grace_s)
+        if not self._open:
+            return
+        log.warning(
+            "shutdown grace of %.1f s is over: cutting off %d stream(s)", grace_s, len(self._open)
+        )
+        for task in self._open:
+            task.cancel()
+        await asyncio.wait(set(self._open), timeout=cut_wait_s)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        billing = self._billing
-        admission: Admission | None = None
+        if self._draining:
+            await abort_with(
+                context,
+                ShuttingDown(
+                    "the coordinator is shutting down and takes no new request; retry in a "
+                    "moment (through another coordinator, or this one once it is back)"
+                ),
+            )
+        task = asyncio.current_task()
+        assert task is not None
+        self._open.add(task)
         try:
-            principal = await billing.authenticate(context) if billing is not None else None
-            valid = validate_request(request, self._settings)
-            if billing is not None and principal is not None:
-                valid = await billing.constrain(principal, valid)
-            elif valid.worker_request.lease_id:
-                raise LeaseNotFound(
-                    f"lease_id: lease {valid.worker_request.lease_id!r} does not exist (this "
-                    "coordinator runs without billing, so it has no leases); leave lease_id "
-                    "empty for serverless"
-                )
-            routed = self._router.first(valid)
-            if billing is not None and principal is not None:
-                # Failover and resume never go above these candidates' prices (relay).
-                admission = await billing.admit(principal, valid, routed.listings)
-        except CoordinatorError as exc:
-            await abort_with(context, exc)
-        outcome = RelayOutcome(valid.request_id)
-        try:
-            async for chunk in self._relay.stream(valid, routed, context, outcome):
-                yield chunk
-        except BaseException as exc:
-            # Failed or cancelled: bill what has a receipt, a late one included (a live
-            # node whose stream was cut sends it on its heartbeat); release the rest.
-            if billing is not None and admission is not None:
-                outcome.count_unfinished()
-                billing.settle_in_background(admission, outcome.segments)
-            if not isinstance(exc, CoordinatorError):
-                raise
-            if len(outcome.delivered):
-                # Clients that read only messages see why the stream stops early.
-                yield inference_pb2.GenerateResponse(
-                    error=common_pb2.StreamError(code=exc.status_code.value[0], message=str(exc))
-                ).SerializeToString()
-            await abort_with(context, exc)
-        final = outcome.final()
-        if billing is not None and admission is not None:
-            crash_if(self._settings, FaultPoint.EXIT_BEFORE_SETTLE)
+            billing = self._billing
+            admission: Admission | None = None
             try:
-                charge = await billing.settle(admission, outcome.segments)
+                principal = await billing.authenticate(context) if billing is not None else None
+                valid = validate_request(request, self._settings)
+                if billing is not None and principal is not None:
+                    valid = await billing.constrain(principal, valid)
+                elif valid.worker_request.lease_id:
+                    raise LeaseNotFound(
+                        f"lease_id: lease {valid.worker_request.lease_id!r} does not exist (this "
+                        "coordinator runs without billing, so it has no leases); leave lease_id "
+                        "empty for serverless"
+                    )
+                routed = self._router.first(valid)
+                if billing is not None and principal is not None:
+                    # Failover and resume never go above these candidates' prices (relay).
+                    admission = await billing.admit(principal, valid, routed.listings)
             except CoordinatorError as exc:
                 await abort_with(context, exc)
-            final.cost_micro_usd = charge.cost_micro_usd
-            final.receipts.extend(charge.receipts)
-            crash_if(self._settings, FaultPoint.EXIT_AFTER_RELAY)
-        yield inference_pb2.GenerateResponse(final=final).SerializeToString()
+            outcome = RelayOutcome(valid.request_id)
+            try:
+                async for chunk in self._relay.stream(valid, routed, context, outcome):
+                    yield chunk
+            except BaseException as exc:
+                # Failed or cancelled: bill what has a receipt, a late one included (a live
+                # node whose stream was cut sends it on its heartbeat); release the rest.
+                if billing is not None and admission is not None:
+                    outcome.count_unfinished()
+                    billing.settle_in_background(admission, outcome.segments)
+                if (
+                    isinstance(exc, asyncio.CancelledError)
+                    and self._draining
+                    and not context.cancelled()
+                ):
+                    # Cut off by drain(), not by the client: tell the client why.
+                    task.uncancel()
+                    exc = ShuttingDown(
+                        "the coordinator is shutting down and its grace for open streams is "
+                        "over: the answer stops here (what was delivered is billed from the "
+                        "node's receipt); send the rest again as a new request"
+                    )
+                if not isinstance(exc, CoordinatorError):
+                    raise
+                if len(outcome.delivered):
+                    # Clients that read only messages see why the stream stops early.
+                    yield inference_pb2.GenerateResponse(
+                        error=common_pb2.StreamError(
+                            code=exc.status_code.value[0], message=str(exc)
+                        )
+                    ).SerializeToString()
+                await abort_with(context, exc)
+            final = outcome.final()
+            if billing is not None and admission is not None:
+                crash_if(self._settings, FaultPoint.EXIT_BEFORE_SETTLE)
+                try:
+                    charge = await billing.settle(admission, outcome.segments)
+                except CoordinatorError as exc:
+                    await abort_with(context, exc)
+                final.cost_micro_usd = charge.cost_micro_usd
+                final.receipts.extend(charge.receipts)
+                crash_if(self._settings, FaultPoint.EXIT_AFTER_RELAY)
+            yield inference_pb2.GenerateResponse(final=final).SerializeToString()
+        finally:
+            self._open.discard(task)
 
     async def ListNodes(
         self, request: inference_pb2.ListNodesRequest, context: grpc.aio.ServicerContext

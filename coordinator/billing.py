@@ -320,6 +320,12 @@ class Billing:
         )
         return self.recovery
 
+    async def wait_settled(self, timeout_s: float) -> None:
+        """Wait at most ``timeout_s`` for the settlements running in the background (those
+        of cut-off requests, waiting for their late receipts) to finish."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
+
     async def close(self) -> None:
         """Stop the refresher, let pending settlements finish (without waiting for more
         late receipts), close the ledger."""

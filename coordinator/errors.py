@@ -102,6 +102,13 @@ class CapacityExhausted(CoordinatorError):
     status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ShuttingDown(CoordinatorError):
+    """The coordinator is stopping: it takes no new request, and cuts off the ones still
+    streaming when its shutdown grace is over."""
+
+    status_code = grpc.StatusCode.UNAVAILABLE
+
+
 class SessionInvalid(CoordinatorError):
     """A heartbeat stream presented an unknown node id or a wrong session token."""
 

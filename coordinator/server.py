@@ -36,6 +36,8 @@ from marketplace.identity import Identity
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "MERCATO_COORDINATOR_READY"
+# What the server gives its calls other than Generate (drained before) when it stops.
+_SERVER_STOP_GRACE_S = 1.0
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     node_pb2.DESCRIPTOR.services_by_name["NodeControlService"].full_name,
@@ -53,6 +55,7 @@ class Coordinator:
             Billing(settings, self.identity, self.registry) if settings.billing_enabled else None
         )
         self._server: grpc.aio.Server | None = None
+        self._inference: InferenceServicer | None = None
         self._health = HealthServicer()
         self.port = 0
 
@@ -75,6 +78,7 @@ class Coordinator:
             )
         )
         inference = InferenceServicer(self.registry, self.settings, billing=self.billing)
+        self._inference = inference
         server.add_generic_rpc_handlers((generic_handler(inference),))
         service_names = list(SERVICE_NAMES)
         if self.billing is not None and _account_service_available():
@@ -135,11 +139,20 @@ class Coordinator:
         return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop taking requests, let running ones finish within the grace, close all."""
+        """Stop taking requests, let running ones finish within the grace, close all.
+
+        Generate calls still open when the grace is over are cut off while the nodes'
+        heartbeat streams are still open, and their settlements get up to
+        ``late_receipt_wait_s`` for the nodes' late receipts; only then does the server
+        stop (giving its other calls at most one more second)."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
+        if self._inference is not None:
+            await self._inference.drain(grace)
+        if self.billing is not None:
+            await self.billing.wait_settled(self.settings.late_receipt_wait_s)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(min(grace, _SERVER_STOP_GRACE_S))
             self._server = None
         await self.registry.close()
         if self.billing is not None:

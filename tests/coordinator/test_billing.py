@@ -702,20 +702,20 @@ async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Coordinator.stop(grace) with two billed streams open: the one that ends within the
-    grace gets its final and is charged; the one cut off at the grace leaves no hold open;
-    a request during the grace is refused; the journal verifies when the database is
-    opened afresh."""
+    grace gets its final and is charged; the one still streaming at the end of the grace
+    is cut off with UNAVAILABLE, and charged for what its client received from its node's
+    late receipt (the heartbeat streams outlive the cut); a request during the grace is
+    refused UNAVAILABLE; no hold is left open and the journal verifies when the database
+    is opened afresh."""
     monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
-    # The cut-off request waits for a late receipt that its (live) node never sends:
-    # stopping must end that wait and still release its hold.
-    settings = fast_settings(tmp_path, billing_enabled=True, late_receipt_wait_s=60)
-    coordinator = Coordinator(settings)
+    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
     await coordinator.start()
     node = fakes.FakeNode(coordinator.address)
     try:
         await node.start()
         node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(60)], delay_s=0.05)
         node.worker.final_receipt = node.signed_usage
+        node.send_late_receipts = True
         assert coordinator.billing is not None
         store = coordinator.billing.ledger.store
         issued = _funded_client_key(store, "erin")
@@ -740,15 +740,24 @@ async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Generate(request("late", 4), metadata=metadata, timeout=5).read()
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in refused.value.details()
 
             short_rest = []
             while (response := await short.read()) is not grpc.aio.EOF:
                 short_rest.append(response)
             assert short_rest[-1].HasField("final")
             assert short_rest[-1].final.cost_micro_usd > 0
-            with pytest.raises(grpc.aio.AioRpcError):
-                while await long.read() is not grpc.aio.EOF:
-                    pass
+            long_deltas, long_errors = 1, []
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                while (response := await long.read()) is not grpc.aio.EOF:
+                    if response.HasField("error"):
+                        long_errors.append(response.error.message)
+                    else:
+                        long_deltas += 1
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in cut.value.details()
+            assert len(long_errors) == 1 and "shutting down" in long_errors[0]
+            assert 1 < long_deltas < 60
             async with asyncio.timeout(30):
                 await stopping
     finally:
@@ -763,13 +772,67 @@ async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones
         )
         assert reopened.settlement("late") is None
         assert reopened.open_holds() == [], "a hold was left open by the shutdown"
-        # Cut off at the grace: its node's late receipt cannot reach a stopped
-        # coordinator, so nothing is charged (a settlement of 0 writes no row).
-        assert reopened.settlement("long") is None
+        cut_off = reopened.settlement("long")
+        assert cut_off is not None, "the cut-off request was not charged"
+        assert cut_off["output_tokens"] == long_deltas
+        assert cut_off["cost_micro_usd"] == math.ceil(
+            (7 * node.price_input + long_deltas * node.price_output) / 1_000_000
+        )
         report = verify_ledger(reopened.engine)
         assert report.ok, report.problems
         assert reopened.account(issued.key.account_id).posted_micro_usd == (
-            1_000_000 - charged["cost_micro_usd"]
+            1_000_000 - charged["cost_micro_usd"] - cut_off["cost_micro_usd"]
         )
+    finally:
+        reopened.close()
+
+
+async def test_stop_without_grace_still_bills_the_cut_off_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop(grace_s=0): the open stream is cut at once, and its settlement still gets its
+    node's late receipt before the server (and with it the heartbeat stream) goes."""
+    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
+    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
+    await coordinator.start()
+    node = fakes.FakeNode(coordinator.address)
+    try:
+        await node.start()
+        node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(60)], delay_s=0.05)
+        node.send_late_receipts = True
+        assert coordinator.billing is not None
+        issued = _funded_client_key(coordinator.billing.ledger.store, "fred")
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+                inference_pb2.GenerateRequest(
+                    request_id="cut-at-once",
+                    model=fakes.MODEL,
+                    prompt="Count.",
+                    sampling=common_pb2.SamplingParams(max_tokens=60),
+                ),
+                metadata=(("authorization", f"Bearer {issued.secret_key}"),),
+                timeout=30,
+            )
+            deltas = 0
+            while deltas < 3:
+                response = await call.read()
+                assert response.HasField("delta")
+                deltas += 1
+            stopping = asyncio.ensure_future(coordinator.stop(grace_s=0))
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                while (response := await call.read()) is not grpc.aio.EOF:
+                    deltas += response.HasField("delta")
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            async with asyncio.timeout(30):
+                await stopping
+    finally:
+        await node.stop()
+        await coordinator.stop(grace_s=0)
+    reopened = LedgerStore.open(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'mercato.db'}"))
+    try:
+        row = reopened.settlement("cut-at-once")
+        assert row is not None and row["output_tokens"] == deltas
+        assert reopened.open_holds() == []
+        assert verify_ledger(reopened.engine).ok
     finally:
         reopened.close()
