@@ -130,6 +130,8 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
                     self._registry.record_pong(node_id, session_token, rtt_s)
                     continue
                 self._registry.record_heartbeat(node_id, session_token, heartbeat.load)
+                if heartbeat.draining:
+                    self._registry.withdraw(node_id, session_token)
                 async with write_lock:
                     await context.write(node_pb2.HeartbeatResponse(sequence=heartbeat.sequence))
         except CoordinatorError as exc:

@@ -222,6 +222,14 @@ class NodeRegistry:
         self._entries[node_id].last_seen_monotonic_s = self._monotonic_s()
         self.market.update_load(node_id, LoadReport.from_proto(load))
 
+    def withdraw(self, node_id: str, session_token: str) -> None:
+        """The node is stopping (its heartbeat says ``draining``): routing sends it nothing
+        new from now on. It stays registered until its heartbeat stream ends, so its open
+        requests run on and its late receipts are still taken."""
+        self.authenticate(node_id, session_token)
+        if self.market.remove_node(node_id):
+            log.info("node %s is draining: no new request goes to it", node_id)
+
     def record_pong(self, node_id: str, session_token: str, rtt_s: float | None) -> None:
         """A pong on the node's heartbeat stream: a sign of life, and the round trip of
         the ping it answers as the coordinator timed it (None: not one we sent)."""

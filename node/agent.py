@@ -24,6 +24,7 @@ outbox for the next stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -78,10 +79,37 @@ class NodeAgent:
         self.node_id: str | None = None
         self.coordinator_public_key: bytes = b""
         self.heartbeat_round_trip_s: float | None = None
+        # Set by drain(): every later heartbeat says so, the first one at once.
+        self.draining = False
+        self._nudge = asyncio.Event()
+        # Late receipts sent on the current stream and not yet acknowledged, by heartbeat
+        # sequence; and an event set on every acknowledgement (for wait_delivered).
+        self._unacknowledged: dict[int, list[market_pb2.SignedReceipt]] = {}
+        self._acknowledged = asyncio.Event()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name="mercato-node-agent")
+
+    def drain(self) -> None:
+        """The node is stopping: tell the coordinator (``draining`` on the next heartbeat,
+        sent at once) so that it routes nothing new here."""
+        self.draining = True
+        self._nudge.set()
+
+    def delivered(self) -> bool:
+        """No late receipt is waiting to be sent or acknowledged."""
+        return not self._outbox and not self._unacknowledged
+
+    async def wait_delivered(self, timeout_s: float) -> bool:
+        """Wait at most ``timeout_s`` until every late receipt queued so far has been
+        acknowledged by the coordinator; whether it has."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not self.delivered():
+                    self._acknowledged.clear()
+                    await self._acknowledged.wait()
+        return self.delivered()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -149,6 +177,7 @@ class NodeAgent:
         outbox = self._outbox
         # Late receipts sent on this stream and not yet acknowledged, by heartbeat sequence.
         unacknowledged: dict[int, list[market_pb2.SignedReceipt]] = {}
+        self._unacknowledged = unacknowledged
         # Set when this stream is over. grpc keeps consuming requests() after a stream
         # the coordinator ended (cancel() is then a no-op), so it must stop by itself
         # rather than take receipts that the next stream is to send.
@@ -165,8 +194,8 @@ class NodeAgent:
                 wait_s = next_beat_s - loop.time()
                 if not pongs.empty():
                     pong_id = pongs.get_nowait()
-                elif wait_s > 0 and not outbox:
-                    pong_id = await _pong_or_receipt(pongs, outbox, wait_s)
+                elif wait_s > 0 and not outbox and not self._nudge.is_set():
+                    pong_id = await _pong_or_receipt(pongs, outbox, self._nudge, wait_s)
                 if ended:
                     return
                 sequence += 1
@@ -177,7 +206,10 @@ class NodeAgent:
                 sent_at[sequence] = time.monotonic()
                 if len(sent_at) > 64:
                     sent_at.pop(min(sent_at))
-                beat = node_pb2.HeartbeatRequest(sequence=sequence, load=self._read_load())
+                self._nudge.clear()
+                beat = node_pb2.HeartbeatRequest(
+                    sequence=sequence, load=self._read_load(), draining=self.draining
+                )
                 if count_dispatched is not None:
                     # Sampled with the load: the calls of that load this coordinator sent.
                     beat.load.coordinator_requests = count_dispatched(tag)
@@ -210,7 +242,8 @@ class NodeAgent:
                 if answer.ping_id:
                     pongs.put_nowait(answer.ping_id)
                     continue
-                unacknowledged.pop(answer.sequence, None)
+                if unacknowledged.pop(answer.sequence, None) is not None:
+                    self._acknowledged.set()
                 sent = sent_at.pop(answer.sequence, None)
                 if sent is not None:
                     self.heartbeat_round_trip_s = time.monotonic() - sent
@@ -221,16 +254,23 @@ class NodeAgent:
             outbox.put_back(
                 r for sequence in sorted(unacknowledged) for r in unacknowledged[sequence]
             )
+            unacknowledged.clear()
 
 
-async def _pong_or_receipt(pongs: asyncio.Queue[int], outbox: ReceiptOutbox, wait_s: float) -> int:
-    """Wait at most ``wait_s`` for a ping to answer (its id) or a late receipt to send (0)."""
+async def _pong_or_receipt(
+    pongs: asyncio.Queue[int], outbox: ReceiptOutbox, nudge: asyncio.Event, wait_s: float
+) -> int:
+    """Wait at most ``wait_s`` for a ping to answer (its id), or a late receipt to send or
+    a nudge to beat at once (0)."""
     pong = asyncio.ensure_future(pongs.get())
     receipt = asyncio.ensure_future(outbox.wait())
+    nudged = asyncio.ensure_future(nudge.wait())
     try:
-        await asyncio.wait((pong, receipt), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            (pong, receipt, nudged), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
-        for waiter in (pong, receipt):
+        for waiter in (pong, receipt, nudged):
             if not waiter.done():
                 waiter.cancel()
     return pong.result() if pong.done() and not pong.cancelled() else 0

@@ -6,8 +6,11 @@ Start-up order, each step failing loudly with a message a provider can act on::
     → engine start (handshake with a timeout) → worker gRPC server (+ health, reflection)
     → agent (register + heartbeat) → ``MERCATO_NODE_READY {json}`` on stdout
 
-SIGINT / SIGTERM: stop the agent, mark the server NOT_SERVING, stop it with a grace
-period for requests in flight, shut the engine down inside the loop. If the engine
+SIGINT / SIGTERM (:func:`_drain`): the next heartbeat tells the coordinator the node is
+draining, so it routes nothing new here (new requests are refused UNAVAILABLE anyway);
+open generations get the shutdown grace; the rest are cut off, and their late receipts
+go out on the heartbeat stream before the agent stops, so the provider is paid for all
+the output that went out. Then the engine is shut down inside the loop. If the engine
 dies, the node reports it (health NOT_SERVING, an error in the log) and exits non-zero.
 """
 
@@ -23,6 +26,8 @@ import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
+import grpc.aio
+from grpc_health.v1 import health
 from mercato.v1 import market_pb2, node_pb2
 
 from marketplace.aio import wait_then_cancel
@@ -42,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 READY_PREFIX = "MERCATO_NODE_READY"
 _ENGINE_WATCH_INTERVAL_S = 1.0
+# After the grace: how long cut-off generations get to hand over their late receipts,
+# and the coordinator to acknowledge them.
+_CUT_OFF_WAIT_S = 5.0
+_LATE_RECEIPT_DELIVERY_WAIT_S = 5.0
 T = TypeVar("T")
 
 
@@ -167,12 +176,39 @@ async def _serve(
                 logger.error("the engine died; the node stops serving (restart it)")
                 break
     finally:
-        await agent.stop()
-        await set_not_serving(health_servicer)
-        await server.stop(settings.shutdown_grace_s)
+        await _drain(settings, agent, worker, server, health_servicer)
         late_receipts.close("the node stopped; the coordinator connection is gone")
     if engine_died:
         raise EngineDeadError("the engine died; restart the node")
+
+
+async def _drain(
+    settings: NodeSettings,
+    agent: NodeAgent,
+    worker: NodeWorker,
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+) -> None:
+    """Stop so that no work goes unpaid: the coordinator is told first (it routes
+    nothing new here), open generations get the shutdown grace, the rest are cut off
+    and their late receipts go out on the heartbeat stream, which ends last."""
+    agent.drain()
+    worker.drain()
+    if not await worker.wait_idle(settings.shutdown_grace_s):
+        logger.warning(
+            "shutdown grace of %.1f s is over: cutting off %d generation(s)",
+            settings.shutdown_grace_s,
+            worker.in_flight,
+        )
+    await set_not_serving(health_servicer)
+    await server.stop(0)
+    await worker.wait_idle(_CUT_OFF_WAIT_S)
+    if not await agent.wait_delivered(_LATE_RECEIPT_DELIVERY_WAIT_S):
+        logger.warning(
+            "late receipts not acknowledged by the coordinator within %.0f s",
+            _LATE_RECEIPT_DELIVERY_WAIT_S,
+        )
+    await agent.stop()
 
 
 async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> tuple[bool, T | None]:

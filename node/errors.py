@@ -44,6 +44,12 @@ class CapacityExhausted(NodeError):
     status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ShuttingDown(NodeError):
+    """The node is stopping and takes no new request."""
+
+    status_code = grpc.StatusCode.UNAVAILABLE
+
+
 class ModelStoreError(NodeError):
     """The model is not packaged, not on disk, or its conversion failed."""
 

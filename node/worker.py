@@ -32,6 +32,7 @@ under the stream's dispatch tag like calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -45,7 +46,7 @@ from marketplace.dispatch import DISPATCH_METADATA
 from marketplace.identity import Identity
 from marketplace.worker_session import serve_session
 from node.engine.base import Delta, Engine, FinishReason, GenerationRequest
-from node.errors import CapacityExhausted, NodeError, RequestInvalid
+from node.errors import CapacityExhausted, NodeError, RequestInvalid, ShuttingDown
 from node.receipts import sign_receipt
 from node.validation import check_context, check_request
 
@@ -98,6 +99,9 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         self._on_late_receipt = on_late_receipt
         self._in_flight = 0
         self._in_flight_by_tag: dict[str, int] = {}
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def in_flight(self) -> int:
@@ -109,6 +113,20 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         """As many generations run as ``max_concurrency`` allows."""
         return self._in_flight >= self._max_concurrency
 
+    def drain(self) -> None:
+        """Refuse every new request from now on (UNAVAILABLE): the node is stopping."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait at most ``timeout_s`` until no generation is open; whether none is. A
+        generation counts until its cleanup is done: a cut-off one has handed its late
+        receipt over by then."""
+        if self._in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._idle.wait()
+        return not self._in_flight
+
     def in_flight_tagged(self, tag: str) -> int:
         """Generate calls being served now that carry dispatch tag ``tag``
         (:mod:`marketplace.dispatch`): the ones a coordinator session sent."""
@@ -119,8 +137,8 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         request: node_pb2.WorkerGenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[node_pb2.WorkerGenerateResponse]:
-        if self.at_capacity:
-            error = self._capacity_error()
+        error = self._refusal()
+        if error is not None:
             await context.abort(error.status_code, str(error))
         tag = _dispatch_tag_of(context)
         self._enter(tag)
@@ -139,8 +157,8 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         tag = _dispatch_tag_of(context)
 
         def admit() -> tuple[grpc.StatusCode, str] | None:
-            if self.at_capacity:
-                error = self._capacity_error()
+            error = self._refusal()
+            if error is not None:
                 return error.status_code, str(error)
             self._enter(tag)
             return None
@@ -150,20 +168,28 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         ):
             yield frame
 
-    def _capacity_error(self) -> NodeError:
-        return CapacityExhausted(
-            f"this node already runs {self._max_concurrency} requests (its max_concurrency); "
-            "retry on another node or later"
-        )
+    def _refusal(self) -> NodeError | None:
+        """Why a new request is refused now, if it is."""
+        if self._draining:
+            return ShuttingDown("this node is shutting down; retry on another node")
+        if self.at_capacity:
+            return CapacityExhausted(
+                f"this node already runs {self._max_concurrency} requests (its "
+                "max_concurrency); retry on another node or later"
+            )
+        return None
 
     def _enter(self, tag: str | None) -> None:
         self._in_flight += 1
+        self._idle.clear()
         if tag is not None:
             by_tag = self._in_flight_by_tag
             by_tag[tag] = by_tag.get(tag, 0) + 1
 
     def _leave(self, tag: str | None) -> None:
         self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
         if tag is not None:
             by_tag = self._in_flight_by_tag
             left = by_tag[tag] - 1

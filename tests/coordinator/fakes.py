@@ -213,6 +213,8 @@ class FakeNode:
         # receipts); only when send_late_receipts is set.
         self.late_receipts: list[market_pb2.SignedReceipt] = []
         self.send_late_receipts = False
+        # Heartbeats say the node is stopping (HeartbeatRequest.draining).
+        self.draining = False
         self.worker.on_cut_off = self._cut_off
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._silent = asyncio.Event()
@@ -300,6 +302,7 @@ class FakeNode:
                         sequence=sequence,
                         load=node_pb2.NodeLoad(running_requests=0),
                         late_receipts=late,
+                        draining=self.draining,
                     )
                     next_beat_s = loop.time() + interval_s
                 else:

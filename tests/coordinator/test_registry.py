@@ -234,3 +234,21 @@ async def test_a_node_that_comes_back_keeps_its_measurements_and_breaker(
     [node] = registry.snapshot().nodes
     assert node.rtt_s == pytest.approx(0.004)
     assert market.breaker_state(identity.node_id) is BreakerState.OPEN  # not shed
+
+
+async def test_a_draining_node_leaves_routing_but_stays_registered(
+    registry: NodeRegistry,
+) -> None:
+    staying, leaving = Identity.generate(), Identity.generate()
+    registry.register(signed(staying))
+    token = registry.register(signed(leaving)).session_token
+    with pytest.raises(SessionInvalid):
+        registry.withdraw(leaving.node_id, "x" * 43)
+    registry.withdraw(leaving.node_id, token)
+    assert [n.node_id for n in registry.snapshot().nodes] == [staying.node_id]
+    assert len(registry.snapshot().index_for("tiny-model")) == 1
+    # Still known: its open requests run on, its late receipts are taken, it beats on.
+    assert leaving.node_id in registry and registry.worker(leaving.node_id) is not None
+    registry.record_heartbeat(leaving.node_id, token, node_pb2.NodeLoad(running_requests=1))
+    registry.withdraw(leaving.node_id, token)  # every later heartbeat says it again
+    assert [n.node_id for n in registry.snapshot().nodes] == [staying.node_id]

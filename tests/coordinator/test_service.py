@@ -473,3 +473,21 @@ async def test_list_nodes_shows_offers_load_and_measurements(
     assert info.in_flight_requests == 0
     only = await client.ListNodes(inference_pb2.ListNodesRequest(model="other-model"), timeout=5)
     assert [n.node_id for n in only.nodes] == [b.node_id]
+
+
+async def test_a_draining_node_gets_no_new_request(
+    coordinator: Coordinator, client, make_node: NodeFactory
+) -> None:
+    """A heartbeat saying ``draining``: requests go to the other node, and none to it
+    even though it is still registered and beating."""
+    leaving = await make_node(price_output=1)  # the cheapest: the first choice so far
+    staying = await make_node(price_output=100_000)
+    leaving.draining = True
+    await wait_until(lambda: len(coordinator.registry.snapshot().nodes) == 1)
+    for _ in range(3):
+        request = chat_request()
+        request.routing.sort = inference_pb2.SORT_MODE_PRICE
+        _, final = deltas_and_final(await collect(client, request))
+        assert final.node_id == staying.node_id
+    assert leaving.worker.requests == []
+    assert leaving.node_id in coordinator.registry

@@ -164,7 +164,7 @@ def _late_receipt(identity: Identity, request_id: str) -> market_pb2.SignedRecei
 @contextlib.asynccontextmanager
 async def _receipt_agent(
     control: RecordingControl, tmp_path: Path
-) -> AsyncIterator[tuple[Identity, ReceiptOutbox]]:
+) -> AsyncIterator[tuple[Identity, ReceiptOutbox, NodeAgent]]:
     """An agent with an outbox, registered with ``control`` and past its first heartbeat."""
     server, port = await start_control(control)
     identity = Identity.generate()
@@ -173,7 +173,7 @@ async def _receipt_agent(
     agent.start()
     try:
         await _until(lambda: len(control.heartbeats) >= 1)
-        yield identity, outbox
+        yield identity, outbox, agent
     finally:
         await agent.stop()
         await server.stop(0)
@@ -189,7 +189,7 @@ def _sent_receipts(control: RecordingControl) -> list[str]:
 
 async def test_late_receipts_go_out_at_once_on_a_heartbeat(tmp_path) -> None:  # type: ignore[no-untyped-def]
     control = RecordingControl(heartbeat_interval_ms=30_000)  # one periodic beat, then none
-    async with _receipt_agent(control, tmp_path) as (identity, outbox):
+    async with _receipt_agent(control, tmp_path) as (identity, outbox, _):
         outbox.put(_late_receipt(identity, "r-1"))
         outbox.put(_late_receipt(identity, "r-2"))
         await _until(lambda: len(_sent_receipts(control)) == 2, timeout_s=5)
@@ -202,7 +202,7 @@ async def test_late_receipts_go_out_at_once_on_a_heartbeat(tmp_path) -> None:  #
 async def test_unacknowledged_late_receipts_are_sent_again_on_the_next_stream(tmp_path) -> None:  # type: ignore[no-untyped-def]
     control = RecordingControl(heartbeat_interval_ms=30_000)
     control.drop_late_receipts = 1  # the first stream ends without answering the receipt
-    async with _receipt_agent(control, tmp_path) as (identity, outbox):
+    async with _receipt_agent(control, tmp_path) as (identity, outbox, _):
         outbox.put(_late_receipt(identity, "r-1"))
         await _until(lambda: len(_sent_receipts(control)) == 2)
         assert _sent_receipts(control) == ["r-1", "r-1"]
@@ -317,3 +317,34 @@ async def test_stop_wins_over_a_heartbeat_answer_arriving_with_it(
                 task.cancel()
         await stopping
     assert done, "the agent ignored stop(): the cancellation was lost"
+
+
+async def test_wait_delivered_returns_once_the_coordinator_acknowledged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    control = RecordingControl(heartbeat_interval_ms=30_000)
+    control.drop_late_receipts = 1  # the first stream ends without answering the receipt
+    async with _receipt_agent(control, tmp_path) as (identity, outbox, agent):
+        assert agent.delivered() and await agent.wait_delivered(0)
+        outbox.put(_late_receipt(identity, "r-1"))
+        assert not agent.delivered()
+        assert await agent.wait_delivered(10)
+        # Sent twice (the first stream dropped it), acknowledged on the second.
+        assert _sent_receipts(control) == ["r-1", "r-1"] and len(control.offers) == 2
+
+
+async def test_wait_delivered_gives_up_when_nothing_acknowledges(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    control = RecordingControl(heartbeat_interval_ms=30_000)
+    control.drop_late_receipts = 1_000  # never answered
+    async with _receipt_agent(control, tmp_path) as (identity, outbox, agent):
+        outbox.put(_late_receipt(identity, "r-1"))
+        assert not await agent.wait_delivered(0.5)
+
+
+async def test_drain_sends_a_draining_heartbeat_at_once_and_on_every_beat_after(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    control = RecordingControl(heartbeat_interval_ms=30_000)  # no periodic beat in this test
+    async with _receipt_agent(control, tmp_path) as (_, outbox, agent):
+        assert not any(beat.draining for _, beat in control.heartbeats)
+        agent.drain()
+        await _until(lambda: any(beat.draining for _, beat in control.heartbeats), timeout_s=5)
+        outbox.put(_late_receipt(Identity.generate(), "r-1"))
+        await _until(lambda: len(_sent_receipts(control)) == 1, timeout_s=5)
+        assert all(beat.draining for _, beat in control.heartbeats[1:])

@@ -174,3 +174,72 @@ async def test_node_process_offers_and_serves_with_its_settings(tmp_path: Path) 
             process.kill()
             await process.wait()
         await server.stop(0)
+
+
+async def test_sigterm_drains_then_cuts_off_and_delivers_the_late_receipt(tmp_path: Path) -> None:
+    """SIGTERM with a generation in flight: the coordinator hears ``draining`` at once
+    (not at the next of its 5 s heartbeats), a new request is refused UNAVAILABLE, the open
+    one runs for the grace and is then cut off, and its late receipt, counting at least
+    what the client got, is acknowledged on the heartbeat stream before the node exits."""
+    import grpc
+    import grpc.aio
+    from mercato.v1 import market_pb2, node_pb2_grpc
+
+    control = RecordingControl(heartbeat_interval_ms=5_000)
+    server, port = await start_control(control)
+    env = {
+        **os.environ,
+        "MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": "20",
+        "MERCATO_NODE_SHUTDOWN_GRACE_S": "1.0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "marketplace.cli", "node", "start", "--engine", "fake",
+        "--home", str(tmp_path), "--port", "0", "--coordinator", f"127.0.0.1:{port}",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(60):
+            line = (await process.stdout.readline()).decode()
+        ready = json.loads(line[len(READY_PREFIX) + 1 :])
+
+        def request(request_id: str, max_tokens: int) -> node_pb2.WorkerGenerateRequest:
+            return node_pb2.WorkerGenerateRequest(
+                request_id=request_id, model=ready["model"], prompt="hi",
+                sampling=common_pb2.SamplingParams(max_tokens=max_tokens),
+            )  # fmt: skip
+
+        async with grpc.aio.insecure_channel(ready["worker_address"]) as channel:
+            stub = node_pb2_grpc.NodeWorkerServiceStub(channel)
+            slow = stub.Generate(request("slow", 200))
+            received = 0 if (await slow.read()).HasField("final") else 1
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(3):  # well within one 5 s heartbeat interval
+                while not any(beat.draining for _, beat in control.heartbeats):  # noqa: ASYNC110 (the control's list, filled by grpc)
+                    await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(request("new", 2)).read()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (refused.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError):
+                while (response := await slow.read()) is not grpc.aio.EOF:
+                    received += response.HasField("delta")
+        assert 10 <= received < 200  # the grace (1 s at 20 tokens/s), then the cut
+        async with asyncio.timeout(30):
+            code = await process.wait()
+        assert code == 0
+        late = [
+            (beat.sequence, market_pb2.UsageReceipt.FromString(signed.receipt))
+            for _, beat in control.heartbeats
+            for signed in beat.late_receipts
+        ]
+        [(sequence, usage)] = late
+        assert usage.request_id == "slow" and usage.output_tokens >= received
+        first_draining = min(b.sequence for _, b in control.heartbeats if b.draining)
+        assert first_draining < sequence
+        assert all(b.draining for _, b in control.heartbeats if b.sequence >= first_draining)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await server.stop(0)

@@ -255,3 +255,25 @@ async def test_the_slot_is_free_when_the_final_arrives(slow_harness: WorkerHarne
     await session.read_until(lambda: 3 in session.finals or 3 in session.ends)
     assert 3 in session.finals
     await session.send(cancel(2))
+
+
+async def test_a_draining_worker_refuses_new_generations_and_lets_open_ones_run(
+    slow_harness: WorkerHarness,
+) -> None:
+    harness = slow_harness
+    session = Session(harness)
+    await session.send(start(1, chat_request(max_tokens=100, request_id="open")))
+    await session.read_until(lambda: bool(session.deltas[1]))
+    harness.worker.drain()
+    await session.send(start(2, chat_request(max_tokens=2, request_id="new")))
+    await session.read_until(lambda: 2 in session.ends)
+    assert session.ends[2].status_code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "shutting down" in session.ends[2].message
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await harness.stub.Generate(chat_request(max_tokens=2, request_id="call")).read()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert 1 not in session.ends and harness.worker.in_flight == 1  # still running
+    assert not await harness.worker.wait_idle(0.05)
+    await session.send(cancel(1))
+    assert await harness.worker.wait_idle(10)
+    assert [r.receipt for r in harness.late_receipts]  # the cut one's receipt went out

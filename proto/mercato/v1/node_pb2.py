@@ -26,7 +26,7 @@ from mercato.v1 import common_pb2 as mercato_dot_v1_dot_common__pb2
 from mercato.v1 import market_pb2 as mercato_dot_v1_dot_market__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mercato/v1/node.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\x1a\x17mercato/v1/market.proto\"9\n\x0fRegisterRequest\x12&\n\x05offer\x18\x01 \x01(\x0b\x32\x17.mercato.v1.SignedOffer\"\x96\x01\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1b\n\x13liveness_timeout_ms\x18\x04 \x01(\r\x12\x1e\n\x16\x63oordinator_public_key\x18\x05 \x01(\x0c\"\xb8\x01\n\x08NodeLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x1f\n\x17kv_cache_usage_permille\x18\x03 \x01(\r\x12\x1b\n\x13output_tokens_per_s\x18\x04 \x01(\r\x12!\n\x14\x63oordinator_requests\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x17\n\x15_coordinator_requests\"\x8b\x01\n\x10HeartbeatRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\"\n\x04load\x18\x02 \x01(\x0b\x32\x14.mercato.v1.NodeLoad\x12\x0f\n\x07pong_id\x18\x03 \x01(\x04\x12\x30\n\rlate_receipts\x18\x04 \x03(\x0b\x32\x19.mercato.v1.SignedReceipt\"6\n\x11HeartbeatResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07ping_id\x18\x02 \x01(\x04\"\x8d\x01\n\x14WorkerSessionRequest\x12\x11\n\tstream_id\x18\x01 \x01(\r\x12\x32\n\x05start\x18\x02 \x01(\x0b\x32!.mercato.v1.WorkerGenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12\x12\n\ntimeout_ms\x18\x04 \x01(\rB\x08\n\x06\x61\x63tion\"8\n\x10WorkerSessionEnd\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x98\x01\n\x15WorkerSessionResponse\x12\x11\n\tstream_id\x18\x01 \x01(\r\x12\x36\n\x08response\x18\x02 \x01(\x0b\x32\".mercato.v1.WorkerGenerateResponseH\x00\x12+\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1c.mercato.v1.WorkerSessionEndH\x00\x42\x07\n\x05\x65vent\"\xed\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.mercato.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.mercato.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\r\x12\x15\n\rsegment_index\x18\x07 \x01(\r\x12\x10\n\x08lease_id\x18\x08 \x01(\tB\x07\n\x05input\"\x97\x01\n\x0bWorkerFinal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.mercato.v1.FinishReason\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\r\x12\x15\n\routput_tokens\x18\x03 \x01(\r\x12*\n\x07receipt\x18\x04 \x01(\x0b\x32\x19.mercato.v1.SignedReceipt\"\x9d\x01\n\x16WorkerGenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.mercato.v1.TextDeltaH\x00\x12(\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x17.mercato.v1.WorkerFinalH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.mercato.v1.StreamErrorH\x00\x42\x07\n\x05\x63hunk2\xa9\x01\n\x12NodeControlService\x12\x45\n\x08Register\x12\x1b.mercato.v1.RegisterRequest\x1a\x1c.mercato.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1c.mercato.v1.HeartbeatRequest\x1a\x1d.mercato.v1.HeartbeatResponse(\x01\x30\x01\x32\xbc\x01\n\x11NodeWorkerService\x12S\n\x08Generate\x12!.mercato.v1.WorkerGenerateRequest\x1a\".mercato.v1.WorkerGenerateResponse0\x01\x12R\n\x07Session\x12 .mercato.v1.WorkerSessionRequest\x1a!.mercato.v1.WorkerSessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mercato/v1/node.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\x1a\x17mercato/v1/market.proto\"9\n\x0fRegisterRequest\x12&\n\x05offer\x18\x01 \x01(\x0b\x32\x17.mercato.v1.SignedOffer\"\x96\x01\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1b\n\x13liveness_timeout_ms\x18\x04 \x01(\r\x12\x1e\n\x16\x63oordinator_public_key\x18\x05 \x01(\x0c\"\xb8\x01\n\x08NodeLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x1f\n\x17kv_cache_usage_permille\x18\x03 \x01(\r\x12\x1b\n\x13output_tokens_per_s\x18\x04 \x01(\r\x12!\n\x14\x63oordinator_requests\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x17\n\x15_coordinator_requests\"\x9d\x01\n\x10HeartbeatRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\"\n\x04load\x18\x02 \x01(\x0b\x32\x14.mercato.v1.NodeLoad\x12\x0f\n\x07pong_id\x18\x03 \x01(\x04\x12\x30\n\rlate_receipts\x18\x04 \x03(\x0b\x32\x19.mercato.v1.SignedReceipt\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"6\n\x11HeartbeatResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07ping_id\x18\x02 \x01(\x04\"\x8d\x01\n\x14WorkerSessionRequest\x12\x11\n\tstream_id\x18\x01 \x01(\r\x12\x32\n\x05start\x18\x02 \x01(\x0b\x32!.mercato.v1.WorkerGenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12\x12\n\ntimeout_ms\x18\x04 \x01(\rB\x08\n\x06\x61\x63tion\"8\n\x10WorkerSessionEnd\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x98\x01\n\x15WorkerSessionResponse\x12\x11\n\tstream_id\x18\x01 \x01(\r\x12\x36\n\x08response\x18\x02 \x01(\x0b\x32\".mercato.v1.WorkerGenerateResponseH\x00\x12+\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1c.mercato.v1.WorkerSessionEndH\x00\x42\x07\n\x05\x65vent\"\xed\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.mercato.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.mercato.v1.SamplingParams\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\r\x12\x15\n\rsegment_index\x18\x07 \x01(\r\x12\x10\n\x08lease_id\x18\x08 \x01(\tB\x07\n\x05input\"\x97\x01\n\x0bWorkerFinal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.mercato.v1.FinishReason\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\r\x12\x15\n\routput_tokens\x18\x03 \x01(\r\x12*\n\x07receipt\x18\x04 \x01(\x0b\x32\x19.mercato.v1.SignedReceipt\"\x9d\x01\n\x16WorkerGenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.mercato.v1.TextDeltaH\x00\x12(\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x17.mercato.v1.WorkerFinalH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.mercato.v1.StreamErrorH\x00\x42\x07\n\x05\x63hunk2\xa9\x01\n\x12NodeControlService\x12\x45\n\x08Register\x12\x1b.mercato.v1.RegisterRequest\x1a\x1c.mercato.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1c.mercato.v1.HeartbeatRequest\x1a\x1d.mercato.v1.HeartbeatResponse(\x01\x30\x01\x32\xbc\x01\n\x11NodeWorkerService\x12S\n\x08Generate\x12!.mercato.v1.WorkerGenerateRequest\x1a\".mercato.v1.WorkerGenerateResponse0\x01\x12R\n\x07Session\x12 .mercato.v1.WorkerSessionRequest\x1a!.mercato.v1.WorkerSessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODELOAD']._serialized_start=300
   _globals['_NODELOAD']._serialized_end=484
   _globals['_HEARTBEATREQUEST']._serialized_start=487
-  _globals['_HEARTBEATREQUEST']._serialized_end=626
-  _globals['_HEARTBEATRESPONSE']._serialized_start=628
-  _globals['_HEARTBEATRESPONSE']._serialized_end=682
-  _globals['_WORKERSESSIONREQUEST']._serialized_start=685
-  _globals['_WORKERSESSIONREQUEST']._serialized_end=826
-  _globals['_WORKERSESSIONEND']._serialized_start=828
-  _globals['_WORKERSESSIONEND']._serialized_end=884
-  _globals['_WORKERSESSIONRESPONSE']._serialized_start=887
-  _globals['_WORKERSESSIONRESPONSE']._serialized_end=1039
-  _globals['_WORKERGENERATEREQUEST']._serialized_start=1042
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=1279
-  _globals['_WORKERFINAL']._serialized_start=1282
-  _globals['_WORKERFINAL']._serialized_end=1433
-  _globals['_WORKERGENERATERESPONSE']._serialized_start=1436
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=1593
-  _globals['_NODECONTROLSERVICE']._serialized_start=1596
-  _globals['_NODECONTROLSERVICE']._serialized_end=1765
-  _globals['_NODEWORKERSERVICE']._serialized_start=1768
-  _globals['_NODEWORKERSERVICE']._serialized_end=1956
+  _globals['_HEARTBEATREQUEST']._serialized_end=644
+  _globals['_HEARTBEATRESPONSE']._serialized_start=646
+  _globals['_HEARTBEATRESPONSE']._serialized_end=700
+  _globals['_WORKERSESSIONREQUEST']._serialized_start=703
+  _globals['_WORKERSESSIONREQUEST']._serialized_end=844
+  _globals['_WORKERSESSIONEND']._serialized_start=846
+  _globals['_WORKERSESSIONEND']._serialized_end=902
+  _globals['_WORKERSESSIONRESPONSE']._serialized_start=905
+  _globals['_WORKERSESSIONRESPONSE']._serialized_end=1057
+  _globals['_WORKERGENERATEREQUEST']._serialized_start=1060
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=1297
+  _globals['_WORKERFINAL']._serialized_start=1300
+  _globals['_WORKERFINAL']._serialized_end=1451
+  _globals['_WORKERGENERATERESPONSE']._serialized_start=1454
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=1611
+  _globals['_NODECONTROLSERVICE']._serialized_start=1614
+  _globals['_NODECONTROLSERVICE']._serialized_end=1783
+  _globals['_NODEWORKERSERVICE']._serialized_start=1786
+  _globals['_NODEWORKERSERVICE']._serialized_end=1974
 # @@protoc_insertion_point(module_scope)

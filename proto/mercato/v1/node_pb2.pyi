@@ -43,16 +43,18 @@ class NodeLoad(_message.Message):
     def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage_permille: _Optional[int] = ..., output_tokens_per_s: _Optional[int] = ..., coordinator_requests: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("sequence", "load", "pong_id", "late_receipts")
+    __slots__ = ("sequence", "load", "pong_id", "late_receipts", "draining")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     PONG_ID_FIELD_NUMBER: _ClassVar[int]
     LATE_RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     load: NodeLoad
     pong_id: int
     late_receipts: _containers.RepeatedCompositeFieldContainer[_market_pb2.SignedReceipt]
-    def __init__(self, sequence: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., pong_id: _Optional[int] = ..., late_receipts: _Optional[_Iterable[_Union[_market_pb2.SignedReceipt, _Mapping]]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, sequence: _Optional[int] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., pong_id: _Optional[int] = ..., late_receipts: _Optional[_Iterable[_Union[_market_pb2.SignedReceipt, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("sequence", "ping_id")
