@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -698,6 +698,16 @@ async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
         assert node.worker.requests == []
 
 
+@contextlib.contextmanager
+def _reopened_ledger(home: Path) -> Iterator[LedgerStore]:
+    """The coordinator's SQLite ledger in ``home``, opened afresh (after it stopped)."""
+    store = LedgerStore.open(LedgerSettings(database_url=f"sqlite:///{home / 'mercato.db'}"))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -707,12 +717,7 @@ async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones
     late receipt (the heartbeat streams outlive the cut); a request during the grace is
     refused UNAVAILABLE; no hold is left open and the journal verifies when the database
     is opened afresh."""
-    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
-    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
-    await coordinator.start()
-    node = fakes.FakeNode(coordinator.address)
-    try:
-        await node.start()
+    async with _billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
         node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(60)], delay_s=0.05)
         node.worker.final_receipt = node.signed_usage
         node.send_late_receipts = True
@@ -760,12 +765,8 @@ async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones
             assert 1 < long_deltas < 60
             async with asyncio.timeout(30):
                 await stopping
-    finally:
-        await node.stop()
-        await coordinator.stop(grace_s=0)
 
-    reopened = LedgerStore.open(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'mercato.db'}"))
-    try:
+    with _reopened_ledger(tmp_path) as reopened:
         charged = reopened.settlement("short")
         assert (
             charged is not None and charged["cost_micro_usd"] == short_rest[-1].final.cost_micro_usd
@@ -783,8 +784,6 @@ async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones
         assert reopened.account(issued.key.account_id).posted_micro_usd == (
             1_000_000 - charged["cost_micro_usd"] - cut_off["cost_micro_usd"]
         )
-    finally:
-        reopened.close()
 
 
 async def test_stop_without_grace_still_bills_the_cut_off_stream(
@@ -792,12 +791,7 @@ async def test_stop_without_grace_still_bills_the_cut_off_stream(
 ) -> None:
     """stop(grace_s=0): the open stream is cut at once, and its settlement still gets its
     node's late receipt before the server (and with it the heartbeat stream) goes."""
-    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
-    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
-    await coordinator.start()
-    node = fakes.FakeNode(coordinator.address)
-    try:
-        await node.start()
+    async with _billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
         node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(60)], delay_s=0.05)
         node.send_late_receipts = True
         assert coordinator.billing is not None
@@ -825,14 +819,8 @@ async def test_stop_without_grace_still_bills_the_cut_off_stream(
             assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
             async with asyncio.timeout(30):
                 await stopping
-    finally:
-        await node.stop()
-        await coordinator.stop(grace_s=0)
-    reopened = LedgerStore.open(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'mercato.db'}"))
-    try:
+    with _reopened_ledger(tmp_path) as reopened:
         row = reopened.settlement("cut-at-once")
         assert row is not None and row["output_tokens"] == deltas
         assert reopened.open_holds() == []
         assert verify_ledger(reopened.engine).ok
-    finally:
-        reopened.close()

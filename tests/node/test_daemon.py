@@ -16,6 +16,7 @@ from mercato.v1 import common_pb2, node_pb2
 from node.daemon import READY_PREFIX
 
 from .control_fake import RecordingControl, start_control
+from .node_process import kill_if_running, start_fake_node, stop_with_sigterm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,14 +71,9 @@ async def test_node_process_registers_serves_and_stops_cleanly(tmp_path: Path) -
         assert responses[-1].final.output_tokens == 4
         async with asyncio.timeout(10):
             await control.heartbeat_seen.wait()
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            code = await process.wait()
-        assert code == 0
+        assert await stop_with_sigterm(process) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await kill_if_running(process)
         await server.stop(0)
 
 
@@ -110,23 +106,14 @@ async def test_node_process_offers_and_serves_with_its_settings(tmp_path: Path) 
     control = RecordingControl(heartbeat_interval_ms=50)
     server, port = await start_control(control)
     env = {
-        **os.environ,
         "MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": "20",
         "MERCATO_NODE_FAKE_ENGINE_CONTEXT_LENGTH": "1000",
         "MERCATO_NODE_PRICE_INPUT_MICRO_USD_PER_MTOK": "7",
         "MERCATO_NODE_PRICE_OUTPUT_MICRO_USD_PER_MTOK": "11",
         "MERCATO_NODE_MAX_CONCURRENCY": "1",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "marketplace.cli", "node", "start", "--engine", "fake",
-        "--home", str(tmp_path), "--port", "0", "--coordinator", f"127.0.0.1:{port}",
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
+    process, ready = await start_fake_node(tmp_path, f"127.0.0.1:{port}", env)
     try:
-        assert process.stdout is not None
-        async with asyncio.timeout(60):
-            line = (await process.stdout.readline()).decode()
-        ready = json.loads(line[len(READY_PREFIX) + 1 :])
         [offer] = control.offers
         [model] = offer.models
         assert (model.context_length, offer.max_concurrency) == (1000, 1)
@@ -165,14 +152,9 @@ async def test_node_process_offers_and_serves_with_its_settings(tmp_path: Path) 
         # A cancelled call and a late receipt behind it, heartbeats every 50 ms: SIGTERM
         # still stops the node (a stop that met a heartbeat answer in the same loop turn
         # was lost once; see test_agent's test_stop_wins_over_a_heartbeat_answer_...).
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            code = await process.wait()
-        assert code == 0
+        assert await stop_with_sigterm(process) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await kill_if_running(process)
         await server.stop(0)
 
 
@@ -187,21 +169,9 @@ async def test_sigterm_drains_then_cuts_off_and_delivers_the_late_receipt(tmp_pa
 
     control = RecordingControl(heartbeat_interval_ms=5_000)
     server, port = await start_control(control)
-    env = {
-        **os.environ,
-        "MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": "20",
-        "MERCATO_NODE_SHUTDOWN_GRACE_S": "1.0",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "marketplace.cli", "node", "start", "--engine", "fake",
-        "--home", str(tmp_path), "--port", "0", "--coordinator", f"127.0.0.1:{port}",
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
+    env = {"MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": "20", "MERCATO_NODE_SHUTDOWN_GRACE_S": "1.0"}
+    process, ready = await start_fake_node(tmp_path, f"127.0.0.1:{port}", env)
     try:
-        assert process.stdout is not None
-        async with asyncio.timeout(60):
-            line = (await process.stdout.readline()).decode()
-        ready = json.loads(line[len(READY_PREFIX) + 1 :])
 
         def request(request_id: str, max_tokens: int) -> node_pb2.WorkerGenerateRequest:
             return node_pb2.WorkerGenerateRequest(
@@ -239,7 +209,5 @@ async def test_sigterm_drains_then_cuts_off_and_delivers_the_late_receipt(tmp_pa
         assert first_draining < sequence
         assert all(b.draining for _, b in control.heartbeats if b.sequence >= first_draining)
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await kill_if_running(process)
         await server.stop(0)

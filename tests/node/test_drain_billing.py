@@ -6,10 +6,7 @@ in-process coordinator with billing on SQLite."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import sys
 from pathlib import Path
 
 import grpc.aio
@@ -19,31 +16,19 @@ from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc, market_pb2
 from coordinator.server import Coordinator
 from marketplace.ledger import verify_ledger
 from marketplace.ledger.models import AccountKind
-from node.daemon import READY_PREFIX
 
 from ..coordinator.conftest import fast_settings, wait_until
+from .node_process import kill_if_running, start_fake_node
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def _start_node(
-    home: Path, coordinator: str, price_output: int
-) -> tuple[asyncio.subprocess.Process, dict[str, object]]:
-    env = {
-        **os.environ,
+def _node_env(price_output: int) -> dict[str, str]:
+    return {
         "MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": "20",
         "MERCATO_NODE_SHUTDOWN_GRACE_S": "0.3",
         "MERCATO_NODE_PRICE_OUTPUT_MICRO_USD_PER_MTOK": str(price_output),
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "marketplace.cli", "node", "start", "--engine", "fake",
-        "--home", str(home), "--port", "0", "--coordinator", coordinator,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    assert process.stdout is not None
-    async with asyncio.timeout(60):
-        line = (await process.stdout.readline()).decode()
-    return process, json.loads(line[len(READY_PREFIX) + 1 :])
 
 
 async def test_a_node_stopped_mid_answer_is_paid_and_the_answer_completes(
@@ -56,9 +41,13 @@ async def test_a_node_stopped_mid_answer_is_paid_and_the_answer_completes(
     try:
         assert coordinator.billing is not None
         ledger = coordinator.billing.ledger
-        stopping, first = await _start_node(tmp_path / "a", coordinator.address, 300_000)
+        stopping, first = await start_fake_node(
+            tmp_path / "a", coordinator.address, _node_env(300_000)
+        )
         processes.append(stopping)
-        staying, second = await _start_node(tmp_path / "b", coordinator.address, 500_000)
+        staying, second = await start_fake_node(
+            tmp_path / "b", coordinator.address, _node_env(500_000)
+        )
         processes.append(staying)
         await wait_until(lambda: len(coordinator.registry.snapshot().nodes) == 2, 30)
         account = ledger.store.create_account(AccountKind.CLIENT, "gina")
@@ -100,7 +89,5 @@ async def test_a_node_stopped_mid_answer_is_paid_and_the_answer_completes(
         assert verify_ledger(ledger.store.engine).ok
     finally:
         for process in processes:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await kill_if_running(process)
         await coordinator.stop(grace_s=0)
