@@ -96,72 +96,69 @@ class InferenceServicer:
             )
         task = asyncio.current_task()
         assert task is not None
+        # grpc runs each call in a task of its own: tracked until it ends (drain waits on it).
         self._open.add(task)
+        task.add_done_callback(self._open.discard)
+        billing = self._billing
+        admission: Admission | None = None
         try:
-            billing = self._billing
-            admission: Admission | None = None
+            principal = await billing.authenticate(context) if billing is not None else None
+            valid = validate_request(request, self._settings)
+            if billing is not None and principal is not None:
+                valid = await billing.constrain(principal, valid)
+            elif valid.worker_request.lease_id:
+                raise LeaseNotFound(
+                    f"lease_id: lease {valid.worker_request.lease_id!r} does not exist (this "
+                    "coordinator runs without billing, so it has no leases); leave lease_id "
+                    "empty for serverless"
+                )
+            routed = self._router.first(valid)
+            if billing is not None and principal is not None:
+                # Failover and resume never go above these candidates' prices (relay).
+                admission = await billing.admit(principal, valid, routed.listings)
+        except CoordinatorError as exc:
+            await abort_with(context, exc)
+        outcome = RelayOutcome(valid.request_id)
+        try:
+            async for chunk in self._relay.stream(valid, routed, context, outcome):
+                yield chunk
+        except BaseException as exc:
+            # Failed or cancelled: bill what has a receipt, a late one included (a live
+            # node whose stream was cut sends it on its heartbeat); release the rest.
+            if billing is not None and admission is not None:
+                outcome.count_unfinished()
+                billing.settle_in_background(admission, outcome.segments)
+            if (
+                isinstance(exc, asyncio.CancelledError)
+                and self._draining
+                and not context.cancelled()
+            ):
+                # Cut off by drain(), not by the client: tell the client why.
+                task.uncancel()
+                exc = ShuttingDown(
+                    "the coordinator is shutting down and its grace for open streams is "
+                    "over: the answer stops here (what was delivered is billed from the "
+                    "node's receipt); send the rest again as a new request"
+                )
+            if not isinstance(exc, CoordinatorError):
+                raise
+            if len(outcome.delivered):
+                # Clients that read only messages see why the stream stops early.
+                yield inference_pb2.GenerateResponse(
+                    error=common_pb2.StreamError(code=exc.status_code.value[0], message=str(exc))
+                ).SerializeToString()
+            await abort_with(context, exc)
+        final = outcome.final()
+        if billing is not None and admission is not None:
+            crash_if(self._settings, FaultPoint.EXIT_BEFORE_SETTLE)
             try:
-                principal = await billing.authenticate(context) if billing is not None else None
-                valid = validate_request(request, self._settings)
-                if billing is not None and principal is not None:
-                    valid = await billing.constrain(principal, valid)
-                elif valid.worker_request.lease_id:
-                    raise LeaseNotFound(
-                        f"lease_id: lease {valid.worker_request.lease_id!r} does not exist (this "
-                        "coordinator runs without billing, so it has no leases); leave lease_id "
-                        "empty for serverless"
-                    )
-                routed = self._router.first(valid)
-                if billing is not None and principal is not None:
-                    # Failover and resume never go above these candidates' prices (relay).
-                    admission = await billing.admit(principal, valid, routed.listings)
+                charge = await billing.settle(admission, outcome.segments)
             except CoordinatorError as exc:
                 await abort_with(context, exc)
-            outcome = RelayOutcome(valid.request_id)
-            try:
-                async for chunk in self._relay.stream(valid, routed, context, outcome):
-                    yield chunk
-            except BaseException as exc:
-                # Failed or cancelled: bill what has a receipt, a late one included (a live
-                # node whose stream was cut sends it on its heartbeat); release the rest.
-                if billing is not None and admission is not None:
-                    outcome.count_unfinished()
-                    billing.settle_in_background(admission, outcome.segments)
-                if (
-                    isinstance(exc, asyncio.CancelledError)
-                    and self._draining
-                    and not context.cancelled()
-                ):
-                    # Cut off by drain(), not by the client: tell the client why.
-                    task.uncancel()
-                    exc = ShuttingDown(
-                        "the coordinator is shutting down and its grace for open streams is "
-                        "over: the answer stops here (what was delivered is billed from the "
-                        "node's receipt); send the rest again as a new request"
-                    )
-                if not isinstance(exc, CoordinatorError):
-                    raise
-                if len(outcome.delivered):
-                    # Clients that read only messages see why the stream stops early.
-                    yield inference_pb2.GenerateResponse(
-                        error=common_pb2.StreamError(
-                            code=exc.status_code.value[0], message=str(exc)
-                        )
-                    ).SerializeToString()
-                await abort_with(context, exc)
-            final = outcome.final()
-            if billing is not None and admission is not None:
-                crash_if(self._settings, FaultPoint.EXIT_BEFORE_SETTLE)
-                try:
-                    charge = await billing.settle(admission, outcome.segments)
-                except CoordinatorError as exc:
-                    await abort_with(context, exc)
-                final.cost_micro_usd = charge.cost_micro_usd
-                final.receipts.extend(charge.receipts)
-                crash_if(self._settings, FaultPoint.EXIT_AFTER_RELAY)
-            yield inference_pb2.GenerateResponse(final=final).SerializeToString()
-        finally:
-            self._open.discard(task)
+            final.cost_micro_usd = charge.cost_micro_usd
+            final.receipts.extend(charge.receipts)
+            crash_if(self._settings, FaultPoint.EXIT_AFTER_RELAY)
+        yield inference_pb2.GenerateResponse(final=final).SerializeToString()
 
     async def ListNodes(
         self, request: inference_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
