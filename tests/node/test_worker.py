@@ -87,6 +87,16 @@ async def test_raw_prompt_and_stop_strings(harness: WorkerHarness) -> None:
     assert stop_word not in "".join(d.text for d in deltas)
 
 
+def _ten_token_prompt(max_tokens: int) -> node_pb2.WorkerGenerateRequest:
+    """A prompt of 10 tokens for the fake engine (one per byte) asking ``max_tokens``."""
+    return node_pb2.WorkerGenerateRequest(
+        request_id="r",
+        model=MODEL,
+        prompt="0123456789",
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens),
+    )
+
+
 @pytest.mark.parametrize(
     ("request_factory", "code", "needle"),
     [
@@ -124,12 +134,7 @@ async def test_raw_prompt_and_stop_strings(harness: WorkerHarness) -> None:
         ),
         (
             # 256-token context: a 10-token prompt plus 250 new tokens does not fit.
-            lambda: node_pb2.WorkerGenerateRequest(
-                request_id="r",
-                model=MODEL,
-                prompt="0123456789",
-                sampling=common_pb2.SamplingParams(max_tokens=250),
-            ),
+            lambda: _ten_token_prompt(max_tokens=250),
             grpc.StatusCode.INVALID_ARGUMENT,
             "context length 256",
         ),
@@ -142,12 +147,7 @@ async def test_raw_prompt_and_stop_strings(harness: WorkerHarness) -> None:
         ),
         (
             # One past the inclusive limit (246 fits; see the next test).
-            lambda: node_pb2.WorkerGenerateRequest(
-                request_id="r",
-                model=MODEL,
-                prompt="0123456789",
-                sampling=common_pb2.SamplingParams(max_tokens=247),
-            ),
+            lambda: _ten_token_prompt(max_tokens=247),
             grpc.StatusCode.INVALID_ARGUMENT,
             "context length 256",
         ),
@@ -188,13 +188,7 @@ async def test_invalid_requests_get_a_status_naming_the_field(
 
 
 async def test_the_context_limit_is_inclusive(harness: WorkerHarness) -> None:
-    request = node_pb2.WorkerGenerateRequest(
-        request_id="r",
-        model=MODEL,
-        prompt="0123456789",
-        sampling=common_pb2.SamplingParams(max_tokens=246),
-    )
-    _, final = await collect(harness.stub.Generate(request))
+    _, final = await collect(harness.stub.Generate(_ten_token_prompt(max_tokens=246)))
     assert final is not None and final.output_tokens == 246
 
 
