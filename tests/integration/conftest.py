@@ -92,6 +92,7 @@ class Cluster:
         coordinator_address: str,
         *extra: str,
         engine: str = "vllm",
+        env: dict[str, str] | None = None,
     ) -> Service:
         home = self.root / name
         service = start_service(
@@ -113,6 +114,7 @@ class Cluster:
             ),
             "MERCATO_NODE_READY",
             home / "log.txt",
+            env=env,
             timeout_s=300,
         )
         self.services.append(service)
