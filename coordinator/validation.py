@@ -25,6 +25,8 @@ STOP_SEQUENCE_CHARS_MAX = 128
 ROUTING_LIST_MAX = 256
 NODE_ID_CHARS_MAX = 128
 LEASE_ID_CHARS_MAX = 128
+TEMPERATURE_MAX = 2.0  # as OpenAI's API and vLLM have it
+SEED_MAX = 2**63 - 1  # what engines take (vLLM: a signed 64-bit seed)
 _SORT_MODES = frozenset(inference_pb2.SortMode.values())
 
 
@@ -132,13 +134,16 @@ def _check_sampling(
     else:
         out.max_tokens = settings.default_max_tokens
     if sampling.HasField("temperature") and not (
-        math.isfinite(sampling.temperature) and sampling.temperature >= 0
+        math.isfinite(sampling.temperature) and 0 <= sampling.temperature <= TEMPERATURE_MAX
     ):
         raise RequestInvalid(
-            f"sampling.temperature: {sampling.temperature} must be a number >= 0 (0 is greedy)"
+            f"sampling.temperature: {sampling.temperature} must be in [0, {TEMPERATURE_MAX:g}] "
+            "(0 is greedy)"
         )
     if sampling.HasField("top_p") and not 0 < sampling.top_p <= 1:
         raise RequestInvalid(f"sampling.top_p: {sampling.top_p} must be in (0, 1]")
+    if sampling.seed > SEED_MAX:
+        raise RequestInvalid(f"sampling.seed: {sampling.seed} is above {SEED_MAX}")
     if len(sampling.stop) > STOP_SEQUENCES_MAX:
         raise RequestInvalid(
             f"sampling.stop: {len(sampling.stop)} strings, more than {STOP_SEQUENCES_MAX}"

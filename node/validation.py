@@ -18,6 +18,7 @@ from node.errors import ModelNotServed, RequestInvalid
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
+TEMPERATURE_MAX = 2.0  # as OpenAI's API and vLLM have it
 STOP_STRINGS_MAX = 8
 STOP_STRING_CHARS_MAX = 128
 REQUEST_ID_CHARS_MAX = 128
@@ -76,8 +77,11 @@ def check_sampling(sampling: common_pb2.SamplingParams) -> CheckedSampling:
     if max_tokens < 1:
         raise RequestInvalid(f"sampling.max_tokens: must be >= 1, got {max_tokens}")
     temperature = sampling.temperature if sampling.HasField("temperature") else DEFAULT_TEMPERATURE
-    if not math.isfinite(temperature) or temperature < 0:
-        raise RequestInvalid(f"sampling.temperature: must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and 0 <= temperature <= TEMPERATURE_MAX):
+        raise RequestInvalid(
+            f"sampling.temperature: must be in [0, {TEMPERATURE_MAX:g}] (0 is greedy), "
+            f"got {temperature}"
+        )
     top_p = sampling.top_p if sampling.HasField("top_p") else DEFAULT_TOP_P
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise RequestInvalid(f"sampling.top_p: must be in (0, 1], got {top_p}")

@@ -27,7 +27,9 @@ def chat(
     system: str = typer.Option("", help="Optional system message."),
     max_tokens: int = typer.Option(256, help="Most tokens to generate."),
     temperature: float = typer.Option(0.7, help="0 for greedy decoding."),
-    seed: int | None = typer.Option(None, help="Sampler seed, for reproducible output."),
+    seed: int | None = typer.Option(
+        None, min=0, max=2**63 - 1, help="Sampler seed, for reproducible output."
+    ),
     region: list[str] = typer.Option([], help="Allowed region (repeatable); a hard constraint."),
     timeout_s: float = typer.Option(120.0, help="Deadline of the whole request, seconds."),
     home: Path | None = typer.Option(

@@ -146,6 +146,7 @@ class VllmEngine(Engine):
         self._meter = TokenRateMeter()
         self._sequence = 0
         self._sampling_params_cls: Any = None
+        self._refused: tuple[type[Exception], ...] = (ValueError,)
         self._delta_kind: Any = None
         self._tokens_prompt_cls: Any = None
         self._per_request_interval = True
@@ -237,11 +238,14 @@ class VllmEngine(Engine):
     def _build(self) -> None:
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._sampling_params_cls = SamplingParams
+        # What vLLM raises for a parameter it refuses (older versions: ValueError).
+        self._refused = (VLLMValidationError, ValueError)
         self._per_request_interval = has_per_request_interval(SamplingParams)
         if not self._per_request_interval:
             logger.warning(
@@ -324,7 +328,13 @@ class VllmEngine(Engine):
         self._sequence += 1
         # Unique inside the engine even if a caller reuses its request id.
         engine_request_id = f"{request.request_id}#{self._sequence}"
-        stream = llm.generate(prompt, self._sampling_params(request), engine_request_id)
+        try:
+            sampling = self._sampling_params(request)
+        except self._refused as exc:
+            # A limit of this vLLM that the node's own checks do not know: the request's
+            # fault (INVALID_ARGUMENT, not tried elsewhere), not a broken node.
+            raise RequestInvalid(f"sampling: the engine refused the parameters: {exc}") from exc
+        stream = llm.generate(prompt, sampling, engine_request_id)
         finished = False
         try:
             async for output in stream:

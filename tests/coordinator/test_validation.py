@@ -87,6 +87,33 @@ def test_routing_fields() -> None:
         validate_request(r, SETTINGS)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("temperature", 2.5, r"^sampling\.temperature: 2\.5 must be in \[0, 2\]"),
+        ("temperature", -0.1, r"^sampling\.temperature"),
+        ("temperature", float("inf"), r"^sampling\.temperature"),
+        ("top_p", 0.0, r"^sampling\.top_p"),
+        ("seed", 2**63, r"^sampling\.seed: 9223372036854775808 is above"),
+    ],
+)
+def test_sampling_bounds(field: str, value: float, needle: str) -> None:
+    # What passes here the engine must take: an engine refusal would reach the client as
+    # the node's error (vLLM refuses temperatures above 2).
+    r = request()
+    setattr(r.sampling, field, value)
+    with pytest.raises(RequestInvalid, match=needle):
+        validate_request(r, SETTINGS)
+
+
+def test_sampling_at_the_bounds_passes() -> None:
+    r = request()
+    r.sampling.temperature = 2.0
+    r.sampling.top_p = 1.0
+    r.sampling.seed = 2**63 - 1
+    assert validate_request(r, SETTINGS).worker_request.sampling.seed == 2**63 - 1
+
+
 def test_stop_strings() -> None:
     r = request()
     r.sampling.stop.append("x" * 129)

@@ -19,6 +19,7 @@ from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
 from marketplace.identity import Identity, verify
 from node.engine import Engine, FinishReason, GenerationRequest
 from node.engine.vllm_engine import _unfinished_requests
+from node.errors import RequestInvalid
 from node.receipts import RECEIPT_DOMAIN
 from node.worker import NodeWorker
 from node.worker_server import start_worker_server
@@ -200,6 +201,18 @@ async def test_a_prompt_longer_than_the_context_is_refused(served: Served) -> No
         await _collect(served.stub.Generate(request))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "context length 2048" in (raised.value.details() or "")
+
+
+async def test_parameters_the_engine_refuses_are_the_requests_fault(
+    vllm_engine: Engine,
+) -> None:
+    # The node's checks stop temperatures above 2 first; the engine's own refusal of
+    # anything they miss must still read as a bad request (INVALID_ARGUMENT: no failover,
+    # no mark against the node), not as a failed node.
+    request = GenerationRequest("it-refused", prompt="Hello", max_tokens=4, temperature=9.0)
+    with pytest.raises(RequestInvalid, match=r"^sampling: the engine refused .*temperature"):
+        await _direct(vllm_engine, request)
+    assert _unfinished_requests(vllm_engine._llm) == 0  # type: ignore[attr-defined]
 
 
 async def test_a_busy_engine_streams_fewer_larger_deltas(vllm_engine: Engine) -> None:

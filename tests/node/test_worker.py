@@ -103,6 +103,7 @@ def _ten_token_prompt(max_tokens: int) -> node_pb2.WorkerGenerateRequest:
         (lambda: chat_request(model="other-model"), grpc.StatusCode.NOT_FOUND, "model"),
         (lambda: chat_request(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         (lambda: chat_request(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (lambda: chat_request(temperature=2.5), grpc.StatusCode.INVALID_ARGUMENT, "[0, 2]"),
         (lambda: chat_request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (lambda: chat_request(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (lambda: chat_request(stop=["x"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
