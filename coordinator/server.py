@@ -65,8 +65,6 @@ class Coordinator:
         return f"{self._bind_host()}:{self.port}"
 
     async def start(self) -> None:
-        if self.billing is not None:
-            await self.billing.start()  # recovers what a crash left before any new call
         server = grpc.aio.server(
             options=(
                 ("grpc.so_reuseport", 0),
@@ -99,12 +97,18 @@ class Coordinator:
             ),
             server,
         )
-        self.port = server.add_insecure_port(f"{self._bind_host()}:{self.settings.port}")
+        try:
+            self.port = server.add_insecure_port(f"{self._bind_host()}:{self.settings.port}")
+        except RuntimeError:  # grpc's "Failed to bind"
+            self.port = 0
         if self.port == 0:
             raise OSError(
-                f"cannot listen on {self.settings.listen_host}:{self.settings.port}; "
-                "choose another --port (0 picks a free one)"
+                f"cannot listen on {self.settings.listen_host}:{self.settings.port}; is the "
+                "port in use? Choose another --port (0 picks a free one)"
             )
+        if self.billing is not None:
+            # Bound but not serving yet: recovers what a crash left before any new call.
+            await self.billing.start()
         await server.start()
         self._server = server
         self.registry.start()

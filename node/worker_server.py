@@ -37,10 +37,13 @@ async def start_worker_server(
     )
     try:
         bound_port = server.add_insecure_port(_join(host, port))
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {_join(host, port)}; is the port in use?") from exc
+    except RuntimeError:  # grpc's "Failed to bind"
+        bound_port = 0
     if bound_port == 0:
-        raise OSError(f"cannot listen on {_join(host, port)}; is the port in use?")
+        raise OSError(
+            f"cannot listen on {_join(host, port)}; is the port in use? Choose another "
+            "--port (0 picks a free one)"
+        )
     await server.start()
     for service in ("", WORKER_SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -8,6 +8,8 @@ from typing import Any
 
 import typer
 
+from marketplace.cli.settings_errors import settings_refused
+
 app = typer.Typer(no_args_is_help=True)
 
 
@@ -47,8 +49,12 @@ def start(
     try:
         settings = CoordinatorSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise settings_refused(exc, "MERCATO_COORDINATOR_") from exc
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    main(settings)
+    try:
+        main(settings)
+    except OSError as exc:  # the port is taken
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc

@@ -15,6 +15,8 @@ from typing import Any
 
 import typer
 
+from marketplace.cli.settings_errors import settings_refused
+
 app = typer.Typer(no_args_is_help=True)
 
 
@@ -35,7 +37,7 @@ def _settings(overrides: dict[str, Any]) -> Any:
     try:
         return NodeSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise settings_refused(exc, "MERCATO_NODE_") from exc
 
 
 @app.command("start")
@@ -136,7 +138,7 @@ def start(
     install_orphan_guard()
     try:
         uvloop.run(run_node(settings))
-    except NodeError as exc:
+    except (NodeError, OSError) as exc:  # OSError: the port is taken
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc
 

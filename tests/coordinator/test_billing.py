@@ -824,3 +824,18 @@ async def test_stop_without_grace_still_bills_the_cut_off_stream(
         assert row is not None and row["output_tokens"] == deltas
         assert reopened.open_holds() == []
         assert verify_ledger(reopened.engine).ok
+
+
+async def test_a_taken_port_is_refused_before_the_ledger_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second coordinator on a port in use says so, and never opens its ledger (no
+    recovery run, no writer left behind by a start that could not serve)."""
+    async with _billed_coordinator_and_node(tmp_path / "first", monkeypatch) as (first, _node):
+        second = Coordinator(
+            fast_settings(tmp_path / "second", billing_enabled=True, port=first.port)
+        )
+        with pytest.raises(OSError, match=r"cannot listen on .*is the port in use\?"):
+            await second.start()
+        assert second.billing is not None and second.billing.recovery is None
+        assert second.billing.ledger._store is None  # never opened

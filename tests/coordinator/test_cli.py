@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,23 @@ def test_start_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "marketplace.cli", "coordinator", "start"),
+                *("--port", str(port), "--home", str(tmp_path)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "MERCATO_DATABASE_URL": ""},
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}; is the port in use?" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -211,3 +213,22 @@ async def test_sigterm_drains_then_cuts_off_and_delivers_the_late_receipt(tmp_pa
     finally:
         await kill_if_running(process)
         await server.stop(0)
+
+
+def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "marketplace.cli", "node", "start", "--engine", "fake"),
+                *("--port", str(port), "--coordinator", "127.0.0.1:1", "--home", str(tmp_path)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}; is the port in use?" in done.stderr
+    assert "Traceback" not in done.stderr
