@@ -38,6 +38,7 @@ def start(
 
     from coordinator.server import main
     from coordinator.settings import CoordinatorSettings
+    from marketplace.ledger.errors import LedgerBusy
 
     overrides: dict[str, Any] = {
         "listen_host": host,
@@ -55,6 +56,6 @@ def start(
     )
     try:
         main(settings)
-    except OSError as exc:  # the port is taken
+    except (OSError, LedgerBusy) as exc:  # the port is taken; this coordinator already runs
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc

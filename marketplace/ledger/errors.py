@@ -31,6 +31,7 @@ LedgerError                      INTERNAL           a bug or a broken invariant
 │   ├── ReplayedReceipt          ALREADY_EXISTS     a receipt already settled for another request
 │   └── UnmatchedReceipt         FAILED_PRECONDITION a late receipt no pending settlement awaits
 └── LedgerUnavailable            UNAVAILABLE        the writer is stopped or the database is down
+    └── LedgerBusy               UNAVAILABLE        another process writes as this owner
 ```
 
 Each class carries ``grpc_status`` (a ``grpc.StatusCode``) and a short ``code`` for JSON
@@ -188,3 +189,10 @@ class UnmatchedReceipt(BadReceipt):
 class LedgerUnavailable(LedgerError):
     grpc_status = grpc.StatusCode.UNAVAILABLE
     code = "unavailable"
+
+
+class LedgerBusy(LedgerUnavailable):
+    """Another live process is this owner's ledger writer (same coordinator identity and
+    data directory): starting a second would void the first one's open holds."""
+
+    code = "busy"

@@ -11,11 +11,19 @@ settlement in it is durable in the database.
 
 Record: 4-byte big-endian length, 4-byte CRC-32, then a JSON payload. A torn last record
 (length or checksum wrong) is one that was never acknowledged and is skipped.
+
+One process at a time writes a folder: it holds an exclusive ``flock`` on
+``writer.lock`` in it (with its pid inside) while the log is open, and the kernel lets go
+of it when the process dies. A second coordinator started with the same identity and
+data directory is refused with :class:`LedgerBusy` instead of running the crash
+recovery of a writer that is alive (which would void its open holds).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import struct
@@ -24,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from marketplace.ledger.errors import LedgerBusy
 from marketplace.ledger.operations import Settle, SettleSegment
 
 _HEADER = struct.Struct(">II")
@@ -62,6 +71,7 @@ class IntentLog:
         self.directory = directory
         self._fsync = fsync
         directory.mkdir(parents=True, exist_ok=True)
+        self._lock: int | None = _lock_writer(directory)
         existing = self.segments()
         self._number = (int(existing[-1].stem.split("-")[1]) + 1) if existing else 1
         self._fd: int | None = None
@@ -118,6 +128,31 @@ class IntentLog:
             self._fd = None
         if not any(self._outstanding.values()):
             self._path(self._number).unlink(missing_ok=True)
+        if self._lock is not None:
+            os.close(self._lock)  # lets go of the flock; the file stays (no unlink race)
+            self._lock = None
+
+
+def _lock_writer(directory: Path) -> int:
+    """Hold ``directory/writer.lock`` exclusively for as long as this process lives."""
+    fd = os.open(directory / "writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = b""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 32, 0)
+        os.close(fd)
+        pid = holder.decode(errors="replace").strip() or "unknown"
+        raise LedgerBusy(
+            f"another process (pid {pid}) is this ledger writer: it holds "
+            f"{directory / 'writer.lock'}. A coordinator with this identity and data "
+            "directory is already running; stop it first, or start this one with its own "
+            "--home"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def read_segments(paths: list[Path]) -> list[Settle]:

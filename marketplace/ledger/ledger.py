@@ -179,7 +179,15 @@ class Ledger:
 
     async def start(self, *, recover: bool = True, sweep: bool = True) -> RecoveryReport | None:
         """Open and migrate the database, start the writer, recover what a crash left."""
-        self._store = await self._read(LedgerStore.open, self.settings)
+        # First: refuses (LedgerBusy) while another live process writes as this owner.
+        directory = self.settings.resolved_intent_log_dir() / self.settings.owner
+        self._intents = IntentLog(directory, fsync=self.settings.intent_log_fsync)
+        try:
+            self._store = await self._read(LedgerStore.open, self.settings)
+        except BaseException:
+            self._intents.close()  # lets go of the writer lock (a retry can take it)
+            self._intents = None
+            raise
         self._writer = GroupCommitWriter(
             self._store.engine,
             batch_max=self.settings.commit_batch_max,
@@ -187,8 +195,6 @@ class Ledger:
             on_batch=self._on_batch,
         )
         self._writer.start()
-        directory = self.settings.resolved_intent_log_dir() / self.settings.owner
-        self._intents = IntentLog(directory, fsync=self.settings.intent_log_fsync)
         report = await self.recover_unsettled() if recover else None
         if sweep:
             self._sweeper = asyncio.get_running_loop().create_task(

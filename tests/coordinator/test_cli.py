@@ -73,8 +73,34 @@ def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, "MERCATO_DATABASE_URL": ""},
         )
     assert done.returncode == 1, done.stderr
     assert f"error: cannot listen on 127.0.0.1:{port}; is the port in use?" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_second_coordinator_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    """Same identity, same data directory, another port: the second would run the crash
+    recovery of a live coordinator (voiding its open holds), so it is refused."""
+    env = {k: v for k, v in os.environ.items() if k != "MERCATO_DATABASE_URL"}  # SQLite
+    env["MERCATO_HOME"] = str(tmp_path)
+    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
+    first = subprocess.Popen(
+        start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline().startswith("MERCATO_COORDINATOR_READY ")
+        second = subprocess.run(start, capture_output=True, text=True, timeout=60, env=env)
+        assert second.returncode == 1, second.stderr
+        assert f"error: another process (pid {first.pid}) is this ledger writer" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        for stream in (first.stdout, first.stderr):
+            if stream is not None:
+                stream.close()

@@ -3,6 +3,7 @@ in the ``test`` database at 127.0.0.1:5432: see ``tests/postgres.py``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -123,3 +124,17 @@ def row_counts(store: LedgerStore) -> dict[str, int]:
             text("SELECT COALESCE(SUM(spent_micro_usd), 0) FROM key_spend")
         ).scalar_one()
     return counts
+
+
+async def kill_ledger(ledger: Ledger) -> None:
+    """What a killed coordinator leaves: its intent log as it is (no close, no clean-up),
+    its writer lock gone with the process; then its writer and database handles shut."""
+    intents = ledger._intents
+    assert intents is not None and intents._lock is not None
+    os.close(intents._lock)  # the kernel drops a dead process's flock
+    intents._lock = None
+    ledger._intents = None
+    assert ledger._writer is not None
+    await ledger._writer.close()
+    ledger._writer = None
+    ledger._store.close()  # type: ignore[union-attr]

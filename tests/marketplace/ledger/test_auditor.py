@@ -28,7 +28,7 @@ from marketplace.ledger import (
 )
 from marketplace.ledger.errors import ForgedReceipt, MiscountedReceipt
 from marketplace.ledger.models import AccountKind
-from tests.marketplace.ledger.conftest import receipt_for
+from tests.marketplace.ledger.conftest import kill_ledger, receipt_for
 
 FEE_BPS = 1000
 NODES = [Identity.from_seed(bytes([65 + i]) * 32) for i in range(4)]
@@ -87,11 +87,7 @@ async def _check(store: LedgerStore, ledger: Ledger, model: Model, step: int) ->
 
 async def _restart_after_crash(ledger: Ledger, settings: LedgerSettings) -> Ledger:
     """Kill the ledger with one settlement relayed but not committed, start a new one."""
-    assert ledger._writer is not None
-    ledger._intents = None
-    await ledger._writer.close()
-    ledger._writer = None
-    ledger._store.close()  # type: ignore[union-attr]
+    await kill_ledger(ledger)
     fresh = Ledger(settings, coordinator=ledger.coordinator)
     await fresh.start(sweep=False)
     return fresh

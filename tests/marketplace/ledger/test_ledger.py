@@ -35,7 +35,7 @@ from marketplace.ledger.errors import (
 )
 from marketplace.ledger.models import AccountKind
 from marketplace.ledger.rate_limit import KeyRateLimiter
-from tests.marketplace.ledger.conftest import make_client, receipt_for, row_counts
+from tests.marketplace.ledger.conftest import kill_ledger, make_client, receipt_for, row_counts
 
 
 async def test_hold_settle_pays_provider_and_fee_and_releases_rest(
@@ -78,7 +78,10 @@ async def test_settle_twice_charges_once(
     assert second.record.cost_micro_usd == first.record.cost_micro_usd
     # A fresh ledger (no memory of the first) also answers from the database.
     await ledger.flush()
-    other = Ledger(ledger.settings, coordinator=ledger.coordinator)
+    # Another coordinator's writer (its own owner: this one's lock stays with this one).
+    other = Ledger(
+        ledger.settings.model_copy(update={"owner": "other"}), coordinator=ledger.coordinator
+    )
     await other.start(recover=False, sweep=False)
     try:
         third = await other.settle("req-1", [signed], [relayed], account_id=client)
@@ -267,6 +270,7 @@ async def test_spend_is_recorded_per_key_and_survives_a_restart(
     assert store.key_spent_micro_usd(other.key.id) == 50
     assert verify_ledger(store.engine).ok
     # A new coordinator process knows the key's spend from the ledger alone.
+    await ledger.close()  # the old process ends (its writer lock with it)
     restarted = Ledger(settings, coordinator=Identity.from_seed(b"c" * 32))
     await restarted.start()
     try:
@@ -340,10 +344,7 @@ async def test_crash_between_relay_and_commit_is_recovered_once(
     assert outcome.record.cost_micro_usd == 400 and lost
     first._writer.submit = real_submit  # type: ignore[method-assign]
     assert store.settlement("r1") is None
-    first._intents = None  # abandon the process: no close, no clean-up
-    await first._writer.close()
-    first._writer = None
-    first._store.close()  # type: ignore[union-attr]
+    await kill_ledger(first)  # the process dies: no close, no clean-up
 
     second = Ledger(settings, coordinator=coordinator)
     report = await second.start(sweep=False)
