@@ -41,7 +41,7 @@ from node.offer import build_offer, sign_offer
 from node.receipts import ReceiptOutbox
 from node.settings import NodeSettings
 from node.worker import NodeWorker
-from node.worker_server import set_not_serving, start_worker_server
+from node.worker_server import ensure_port_free, set_not_serving, start_worker_server
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ async def _run(settings: NodeSettings, stop: asyncio.Event) -> None:
     logger.info(
         "node %s: %d CPU cores, %d GPU(s)", identity.node_id, hardware.cpu_cores, len(hardware.gpus)
     )
+    ensure_port_free(settings.listen_host, settings.port)  # before minutes of loading
     model_path = None
     if needs_model_files(settings.engine):
         from node.model_store import ensure_model

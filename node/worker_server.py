@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,6 +14,30 @@ from node.worker import NodeWorker
 
 WORKER_SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeWorkerService"].full_name
 _MESSAGE_BYTES_MAX = 16 * 1024 * 1024
+
+
+def port_taken_error(host: str, port: int) -> OSError:
+    return OSError(
+        f"cannot listen on {_join(host, port)}; is the port in use? Choose another --port "
+        "(0 picks a free one)"
+    )
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Fail now, not after minutes of loading a model, when ``port`` is already taken
+    (another node running, say). The server binds for real later; this only asks the
+    kernel once, with a socket closed at once."""
+    if port == 0:
+        return
+    for family, kind, proto, _name, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise port_taken_error(host, port) from exc
 
 
 async def start_worker_server(
@@ -40,10 +66,7 @@ async def start_worker_server(
     except RuntimeError:  # grpc's "Failed to bind"
         bound_port = 0
     if bound_port == 0:
-        raise OSError(
-            f"cannot listen on {_join(host, port)}; is the port in use? Choose another "
-            "--port (0 picks a free one)"
-        )
+        raise port_taken_error(host, port)
     await server.start()
     for service in ("", WORKER_SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -232,3 +232,4 @@ def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert f"error: cannot listen on 127.0.0.1:{port}; is the port in use?" in done.stderr
     assert "Traceback" not in done.stderr
+    assert "engine ready" not in done.stderr  # refused before the engine loads
