@@ -10,9 +10,13 @@ which says what to do; errors of this service are drawn here::
     AccountServiceError        (its own code)
     └── LeasesNotOffered       UNIMPLEMENTED   this coordinator has no market prices
 
-Register with ``add_account_service(server, ledger, lease_terms=...)``; ``lease_terms``
-looks up a node's current price per GPU-hour and GPU count (from the coordinator's
-market), and without it CreateLease is UNIMPLEMENTED. API keys are never logged.
+Register with ``add_account_service(server, ledger, lease_terms=..., on_leases_changed=...)``;
+``lease_terms`` looks up a node's current price per GPU-hour and GPU count (from the
+coordinator's market), and without it CreateLease is UNIMPLEMENTED; ``on_leases_changed``
+(the coordinator's lease refresh) runs after a lease is created or ended, so serverless
+traffic leaves a newly leased node at once. A node is leased whole (all its GPUs) and
+to one client at a time (the ledger refuses a second active lease). API keys are never
+logged.
 """
 
 from __future__ import annotations
@@ -94,9 +98,24 @@ LeaseTermsLookup = Callable[[str], LeaseTerms | None]
 class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     """The caller's account, authenticated by API key."""
 
-    def __init__(self, ledger: Ledger, *, lease_terms: LeaseTermsLookup | None = None) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        lease_terms: LeaseTermsLookup | None = None,
+        on_leases_changed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._ledger = ledger
         self._lease_terms = lease_terms
+        self._on_leases_changed = on_leases_changed
+
+    async def _leases_changed(self) -> None:
+        """Tell routing at once (not at its next refresh) that a lease began or ended."""
+        if self._on_leases_changed is not None:
+            try:
+                await self._on_leases_changed()
+            except Exception:  # the lease is durable; routing catches up at its refresh
+                log.exception("routing did not take the lease change; its refresh will")
 
     # ------------------------------------------------------------ plumbing
 
@@ -140,7 +159,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         lease = await self._ledger.lease(lease_id)
         if lease is None or lease.account_id != principal.account_id:
             raise UnknownLease(
-                f"lease {lease_id!r} is not one of your leases; CreateLease returns the ids"
+                f"lease {lease_id!r} is not one of your leases; ListLeases shows yours"
             )
         return lease
 
@@ -170,9 +189,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         self, request: account_pb2.ListReceiptsRequest, context: grpc.aio.ServicerContext
     ) -> account_pb2.ListReceiptsResponse:
         async def work(principal: Principal) -> account_pb2.ListReceiptsResponse:
-            size = request.page_size or PAGE_SIZE_DEFAULT
-            if size > PAGE_SIZE_MAX:
-                raise InvalidInput(f"page_size must be at most {PAGE_SIZE_MAX}, got {size}")
+            size = _page_size(request.page_size)
             if request.since_unix_ms < 0:
                 raise InvalidInput("since_unix_ms must be 0 or a Unix time in milliseconds")
             if request.request_id:
@@ -241,8 +258,6 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             _check_id(request.node_id, "node_id")
             if request.hours < 1:
                 raise InvalidInput("hours must be at least 1")
-            if request.gpus < 1:
-                raise InvalidInput("gpus must be at least 1 (a CPU node counts as one GPU)")
             if request.lease_id:
                 _check_id(request.lease_id, "lease_id")
                 existing = await self._ledger.lease(request.lease_id)
@@ -267,9 +282,11 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                     f"node {request.node_id!r} has no current offer to lease; ListNodes shows "
                     "the nodes online"
                 )
-            if request.gpus > terms.gpus:
+            gpus = request.gpus or terms.gpus
+            if gpus != terms.gpus:
                 raise InvalidInput(
-                    f"gpus: node {request.node_id!r} has {terms.gpus}; ask for at most that"
+                    f"gpus: node {request.node_id!r} is leased whole and has {terms.gpus} "
+                    f"GPU(s) (a CPU node counts as one); send gpus={terms.gpus}, or 0 for all"
                 )
             cap = request.max_price_micro_usd_per_gpu_hour
             if cap and terms.price_micro_usd_per_gpu_hour > cap:
@@ -281,11 +298,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             lease = await self._ledger.create_lease(
                 principal,
                 request.node_id,
-                gpus=request.gpus,
+                gpus=gpus,
                 price_micro_usd_per_gpu_hour=terms.price_micro_usd_per_gpu_hour,
                 hours=request.hours,
                 lease_id=request.lease_id or None,
             )
+            await self._leases_changed()
             return account_pb2.CreateLeaseResponse(lease=_lease(lease))
 
         return await self._answer(context, "CreateLease", work)
@@ -296,6 +314,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         async def work(principal: Principal) -> account_pb2.EndLeaseResponse:
             await self._own_lease(principal, request.lease_id)
             ended = await self._ledger.end_lease(request.lease_id)
+            await self._leases_changed()
             return account_pb2.EndLeaseResponse(lease=_lease(ended))
 
         return await self._answer(context, "EndLease", work)
@@ -309,14 +328,47 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
 
         return await self._answer(context, "GetLease", work)
 
+    async def ListLeases(
+        self, request: account_pb2.ListLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> account_pb2.ListLeasesResponse:
+        async def work(principal: Principal) -> account_pb2.ListLeasesResponse:
+            size = _page_size(request.page_size)
+            rows = await self._ledger.lease_page(
+                principal.account_id,
+                limit=size + 1,
+                after=_decode_page_token(request.page_token) if request.page_token else None,
+                active_only=request.active_only,
+            )
+            response = account_pb2.ListLeasesResponse(leases=[_lease(row) for row in rows[:size]])
+            if len(rows) > size:
+                last = rows[size - 1]
+                response.next_page_token = _encode_page_token(
+                    last.started_at_unix_ms, last.lease_id
+                )
+            return response
+
+        return await self._answer(context, "ListLeases", work)
+
 
 def add_account_service(
-    server: grpc.aio.Server, ledger: Ledger, *, lease_terms: LeaseTermsLookup | None = None
+    server: grpc.aio.Server,
+    ledger: Ledger,
+    *,
+    lease_terms: LeaseTermsLookup | None = None,
+    on_leases_changed: Callable[[], Awaitable[None]] | None = None,
 ) -> AccountServicer:
-    """Serve AccountService on ``server`` from ``ledger`` (already started)."""
-    servicer = AccountServicer(ledger, lease_terms=lease_terms)
+    """Serve AccountService on ``server`` from ``ledger`` (already started);
+    ``on_leases_changed`` is awaited after a lease is created or ended."""
+    servicer = AccountServicer(ledger, lease_terms=lease_terms, on_leases_changed=on_leases_changed)
     account_pb2_grpc.add_AccountServiceServicer_to_server(servicer, server)
     return servicer
+
+
+def _page_size(asked: int) -> int:
+    size = asked or PAGE_SIZE_DEFAULT
+    if size > PAGE_SIZE_MAX:
+        raise InvalidInput(f"page_size must be at most {PAGE_SIZE_MAX}, got {size}")
+    return size
 
 
 def _check_id(value: str, field: str) -> None:
@@ -343,17 +395,18 @@ def _lease(record: LeaseRecord) -> account_pb2.Lease:
     )
 
 
-def _encode_page_token(settled_at_unix_ms: int, worker_request_id: str) -> str:
-    raw = json.dumps([settled_at_unix_ms, worker_request_id], separators=(",", ":"))
+def _encode_page_token(unix_ms: int, row_id: str) -> str:
+    """Where the next page starts: the (time, id) of this page's last row."""
+    raw = json.dumps([unix_ms, row_id], separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 def _decode_page_token(token: str) -> tuple[int, str]:
     try:
         raw: Any = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        settled_at, worker = raw
-        if isinstance(settled_at, int) and isinstance(worker, str):
-            return settled_at, worker
+        unix_ms, row_id = raw
+        if isinstance(unix_ms, int) and isinstance(row_id, str):
+            return unix_ms, row_id
     except (binascii.Error, ValueError, TypeError):
         pass
     raise InvalidInput(

@@ -164,7 +164,12 @@ class InferenceServicer:
         self, request: inference_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListNodesResponse:
         await self._authenticate(context)
-        return list_nodes(self._registry, request.model)
+        billing = self._billing
+        return list_nodes(
+            self._registry,
+            request.model,
+            is_leased=billing.is_leased if billing is not None else None,
+        )
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -378,6 +378,10 @@ class Billing:
             return request
         return dataclasses.replace(request, routing=routing)
 
+    def is_leased(self, node_id: str) -> bool:
+        """Whether an active lease holds ``node_id`` (as of the last refresh)."""
+        return node_id in self._leased
+
     async def refresh_leases(self) -> None:
         """Re-read the active leases; end those whose node left the market."""
         try:

@@ -7,6 +7,8 @@ circuit breaker keeps it out), never what a node claims about itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mercato.v1 import inference_pb2
 
 from coordinator.registry import NodeRegistry
@@ -39,9 +41,15 @@ def list_models(snapshot: MarketSnapshot) -> inference_pb2.ListModelsResponse:
     return response
 
 
-def list_nodes(registry: NodeRegistry, model: str = "") -> inference_pb2.ListNodesResponse:
+def list_nodes(
+    registry: NodeRegistry,
+    model: str = "",
+    *,
+    is_leased: Callable[[str], bool] | None = None,
+) -> inference_pb2.ListNodesResponse:
     """Every live node (serving ``model``, if given) with its offer, load and what the
-    coordinator measured of it; sorted by node id."""
+    coordinator measured of it, and whether a lease holds it (``is_leased``, from
+    billing); sorted by node id."""
     market = registry.market
     response = inference_pb2.ListNodesResponse()
     for view in registry.snapshot():  # in node id order
@@ -50,7 +58,11 @@ def list_nodes(registry: NodeRegistry, model: str = "") -> inference_pb2.ListNod
         offer = registry.offer(view.node_id)
         if offer is None:
             continue
-        info = response.nodes.add(node_id=view.node_id, in_flight_requests=view.in_flight)
+        info = response.nodes.add(
+            node_id=view.node_id,
+            in_flight_requests=view.in_flight,
+            leased=is_leased is not None and is_leased(view.node_id),
+        )
         info.offer.ParseFromString(offer.offer_bytes)
         load = view.load
         info.load.running_requests = load.running_requests

@@ -135,7 +135,12 @@ class Coordinator:
             )
 
         assert self.billing is not None
-        add_account_service(server, self.billing.ledger, lease_terms=lease_terms)
+        add_account_service(
+            server,
+            self.billing.ledger,
+            lease_terms=lease_terms,
+            on_leases_changed=self.billing.refresh_leases,
+        )
         return str(account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name)
 
     def _bind_host(self) -> str:

@@ -18,6 +18,7 @@ import operator
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from itertools import chain
 from typing import Any
 
@@ -29,6 +30,7 @@ from marketplace.ledger.errors import (
     InsufficientBalance,
     LeaseNotActive,
     LedgerError,
+    NodeLeased,
     ReplayedReceipt,
     UnknownAccount,
     UnknownLease,
@@ -262,6 +264,7 @@ class _Batch:
         settled_requests: set[str] = set()  # settlements to read
         worker_ids: set[str] = set()
         lease_ids: set[str] = set()
+        leased_nodes: set[str] = set()  # nodes asked for: their active leases are read
         batch_ids: set[str] = set()
         placed: set[str] = set()
         for op in ops:
@@ -298,6 +301,7 @@ class _Batch:
                 account_ids.add(op.account_id)
                 node_ids.add(op.node_id)
                 lease_ids.add(op.lease_id)
+                leased_nodes.add(op.node_id)
             elif kind is ChargeLease or kind is EndLease:
                 lease_ids.add(op.lease_id)
             elif kind is RunPayouts:
@@ -309,6 +313,15 @@ class _Batch:
                     lease = dict(row._mapping)
                     self.leases[lease["id"]] = lease
                     account_ids.update((lease["account_id"], lease["provider_account_id"]))
+        if leased_nodes:
+            for chunk in _chunks(leased_nodes):
+                for row in conn.execute(
+                    select(T_LEASES).where(
+                        T_LEASES.c.node_id.in_(chunk),
+                        T_LEASES.c.status == LeaseStatus.ACTIVE.value,
+                    )
+                ):
+                    self.leases.setdefault(row.id, dict(row._mapping))
         if batch_ids:
             self._load_payouts(batch_ids, account_ids)
         node_ids.difference_update(self.provider_by_node)
@@ -1113,6 +1126,7 @@ def _create_lease(batch: _Batch, op: CreateLease) -> LeaseRecord:
     client = batch.account(op.account_id)
     if client[KIND] != AccountKind.CLIENT.value:
         raise WrongAccountKind(f"account {op.account_id!r} is not a client account")
+    _refuse_if_leased(batch, op)
     total = money.lease_total_micro_usd(op.price_micro_usd_per_gpu_hour, op.gpus, op.hours)
     money.check_amount(total, "lease total")
     if available(client) < total:
@@ -1151,6 +1165,34 @@ def _create_lease(batch: _Batch, op: CreateLease) -> LeaseRecord:
     batch.leases[op.lease_id] = lease
     batch.new_leases.append(lease)
     return _lease_record(lease)
+
+
+def _refuse_if_leased(batch: _Batch, op: CreateLease) -> None:
+    """A node is leased whole, to one client at a time: its engine serves one lessee.
+
+    The batch holds every active lease of the node (read in ``load``, or created or
+    ended earlier in this batch). A lease past its end that the sweeper has not closed
+    yet no longer holds the node."""
+    for other in batch.leases.values():
+        if (
+            other["node_id"] == op.node_id
+            and other["status"] == LeaseStatus.ACTIVE.value
+            and other["ends_at_unix_ms"] > op.started_at_unix_ms
+        ):
+            until = _utc(other["ends_at_unix_ms"])
+            if other["account_id"] == op.account_id:
+                raise NodeLeased(
+                    f"you already lease node {op.node_id!r} (lease {other['id']!r}, until "
+                    f"{until}); send that lease_id with your requests, or end it first"
+                )
+            raise NodeLeased(
+                f"node {op.node_id!r} is leased to another client until {until}; choose "
+                "another node (ListNodes marks the leased ones) or lease it after then"
+            )
+
+
+def _utc(unix_ms: int) -> str:
+    return datetime.fromtimestamp(unix_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _lease(batch: _Batch, lease_id: str) -> dict[str, Any]:

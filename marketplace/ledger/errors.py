@@ -15,7 +15,8 @@ LedgerError                      INTERNAL           a bug or a broken invariant
 ├── FailedPrecondition           FAILED_PRECONDITION
 │   ├── InsufficientBalance      FAILED_PRECONDITION "insufficient balance: need X, have Y"
 │   ├── WrongAccountKind         FAILED_PRECONDITION e.g. a deposit into a platform account
-│   └── LeaseNotActive           FAILED_PRECONDITION
+│   ├── LeaseNotActive           FAILED_PRECONDITION
+│   └── NodeLeased               FAILED_PRECONDITION another active lease holds the node
 ├── Unauthenticated              UNAUTHENTICATED
 │   ├── MalformedKey             UNAUTHENTICATED    not "mk_<id>_<secret>"
 │   ├── InvalidKey               UNAUTHENTICATED    unknown id or wrong secret (not told apart)
@@ -117,6 +118,12 @@ class WrongAccountKind(FailedPrecondition):
 
 class LeaseNotActive(FailedPrecondition):
     code = "lease_not_active"
+
+
+class NodeLeased(FailedPrecondition):
+    """The node is under another active lease: a node is leased whole, to one client."""
+
+    code = "node_leased"
 
 
 class Unauthenticated(LedgerError):

@@ -762,6 +762,19 @@ class Ledger:
     async def lease(self, lease_id: str) -> LeaseRecord | None:
         return await self._read(self.store.lease, lease_id)
 
+    async def lease_page(
+        self,
+        account_id: str,
+        *,
+        limit: int = 50,
+        after: tuple[int, str] | None = None,
+        active_only: bool = False,
+    ) -> list[LeaseRecord]:
+        """A page of ``account_id``'s leases, newest first (see ``LedgerStore.lease_page``)."""
+        return await self._read(
+            self.store.lease_page, account_id, limit=limit, after=after, active_only=active_only
+        )
+
     async def active_leases(self) -> list[LeaseRecord]:
         """Leases in force: the router keeps serverless traffic off their nodes."""
         return await self._read(self.store.leases, active_only=True)

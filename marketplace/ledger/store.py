@@ -553,6 +553,33 @@ class LedgerStore:
         with self.engine.connect() as conn:
             return [_lease_view(row) for row in conn.execute(query)]
 
+    def lease_page(
+        self,
+        account_id: str,
+        *,
+        limit: int = 50,
+        after: tuple[int, str] | None = None,
+        active_only: bool = False,
+    ) -> list[LeaseRecord]:
+        """``account_id``'s leases, newest first, ``limit`` of them, starting after the
+        ``(started_at_unix_ms, lease id)`` of the previous page's last."""
+        started = T_LEASES.c.started_at_unix_ms
+        lease_id = T_LEASES.c.id
+        query = (
+            select(T_LEASES)
+            .where(T_LEASES.c.account_id == account_id)
+            .order_by(started.desc(), lease_id)
+            .limit(limit)
+        )
+        if active_only:
+            query = query.where(T_LEASES.c.status == "active")
+        if after is not None:
+            query = query.where(
+                or_(started < after[0], and_(started == after[0], lease_id > after[1]))
+            )
+        with self.engine.connect() as conn:
+            return [_lease_view(row) for row in conn.execute(query)]
+
 
 def _lease_view(row: Any) -> LeaseRecord:
     ended = row.status != "active"

@@ -27,7 +27,7 @@ from tests.postgres import fresh_schema
 
 NODE = Identity.from_seed(b"n" * 32)
 COORDINATOR = Identity.from_seed(b"c" * 32)
-PRICE_PER_GPU_HOUR = 2_000_000
+PRICE_PER_GPU_HOUR = 500_000
 NODE_GPUS = 4
 
 
@@ -112,6 +112,12 @@ async def _settle(
     relayed = RelayedSegment(worker_id, NODE.node_id, model, tokens, 2 * tokens, 100_000, 300_000)
     outcome = await ledger.settle(request_id, [sign_receipt(usage, NODE)], [relayed])
     await outcome.durable
+
+
+async def _refusal(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code(), info.value.details() or ""
 
 
 async def _status(call: object) -> grpc.StatusCode:
@@ -233,12 +239,12 @@ async def test_usage_by_day_key_and_model(setup: Setup) -> None:
 
 async def test_lease_lifecycle_and_ownership(setup: Setup) -> None:
     stub = setup.stub
-    create = account_pb2.CreateLeaseRequest(
-        node_id=NODE.node_id, hours=2, gpus=1, lease_id="lease-alice-1"
-    )
+    # gpus 0: the node's own count (it is leased whole).
+    create = account_pb2.CreateLeaseRequest(node_id=NODE.node_id, hours=2, lease_id="lease-alice-1")
     created = await stub.CreateLease(create, metadata=_auth(setup.alice_key))
     lease = created.lease
-    total = PRICE_PER_GPU_HOUR * 1 * 2
+    hour = PRICE_PER_GPU_HOUR * NODE_GPUS
+    total = hour * 2
     assert lease.lease_id == "lease-alice-1" and lease.node_id == NODE.node_id
     assert lease.status == account_pb2.LEASE_STATUS_ACTIVE
     assert lease.held_micro_usd == total and lease.periods_total == 2
@@ -266,13 +272,17 @@ async def test_lease_lifecycle_and_ownership(setup: Setup) -> None:
         assert await _status(call) == grpc.StatusCode.NOT_FOUND
     taken = await _status(stub.CreateLease(create, metadata=_auth(setup.bob_key)))
     assert taken == grpc.StatusCode.ALREADY_EXISTS
+    listed = await stub.ListLeases(account_pb2.ListLeasesRequest(), metadata=_auth(setup.alice_key))
+    assert list(listed.leases) == [lease] and not listed.next_page_token
+    theirs = await stub.ListLeases(account_pb2.ListLeasesRequest(), metadata=_auth(setup.bob_key))
+    assert not theirs.leases
     ended = await stub.EndLease(
         account_pb2.EndLeaseRequest(lease_id="lease-alice-1"), metadata=_auth(setup.alice_key)
     )
     assert ended.lease.status == account_pb2.LEASE_STATUS_ENDED
     # Ended within its first hour: that hour is paid, the second refunded.
-    assert ended.lease.charged_micro_usd == PRICE_PER_GPU_HOUR
-    assert ended.lease.refunded_micro_usd == PRICE_PER_GPU_HOUR
+    assert ended.lease.charged_micro_usd == hour
+    assert ended.lease.refunded_micro_usd == hour
     twice = await _status(
         stub.EndLease(
             account_pb2.EndLeaseRequest(lease_id="lease-alice-1"), metadata=_auth(setup.alice_key)
@@ -282,7 +292,7 @@ async def test_lease_lifecycle_and_ownership(setup: Setup) -> None:
     balance = await stub.GetBalance(
         account_pb2.GetBalanceRequest(), metadata=_auth(setup.alice_key)
     )
-    assert balance.available_micro_usd == 10_000_000 - PRICE_PER_GPU_HOUR
+    assert balance.available_micro_usd == 10_000_000 - hour
 
 
 async def test_lease_refusals_say_why(setup: Setup) -> None:
@@ -295,19 +305,21 @@ async def test_lease_refusals_say_why(setup: Setup) -> None:
         return info.value.code(), info.value.details() or ""
 
     node = NODE.node_id
-    code, detail = await refused(setup.bob_key, node_id=node, hours=1, gpus=1)
+    code, detail = await refused(setup.bob_key, node_id=node, hours=1, gpus=NODE_GPUS)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "insufficient balance" in detail
     code, _ = await refused(setup.alice_key, node_id="12D3KooWnobody", hours=1, gpus=1)
     assert code == grpc.StatusCode.NOT_FOUND
-    code, detail = await refused(setup.alice_key, node_id=node, hours=1, gpus=NODE_GPUS + 1)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "gpus" in detail
+    for gpus in (1, NODE_GPUS + 1):  # a node is leased whole: all its GPUs or none
+        code, detail = await refused(setup.alice_key, node_id=node, hours=1, gpus=gpus)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"has {NODE_GPUS} GPU(s)" in detail and f"gpus={NODE_GPUS}" in detail
     code, detail = await refused(
-        setup.alice_key, node_id=node, hours=1, gpus=1, max_price_micro_usd_per_gpu_hour=1
+        setup.alice_key, node_id=node, hours=1, max_price_micro_usd_per_gpu_hour=1
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "cap" in detail
-    code, _ = await refused(setup.alice_key, node_id=node, hours=0, gpus=1)
+    code, _ = await refused(setup.alice_key, node_id=node, hours=0)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    code, _ = await refused(setup.provider_key, node_id=node, hours=1, gpus=1)
+    code, _ = await refused(setup.provider_key, node_id=node, hours=1)
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert (
         await _status(
@@ -317,6 +329,61 @@ async def test_lease_refusals_say_why(setup: Setup) -> None:
         )
         == grpc.StatusCode.NOT_FOUND
     )
+    code, detail = await _refusal(
+        stub.ListLeases(
+            account_pb2.ListLeasesRequest(page_token="not-a-token"), metadata=_auth(setup.alice_key)
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in detail
+    code, detail = await _refusal(
+        stub.ListLeases(
+            account_pb2.ListLeasesRequest(page_size=501), metadata=_auth(setup.alice_key)
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in detail
+
+
+async def test_a_node_is_leased_to_one_client_at_a_time(setup: Setup) -> None:
+    stub = setup.stub
+    alice, bob = _auth(setup.alice_key), _auth(setup.bob_key)
+    setup.ledger.store.deposit(setup.bob, 10_000_000)
+    ask = account_pb2.CreateLeaseRequest(node_id=NODE.node_id, hours=1)
+    mine = (await stub.CreateLease(ask, metadata=alice)).lease
+    code, detail = await _refusal(stub.CreateLease(ask, metadata=bob))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "leased to another client until" in detail and "ListNodes" in detail
+    bobs = await stub.GetBalance(account_pb2.GetBalanceRequest(), metadata=bob)
+    assert bobs.available_micro_usd == 11_000_000  # refused: nothing taken
+    code, detail = await _refusal(stub.CreateLease(ask, metadata=alice))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and mine.lease_id in detail
+    await stub.EndLease(account_pb2.EndLeaseRequest(lease_id=mine.lease_id), metadata=alice)
+    theirs = (await stub.CreateLease(ask, metadata=bob)).lease
+    assert theirs.status == account_pb2.LEASE_STATUS_ACTIVE
+    active = await stub.ListLeases(account_pb2.ListLeasesRequest(active_only=True), metadata=alice)
+    assert not active.leases
+    everything = await stub.ListLeases(account_pb2.ListLeasesRequest(), metadata=alice)
+    assert [x.lease_id for x in everything.leases] == [mine.lease_id]
+    assert everything.leases[0].status == account_pb2.LEASE_STATUS_ENDED
+
+
+async def test_list_leases_pages_newest_first(setup: Setup) -> None:
+    stub = setup.stub
+    alice = _auth(setup.alice_key)
+    for n in range(3):
+        ask = account_pb2.CreateLeaseRequest(node_id=NODE.node_id, hours=1, lease_id=f"l{n}")
+        await stub.CreateLease(ask, metadata=alice)
+        await stub.EndLease(account_pb2.EndLeaseRequest(lease_id=f"l{n}"), metadata=alice)
+    first = await stub.ListLeases(account_pb2.ListLeasesRequest(page_size=2), metadata=alice)
+    assert len(first.leases) == 2 and first.next_page_token
+    rest = await stub.ListLeases(
+        account_pb2.ListLeasesRequest(page_size=2, page_token=first.next_page_token),
+        metadata=alice,
+    )
+    assert len(rest.leases) == 1 and not rest.next_page_token
+    leases = [*first.leases, *rest.leases]
+    assert sorted(x.lease_id for x in leases) == ["l0", "l1", "l2"]
+    started = [x.started_at_unix_ms for x in leases]
+    assert started == sorted(started, reverse=True)
 
 
 async def test_without_market_prices_leases_are_unimplemented(

@@ -15,7 +15,14 @@ from types import SimpleNamespace
 import grpc
 import grpc.aio
 import pytest
-from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc, market_pb2
+from mercato.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    market_pb2,
+)
 
 from coordinator.billing import (
     Billing,
@@ -599,12 +606,12 @@ def _funded_client_key(store: LedgerStore, name: str) -> IssuedKey:
 
 @contextlib.asynccontextmanager
 async def _billed_coordinator_and_node(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: object
 ) -> AsyncIterator[tuple[Coordinator, fakes.FakeNode]]:
-    """A whole coordinator (billing on, SQLite in ``tmp_path``) and a fake node
-    registered with it; both stopped at the end."""
+    """A whole coordinator (billing on, SQLite in ``tmp_path``, ``settings`` changed) and
+    a fake node registered with it; both stopped at the end."""
     monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
-    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True))
+    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True, **settings))
     await coordinator.start()
     node = fakes.FakeNode(coordinator.address)
     try:
@@ -696,6 +703,55 @@ async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
                         await call()
                     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
         assert node.worker.requests == []
+
+
+async def test_a_new_lease_takes_its_node_out_of_serverless_routing_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gRPC API: once CreateLease answers, ListNodes marks the node leased and
+    serverless requests no longer go to it, without waiting for the coordinator's lease
+    refresh (an hour here); once EndLease answers, both are back."""
+    async with _billed_coordinator_and_node(
+        tmp_path, monkeypatch, lease_refresh_interval_s=3600
+    ) as (coordinator, node):
+        assert coordinator.billing is not None
+        issued = _funded_client_key(coordinator.billing.ledger.store, "erin")
+        coordinator.billing.ledger.store.deposit(issued.key.account_id, 1_000_000, "more")
+        auth = (("authorization", f"Bearer {issued.secret_key}"),)
+        serverless = inference_pb2.GenerateRequest(
+            model=fakes.MODEL, prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=4)
+        )
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            api = inference_pb2_grpc.InferenceServiceStub(channel)
+            accounts = account_pb2_grpc.AccountServiceStub(channel)
+
+            async def leased() -> bool:
+                nodes = (await api.ListNodes(inference_pb2.ListNodesRequest(), metadata=auth)).nodes
+                assert [n.node_id for n in nodes] == [node.identity.node_id]
+                return nodes[0].leased
+
+            assert not await leased()
+            lease = (
+                await accounts.CreateLease(
+                    account_pb2.CreateLeaseRequest(node_id=node.identity.node_id, hours=1),
+                    metadata=auth,
+                )
+            ).lease
+            assert await leased()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await api.Generate(serverless, metadata=auth, timeout=10).read()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            under_lease = inference_pb2.GenerateRequest()
+            under_lease.CopyFrom(serverless)
+            under_lease.lease_id = lease.lease_id
+            answers = [r async for r in api.Generate(under_lease, metadata=auth, timeout=10)]
+            assert answers[-1].final.node_id == node.identity.node_id
+            await accounts.EndLease(
+                account_pb2.EndLeaseRequest(lease_id=lease.lease_id), metadata=auth
+            )
+            assert not await leased()
+            answers = [r async for r in api.Generate(serverless, metadata=auth, timeout=10)]
+            assert answers[-1].WhichOneof("chunk") == "final"
 
 
 @contextlib.contextmanager

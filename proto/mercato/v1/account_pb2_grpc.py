@@ -65,6 +65,11 @@ class AccountServiceStub:
                 request_serializer=mercato_dot_v1_dot_account__pb2.GetLeaseRequest.SerializeToString,
                 response_deserializer=mercato_dot_v1_dot_account__pb2.GetLeaseResponse.FromString,
                 _registered_method=True)
+        self.ListLeases = channel.unary_unary(
+                '/mercato.v1.AccountService/ListLeases',
+                request_serializer=mercato_dot_v1_dot_account__pb2.ListLeasesRequest.SerializeToString,
+                response_deserializer=mercato_dot_v1_dot_account__pb2.ListLeasesResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
@@ -93,7 +98,8 @@ class AccountServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateLease(self, request, context):
-        """Lease a whole node for dedicated use; its whole price is taken up front.
+        """Lease a whole node for dedicated use; its whole price is taken up front. A node is
+        leased to one client at a time: one under another active lease is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +114,13 @@ class AccountServiceServicer:
 
     def GetLease(self, request, context):
         """One of the caller's leases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLeases(self, request, context):
+        """The caller's leases, newest first, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +158,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.GetLease,
                     request_deserializer=mercato_dot_v1_dot_account__pb2.GetLeaseRequest.FromString,
                     response_serializer=mercato_dot_v1_dot_account__pb2.GetLeaseResponse.SerializeToString,
+            ),
+            'ListLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLeases,
+                    request_deserializer=mercato_dot_v1_dot_account__pb2.ListLeasesRequest.FromString,
+                    response_serializer=mercato_dot_v1_dot_account__pb2.ListLeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class AccountService:
             '/mercato.v1.AccountService/GetLease',
             mercato_dot_v1_dot_account__pb2.GetLeaseRequest.SerializeToString,
             mercato_dot_v1_dot_account__pb2.GetLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mercato.v1.AccountService/ListLeases',
+            mercato_dot_v1_dot_account__pb2.ListLeasesRequest.SerializeToString,
+            mercato_dot_v1_dot_account__pb2.ListLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

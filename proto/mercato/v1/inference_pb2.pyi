@@ -154,18 +154,20 @@ class NodeMeasurements(_message.Message):
     def __init__(self, rtt_us: _Optional[int] = ..., ttft_us: _Optional[int] = ..., tpot_us: _Optional[int] = ..., recent_failures: _Optional[int] = ..., backed_off: _Optional[bool] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "offer", "load", "measurements", "in_flight_requests")
+    __slots__ = ("node_id", "offer", "load", "measurements", "in_flight_requests", "leased")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFER_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     offer: _market_pb2.NodeOffer
     load: _node_pb2.NodeLoad
     measurements: NodeMeasurements
     in_flight_requests: int
-    def __init__(self, node_id: _Optional[str] = ..., offer: _Optional[_Union[_market_pb2.NodeOffer, _Mapping]] = ..., load: _Optional[_Union[_node_pb2.NodeLoad, _Mapping]] = ..., measurements: _Optional[_Union[NodeMeasurements, _Mapping]] = ..., in_flight_requests: _Optional[int] = ...) -> None: ...
+    leased: bool
+    def __init__(self, node_id: _Optional[str] = ..., offer: _Optional[_Union[_market_pb2.NodeOffer, _Mapping]] = ..., load: _Optional[_Union[_node_pb2.NodeLoad, _Mapping]] = ..., measurements: _Optional[_Union[NodeMeasurements, _Mapping]] = ..., in_flight_requests: _Optional[int] = ..., leased: _Optional[bool] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("nodes",)

@@ -25,6 +25,7 @@ from marketplace.ledger.errors import (
     LedgerUnavailable,
     MalformedKey,
     MiscountedReceipt,
+    NodeLeased,
     PermissionDenied,
     RateLimited,
     ReplayedReceipt,
@@ -528,6 +529,47 @@ async def test_a_lease_charged_to_its_end_is_ended(
     assert await ledger.active_leases() == []
     assert (await ledger.lease(lease.lease_id)).status == "ended"  # type: ignore[union-attr]
     assert store.account(client).available_micro_usd == 9_000_000
+    assert verify_ledger(store.engine).ok
+
+
+async def test_a_node_is_leased_whole_to_one_client_at_a_time(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    """A node's engine serves one lessee: a second active lease on it is refused (before,
+    two clients could each pay for the same node), also when both ask in one batch; the
+    node is free again once its lease ends, or once it is past its end."""
+    alice = make_client(store, "alice", deposit=10_000_000)
+    bob = make_client(store, "bob", deposit=10_000_000)
+    terms = {"gpus": 1, "price_micro_usd_per_gpu_hour": 1_000_000, "hours": 1}
+    lease = await ledger.create_lease(alice, node.node_id, **terms)
+    before = row_counts(store)
+    with pytest.raises(NodeLeased, match="leased to another client until"):
+        await ledger.create_lease(bob, node.node_id, **terms)
+    with pytest.raises(NodeLeased, match=f"you already lease .*{lease.lease_id}"):
+        await ledger.create_lease(alice, node.node_id, **terms)
+    assert row_counts(store) == before  # refused: nothing written, nothing taken
+    assert store.account(bob).available_micro_usd == 10_000_000
+    assert [x.lease_id for x in await ledger.active_leases()] == [lease.lease_id]
+
+    # Two clients asking for the same free node at once: one gets it.
+    other = Identity.from_seed(b"o" * 32).node_id
+    results = await asyncio.gather(
+        ledger.create_lease(alice, other, **terms),
+        ledger.create_lease(bob, other, **terms),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["LeaseRecord", "NodeLeased"]
+
+    await ledger.end_lease(lease.lease_id)
+    taken = await ledger.create_lease(bob, node.node_id, **terms)
+    assert taken.status == "active"
+    # Past its end but not yet swept: it holds the node no longer.
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE leases SET ends_at_unix_ms = :t WHERE id = :id"),
+            {"t": taken.started_at_unix_ms - 1, "id": taken.lease_id},
+        )
+    assert (await ledger.create_lease(alice, node.node_id, **terms)).status == "active"
     assert verify_ledger(store.engine).ok
 
 
