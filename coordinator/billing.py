@@ -290,6 +290,7 @@ class Billing:
         self._registry = registry
         self.ledger = ledger or Ledger(ledger_settings(settings, identity), coordinator=identity)
         self._leased: dict[str, str] = {}  # node id -> lease id, active leases
+        self._leased_nodes: frozenset[str] = frozenset()  # its keys, for routing
         self._seen_live: set[str] = set()  # leased nodes seen in the market
         self._missing_since_s: dict[str, float] = {}  # seen leased nodes now gone
         self._refresher: asyncio.Task[None] | None = None
@@ -356,26 +357,27 @@ class Billing:
         """``request`` with billing's routing constraints: a lease request may go only
         to its lease's node; a serverless one never to a node under an active lease."""
         lease_id = request.worker_request.lease_id
+        if not lease_id:
+            if not self._leased_nodes:
+                return request
+            return dataclasses.replace(request, leased_nodes=self._leased_nodes)
+        try:
+            principal.require_client()
+            node_id = await self.ledger.lease_node(principal, lease_id)
+        except LedgerError as exc:
+            raise BillingRefused(exc) from None
+        if node_id not in self._registry:
+            raise NoNodeAvailable(
+                f"the node of lease {lease_id!r} ({node_id}) is not live now; retry later "
+                "or end the lease (its unused part is refunded)"
+            )
         routing = inference_pb2.RoutingPreferences()
         routing.CopyFrom(request.routing)
-        if lease_id:
-            try:
-                principal.require_client()
-                node_id = await self.ledger.lease_node(principal, lease_id)
-            except LedgerError as exc:
-                raise BillingRefused(exc) from None
-            if node_id not in self._registry:
-                raise NoNodeAvailable(
-                    f"the node of lease {lease_id!r} ({node_id}) is not live now; retry later "
-                    "or end the lease (its unused part is refunded)"
-                )
-            del routing.only_nodes[:]
-            routing.only_nodes.append(node_id)
-            self._leased.setdefault(node_id, lease_id)
-        elif self._leased:
-            routing.ignore_nodes.extend(sorted(self._leased.keys() - set(routing.ignore_nodes)))
-        else:
-            return request
+        del routing.only_nodes[:]
+        routing.only_nodes.append(node_id)
+        if node_id not in self._leased:  # a lease not read yet: mark its node now
+            self._leased[node_id] = lease_id
+            self._leased_nodes = frozenset(self._leased)
         return dataclasses.replace(request, routing=routing)
 
     def is_leased(self, node_id: str) -> bool:
@@ -412,6 +414,7 @@ class Billing:
         for node_id in self._missing_since_s.keys() - leased.keys():
             del self._missing_since_s[node_id]
         self._leased = leased
+        self._leased_nodes = frozenset(leased)
 
     async def _refresh_forever(self) -> None:
         while True:

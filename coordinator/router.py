@@ -91,11 +91,7 @@ class Router:
             # The worker request has the same ``input`` oneof (chat | prompt).
             input_tokens=estimate_input_tokens(worker),  # type: ignore[arg-type]
             max_tokens=worker.sampling.max_tokens,
-            preferences=(
-                RoutingPreferences.from_proto(request.routing)
-                if request.routing.ByteSize()
-                else _DEFAULT_PREFERENCES  # nothing set: most requests
-            ),
+            preferences=_preferences(request),
         )
 
     def decide(self, request: RouteRequest) -> RoutingDecision:
@@ -165,3 +161,15 @@ class Router:
         if len(available) > _LISTED_MODELS_MAX:
             listed += f", ... ({len(available)} in all; see ListModels)"
         return f'model "{model}" is not served; available: {listed}'
+
+
+def _preferences(request: ValidRequest) -> RoutingPreferences:
+    if request.routing.ByteSize():
+        preferences = RoutingPreferences.from_proto(request.routing)
+    elif not request.leased_nodes:
+        return _DEFAULT_PREFERENCES  # nothing set: most requests
+    else:
+        preferences = _DEFAULT_PREFERENCES
+    if request.leased_nodes:
+        preferences = replace(preferences, leased_nodes=request.leased_nodes)
+    return preferences

@@ -39,6 +39,9 @@ class ValidRequest:
     routing: inference_pb2.RoutingPreferences
     # The work for the first node (segment 0, nothing to resume); copy before changing.
     worker_request: node_pb2.WorkerGenerateRequest
+    # Nodes held by leases this request is not under (billing sets them): a hard
+    # constraint kept apart from the client's ignore_nodes so a refusal names it.
+    leased_nodes: frozenset[str] = frozenset()
 
 
 def validate_request(

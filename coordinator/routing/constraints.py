@@ -1,7 +1,8 @@
 """Which nodes may serve a request, and, when none may, which constraint emptied the list.
 
 Hard constraints (never relaxed, not on fallback, not on resume): model, regions,
-only_nodes, ignore_nodes, the two price caps, the context length. Per-attempt
+only_nodes, nodes held by other clients' leases, ignore_nodes, the two price caps, the
+context length. Per-attempt
 constraints: nodes already tried for this request (``RouteRequest.exclude``), nodes whose
 breaker is open (or whose half-open probe is out), nodes at capacity.
 
@@ -34,6 +35,8 @@ class Constraint(enum.Enum):
     REGIONS = "regions"
     # None of only_nodes serves the model (in the allowed regions).
     ONLY_NODES = "only_nodes"
+    # Every remaining node is held by a dedicated lease the request is not under.
+    LEASED = "leased"
     # Every remaining node is in ignore_nodes.
     IGNORE_NODES = "ignore_nodes"
     # Every remaining node charges more than max_price_input_micro_usd_per_mtok.
@@ -76,7 +79,7 @@ class Eligibility:
 
     def __init__(self, request: RouteRequest, now_s: float) -> None:
         prefs = request.preferences
-        self.skip = request.exclude | prefs.ignore_nodes
+        self.skip = request.exclude | prefs.ignore_nodes | prefs.leased_nodes
         self.only = prefs.only_nodes
         self.max_price_input = (
             math.inf
@@ -160,6 +163,14 @@ def diagnose(snapshot: MarketSnapshot, request: RouteRequest, now_s: float) -> E
             lambda before: (
                 f"none of the {len(prefs.only_nodes)} node ids in only_nodes is among the "
                 f"{len(before)} live {what}"
+            ),
+        ),
+        (
+            Constraint.LEASED,
+            lambda r: r[0].node_id not in prefs.leased_nodes,
+            lambda before: (
+                f"all {len(before)} live {what} are leased (dedicated to the clients who "
+                "leased them); retry later, or lease a free node of your own"
             ),
         ),
         (

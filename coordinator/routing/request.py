@@ -30,8 +30,9 @@ _TOKENS_PER_CHAT_MESSAGE = 4
 class RoutingPreferences:
     """The client's routing wishes (mirrors ``mercato.v1.RoutingPreferences``).
 
-    ``regions``, the two price caps, ``only_nodes`` and ``ignore_nodes`` are hard
-    constraints: never relaxed, not on fallback and not on resume.
+    ``regions``, the two price caps, ``only_nodes``, ``ignore_nodes`` and
+    ``leased_nodes`` are hard constraints: never relaxed, not on fallback and not on
+    resume.
     """
 
     # Allowed regions; empty: any region.
@@ -48,6 +49,9 @@ class RoutingPreferences:
     only_nodes: frozenset[str] = frozenset()
     # These node ids must not serve.
     ignore_nodes: frozenset[str] = frozenset()
+    # Nodes held by dedicated leases this request is not under (set by billing, not by
+    # the client): skipped like ignore_nodes, and named apart when they empty the list.
+    leased_nodes: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in ("max_price_input_micro_usd_per_mtok", "max_price_output_micro_usd_per_mtok"):

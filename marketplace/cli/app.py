@@ -8,6 +8,7 @@ from marketplace.cli import (
     accounts_cmd,
     bench_cmd,
     chat_cmd,
+    client_cmd,
     coordinator_cmd,
     ledger_cmd,
     node_cmd,
@@ -25,6 +26,7 @@ app.add_typer(coordinator_cmd.app, name="coordinator", help="Run a coordinator."
 app.add_typer(bench_cmd.app, name="bench", help="Benchmarks that print numbers.")
 up_cmd.register(app)
 chat_cmd.register(app)
+client_cmd.register(app)
 accounts_cmd.register(app)
 ledger_cmd.register(app)
 

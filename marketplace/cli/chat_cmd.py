@@ -31,6 +31,9 @@ def chat(
         None, min=0, max=2**63 - 1, help="Sampler seed, for reproducible output."
     ),
     region: list[str] = typer.Option([], help="Allowed region (repeatable); a hard constraint."),
+    lease: str = typer.Option(
+        "", help="Run on the node of this lease of yours (mercato lease list); no per-token cost."
+    ),
     timeout_s: float = typer.Option(120.0, help="Deadline of the whole request, seconds."),
     home: Path | None = typer.Option(
         None,
@@ -42,7 +45,7 @@ def chat(
     import grpc
     from mercato.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-    api_key = _api_key(home)
+    api_key = api_key_for(home)
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     messages = [common_pb2.ChatMessage(role="system", content=system)] if system else []
     messages.append(common_pb2.ChatMessage(role="user", content=question))
@@ -64,6 +67,7 @@ def chat(
                 chat=common_pb2.ChatInput(messages=messages),
                 sampling=sampling,
                 routing=inference_pb2.RoutingPreferences(regions=region),
+                lease_id=lease,
             )
             for response in stub.Generate(request, timeout=timeout_s, metadata=metadata):
                 kind = response.WhichOneof("chunk")
@@ -90,7 +94,7 @@ def chat(
             _fail(f"{exc.code().name}: {exc.details()}")
 
 
-def _api_key(home: Path | None) -> str:
+def api_key_for(home: Path | None) -> str:
     """$MERCATO_API_KEY, else the key ``mercato up`` stored; empty if neither exists."""
     from marketplace.cli.up_cmd import client_key_path
 

@@ -13,7 +13,7 @@ import base64
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -78,13 +78,17 @@ def open_store(database_url: str | None, json_output: bool) -> Iterator[LedgerSt
             store.close()
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def table(
+    title: str, columns: list[str], rows: list[list[Any]], *, whole: Collection[str] = ()
+) -> None:
+    """Print a table for people; the ``whole`` columns (ids to copy) wrap instead of being
+    cut short with an ellipsis in a narrow terminal."""
     from rich.console import Console
     from rich.table import Table
 
     out = Table(title=title)
     for column in columns:
-        out.add_column(column)
+        out.add_column(column, overflow="fold" if column in whole else "ellipsis")
     for row in rows:
         out.add_row(*(str(v) for v in row))
     Console().print(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from mercato.v1 import inference_pb2, inference_pb2_grpc
 
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
+from marketplace.ledger.models import AccountKind
+from marketplace.ledger.store import IssuedKey, LedgerStore
 
 from .fakes import FakeNode
 
@@ -84,3 +87,28 @@ async def collect(
     timeout_s: float = 10,
 ) -> list[inference_pb2.GenerateResponse]:
     return [response async for response in stub.Generate(request, timeout=timeout_s)]
+
+
+def funded_client_key(store: LedgerStore, name: str) -> IssuedKey:
+    """A client account ``name`` with 1 USD deposited, and an API key issued for it."""
+    account = store.create_account(AccountKind.CLIENT, name)
+    store.deposit(account.id, 1_000_000, f"fund-{name}")
+    return store.issue_key(account.id, "k")
+
+
+@contextlib.asynccontextmanager
+async def billed_coordinator_and_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: object
+) -> AsyncIterator[tuple[Coordinator, FakeNode]]:
+    """A whole coordinator (billing on, SQLite in ``tmp_path``, ``settings`` changed) and
+    a fake node registered with it; both stopped at the end."""
+    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
+    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True, **settings))
+    await coordinator.start()
+    node = FakeNode(coordinator.address)
+    try:
+        await node.start()
+        yield coordinator, node
+    finally:
+        await node.stop()
+        await coordinator.stop(grace_s=0)

@@ -45,10 +45,10 @@ from marketplace.ledger import (
     verify_offline,
 )
 from marketplace.ledger.models import AccountKind
-from marketplace.ledger.store import IssuedKey, LedgerStore
+from marketplace.ledger.store import LedgerStore
 
 from . import fakes
-from .conftest import fast_settings
+from .conftest import billed_coordinator_and_node, fast_settings, funded_client_key
 
 MODEL = "SmolLM2-135M-Instruct"
 PRICE_IN = 100_000
@@ -343,7 +343,7 @@ async def test_lease_routing_and_refund_when_its_node_leaves(setup: Setup) -> No
     leased = await billing.constrain(principal, valid(setup.settings, lease_id=lease.lease_id))
     assert list(leased.routing.only_nodes) == [NODE.node_id]
     serverless = await billing.constrain(principal, valid(setup.settings))
-    assert list(serverless.routing.ignore_nodes) == [NODE.node_id]
+    assert serverless.leased_nodes == {NODE.node_id}
 
     # Under the lease: no hold, zero per-token charge, receipts countersigned.
     admission = await billing.admit(principal, leased, [candidate()])
@@ -377,9 +377,7 @@ async def test_lease_routing_and_refund_when_its_node_leaves(setup: Setup) -> No
     with pytest.raises(BillingRefused) as caught:
         await billing.constrain(principal, valid(setup.settings, lease_id=lease.lease_id))
     assert caught.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
-    assert (
-        list((await billing.constrain(principal, valid(setup.settings))).routing.ignore_nodes) == []
-    )
+    assert not (await billing.constrain(principal, valid(setup.settings))).leased_nodes
 
 
 async def test_a_lease_seen_first_in_a_request_keeps_serverless_traffic_off_its_node(
@@ -396,10 +394,10 @@ async def test_a_lease_seen_first_in_a_request_keeps_serverless_traffic_off_its_
         principal, NODE.node_id, gpus=1, price_micro_usd_per_gpu_hour=100_000, hours=2
     )
     before = await billing.constrain(principal, valid(setup.settings))
-    assert list(before.routing.ignore_nodes) == []  # not known here yet
+    assert not before.leased_nodes  # not known here yet
     await billing.constrain(principal, valid(setup.settings, lease_id=lease.lease_id))
     after = await billing.constrain(principal, valid(setup.settings))
-    assert list(after.routing.ignore_nodes) == [NODE.node_id]
+    assert after.leased_nodes == {NODE.node_id}
 
 
 # ---------------------------------------------------------------- late receipts
@@ -597,42 +595,17 @@ async def test_late_copy_of_a_final_receipt_is_ignored(setup: Setup) -> None:
     assert await rejections(setup, request.request_id) == []
 
 
-def _funded_client_key(store: LedgerStore, name: str) -> IssuedKey:
-    """A client account ``name`` with 1 USD deposited, and an API key issued for it."""
-    account = store.create_account(AccountKind.CLIENT, name)
-    store.deposit(account.id, 1_000_000, f"fund-{name}")
-    return store.issue_key(account.id, "k")
-
-
-@contextlib.asynccontextmanager
-async def _billed_coordinator_and_node(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: object
-) -> AsyncIterator[tuple[Coordinator, fakes.FakeNode]]:
-    """A whole coordinator (billing on, SQLite in ``tmp_path``, ``settings`` changed) and
-    a fake node registered with it; both stopped at the end."""
-    monkeypatch.delenv("MERCATO_DATABASE_URL", raising=False)
-    coordinator = Coordinator(fast_settings(tmp_path, billing_enabled=True, **settings))
-    await coordinator.start()
-    node = fakes.FakeNode(coordinator.address)
-    try:
-        await node.start()
-        yield coordinator, node
-    finally:
-        await node.stop()
-        await coordinator.stop(grace_s=0)
-
-
 async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A whole coordinator (billing on, SQLite) and a fake node that sends the receipt of
     its cut-off call on its heartbeat stream, as a real node does."""
-    async with _billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
         node.send_late_receipts = True
         node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(40)], delay_s=0.05)
         assert coordinator.billing is not None
         ledger = coordinator.billing.ledger
-        issued = _funded_client_key(ledger.store, "carol")
+        issued = funded_client_key(ledger.store, "carol")
         key, account_id = issued.secret_key, issued.key.account_id
         request = inference_pb2.GenerateRequest(
             request_id="cut-1",
@@ -677,9 +650,9 @@ async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
     """Through the gRPC API with billing on: Generate, ListModels and ListNodes without a
     key, with an unknown key or with a revoked key are UNAUTHENTICATED, and no Generate
     reaches a node."""
-    async with _billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
         assert coordinator.billing is not None
-        issued = _funded_client_key(coordinator.billing.ledger.store, "dave")
+        issued = funded_client_key(coordinator.billing.ledger.store, "dave")
         await coordinator.billing.ledger.revoke_key(issued.key.id)
         request = inference_pb2.GenerateRequest(model=fakes.MODEL, prompt="hi")
         async with grpc.aio.insecure_channel(coordinator.address) as channel:
@@ -711,11 +684,11 @@ async def test_a_new_lease_takes_its_node_out_of_serverless_routing_at_once(
     """Through the gRPC API: once CreateLease answers, ListNodes marks the node leased and
     serverless requests no longer go to it, without waiting for the coordinator's lease
     refresh (an hour here); once EndLease answers, both are back."""
-    async with _billed_coordinator_and_node(
+    async with billed_coordinator_and_node(
         tmp_path, monkeypatch, lease_refresh_interval_s=3600
     ) as (coordinator, node):
         assert coordinator.billing is not None
-        issued = _funded_client_key(coordinator.billing.ledger.store, "erin")
+        issued = funded_client_key(coordinator.billing.ledger.store, "erin")
         coordinator.billing.ledger.store.deposit(issued.key.account_id, 1_000_000, "more")
         auth = (("authorization", f"Bearer {issued.secret_key}"),)
         serverless = inference_pb2.GenerateRequest(
@@ -741,6 +714,9 @@ async def test_a_new_lease_takes_its_node_out_of_serverless_routing_at_once(
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await api.Generate(serverless, metadata=auth, timeout=10).read()
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            # Named as a lease, not as the client's own ignore_nodes (which it never set).
+            assert "are leased" in (caught.value.details() or "")
+            assert "ignore_nodes" not in (caught.value.details() or "")
             under_lease = inference_pb2.GenerateRequest()
             under_lease.CopyFrom(serverless)
             under_lease.lease_id = lease.lease_id
@@ -773,13 +749,13 @@ async def test_shutdown_finishes_or_bills_streams_in_flight_and_refuses_new_ones
     late receipt (the heartbeat streams outlive the cut); a request during the grace is
     refused UNAVAILABLE; no hold is left open and the journal verifies when the database
     is opened afresh."""
-    async with _billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
         node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(60)], delay_s=0.05)
         node.worker.final_receipt = node.signed_usage
         node.send_late_receipts = True
         assert coordinator.billing is not None
         store = coordinator.billing.ledger.store
-        issued = _funded_client_key(store, "erin")
+        issued = funded_client_key(store, "erin")
         metadata = (("authorization", f"Bearer {issued.secret_key}"),)
 
         def request(request_id: str, max_tokens: int) -> inference_pb2.GenerateRequest:
@@ -847,11 +823,11 @@ async def test_stop_without_grace_still_bills_the_cut_off_stream(
 ) -> None:
     """stop(grace_s=0): the open stream is cut at once, and its settlement still gets its
     node's late receipt before the server (and with it the heartbeat stream) goes."""
-    async with _billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
         node.worker.behaviour = fakes.Behaviour(deltas=[f" t{i}" for i in range(60)], delay_s=0.05)
         node.send_late_receipts = True
         assert coordinator.billing is not None
-        issued = _funded_client_key(coordinator.billing.ledger.store, "fred")
+        issued = funded_client_key(coordinator.billing.ledger.store, "fred")
         async with grpc.aio.insecure_channel(coordinator.address) as channel:
             call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
                 inference_pb2.GenerateRequest(
@@ -887,7 +863,7 @@ async def test_a_taken_port_is_refused_before_the_ledger_opens(
 ) -> None:
     """A second coordinator on a port in use says so, and never opens its ledger (no
     recovery run, no writer left behind by a start that could not serve)."""
-    async with _billed_coordinator_and_node(tmp_path / "first", monkeypatch) as (first, _node):
+    async with billed_coordinator_and_node(tmp_path / "first", monkeypatch) as (first, _node):
         second = Coordinator(
             fast_settings(tmp_path / "second", billing_enabled=True, port=first.port)
         )

@@ -95,7 +95,7 @@ def eligible(snapshot: MarketSnapshot, request: RouteRequest, now_s: float) -> l
             continue
         if prefs.only_nodes and view.node_id not in prefs.only_nodes:
             continue
-        if view.node_id in prefs.ignore_nodes or view.node_id in request.exclude:
+        if view.node_id in prefs.ignore_nodes | prefs.leased_nodes | request.exclude:
             continue
         cap_in = prefs.max_price_input_micro_usd_per_mtok
         cap_out = prefs.max_price_output_micro_usd_per_mtok

@@ -78,6 +78,7 @@ def requests(draw: st.DrawFn, node_ids: list[str]) -> RouteRequest:
             if draw(st.integers(0, 4)) == 0
             else frozenset(),
             ignore_nodes=frozenset(draw(st.lists(ids, max_size=3))),
+            leased_nodes=frozenset(draw(st.lists(ids, max_size=3))),
         ),
         exclude=frozenset(draw(st.lists(ids, max_size=4))),
     )
@@ -107,6 +108,7 @@ def assert_hard_constraints(decision: RoutingDecision, request: RouteRequest) ->
         assert candidate.price_output_micro_usd_per_mtok == terms.price_output_micro_usd_per_mtok
         assert not prefs.only_nodes or listing.node_id in prefs.only_nodes
         assert listing.node_id not in prefs.ignore_nodes
+        assert listing.node_id not in prefs.leased_nodes
         assert listing.node_id not in request.exclude
 
 
@@ -214,6 +216,7 @@ def test_price_mode_finds_the_exact_cheapest(
             max_price_output_micro_usd_per_mtok=prefs.max_price_output_micro_usd_per_mtok,
             sort=SortMode.PRICE,
             ignore_nodes=prefs.ignore_nodes,
+            leased_nodes=prefs.leased_nodes,
         ),
         drawn.exclude,
     )

@@ -165,6 +165,12 @@ def test_max_candidates_bounds_the_fallbacks() -> None:
             Constraint.IGNORE_NODES,
             "ignore_nodes",
         ),
+        (  # leased to others, and ignored too: the lease is named, it came first
+            [NodeSpec(listing(n)) for n in "ab"],
+            request(leased_nodes=frozenset("ab"), ignore_nodes=frozenset("a")),
+            Constraint.LEASED,
+            "all 2 live nodes serving 'm' are leased",
+        ),
         (
             [NodeSpec(listing(n, price_input=500)) for n in "abc"],
             request(max_price_input_micro_usd_per_mtok=100),
