@@ -770,6 +770,7 @@ def _lease_record(lease: dict[str, Any], refunded: int = 0) -> LeaseRecord:
         periods_charged=lease["periods_charged"],
         started_at_unix_ms=lease["started_at_unix_ms"],
         ends_at_unix_ms=lease["ends_at_unix_ms"],
+        api_key_id=lease.get("api_key_id"),
     )
 
 
@@ -1161,9 +1162,12 @@ def _create_lease(batch: _Batch, op: CreateLease) -> LeaseRecord:
         "started_at_unix_ms": op.started_at_unix_ms,
         "ends_at_unix_ms": op.started_at_unix_ms + op.hours * 3_600_000,
         "ended_at_unix_ms": None,
+        "api_key_id": op.api_key_id,
     }
     batch.leases[op.lease_id] = lease
     batch.new_leases.append(lease)
+    if op.api_key_id is not None:  # the key spent the prepaid price (a refund gives back)
+        batch.key_spend[op.api_key_id] = batch.key_spend.get(op.api_key_id, 0) + total
     return _lease_record(lease)
 
 
@@ -1280,6 +1284,9 @@ def _end_lease(batch: _Batch, op: EndLease) -> LeaseRecord:
                 )
             ]
         )
+    key_id = lease.get("api_key_id")
+    if refund and key_id is not None:
+        batch.key_spend[key_id] = batch.key_spend.get(key_id, 0) - refund
     lease["status"] = (LeaseStatus.FAILED if op.node_failed else LeaseStatus.ENDED).value
     lease["ended_at_unix_ms"] = op.now_unix_ms
     batch.dirty_leases.add(lease["id"])

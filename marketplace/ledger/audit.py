@@ -10,7 +10,7 @@ Checks, in one pass over the journal in sequence order:
   to zero, and no account that must not overdraw is below zero;
 * the journal head names the last entry; the open-holds index equals the pending
   transfers left unresolved; each API key's recorded spend equals the sum of its
-  settlements;
+  settlements plus what its leases took and did not refund;
 * the platform's pass-through accounts hold exactly what is in flight: clearing has
   nothing posted (every charge leaves it in full, as earnings and fee; its pending
   part is the open holds by construction, checked against the index above); the lease
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, case, func, select
 
 from marketplace.ledger.applier import (
     CLEARING,
@@ -119,6 +119,22 @@ def verify_ledger(engine: Engine, *, chunk_rows: int = 10_000) -> AuditReport:
                 .group_by(T_SETTLEMENTS.c.api_key_id)
             )
         }
+        # A lease counts toward its key what it took and did not give back: the whole
+        # prepaid price while active, what was charged once it ended.
+        for row in conn.execute(
+            select(
+                T_LEASES.c.api_key_id,
+                func.sum(
+                    case(
+                        (T_LEASES.c.status == LeaseStatus.ACTIVE.value, T_LEASES.c.total_micro_usd),
+                        else_=T_LEASES.c.charged_micro_usd,
+                    )
+                ),
+            )
+            .where(T_LEASES.c.api_key_id.is_not(None))
+            .group_by(T_LEASES.c.api_key_id)
+        ):
+            settled_by_key[row[0]] = settled_by_key.get(row[0], 0) + int(row[1])
         key_spend = {
             row.api_key_id: row.spent_micro_usd for row in conn.execute(select(T_KEY_SPEND))
         }
@@ -149,8 +165,8 @@ def verify_ledger(engine: Engine, *, chunk_rows: int = 10_000) -> AuditReport:
         have_spent = key_spend.get(key_id, 0)
         if want_spent != have_spent:
             report.fail(
-                f"api key {key_id}: recorded spend {have_spent} != its settlements' "
-                f"{want_spent} (micro-USD)"
+                f"api key {key_id}: recorded spend {have_spent} != its settlements' and "
+                f"leases' {want_spent} (micro-USD)"
             )
     if holds != set(pending):
         report.fail(

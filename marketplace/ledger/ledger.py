@@ -706,9 +706,10 @@ class Ledger:
     ) -> LeaseRecord:
         """Lease a node for ``hours``: the whole price is taken up front (durable before
         this returns), charged per elapsed period, the unused part refunded."""
+        key_id = limit = None
         if isinstance(payer, Principal):
             payer.require_client()
-            account_id = payer.account_id
+            account_id, key_id, limit = payer.account_id, payer.key_id, payer.spend_limit_micro_usd
         else:
             account_id = identifiers.check_id(payer, "account id")
         identifiers.check_id(node_id, "node id")
@@ -721,12 +722,20 @@ class Ledger:
         money.check_amount(price_micro_usd_per_gpu_hour, "price per GPU-hour")
         total = money.lease_total_micro_usd(price_micro_usd_per_gpu_hour, gpus, hours)
         money.check_amount(total, "lease total")
+        usage = await self._spend(key_id) if key_id is not None else None
         await self._load(account_id)
         if self._available(account_id) < total:
             await self._load(account_id, refresh=True)
+        # No await from here on: the checks and the reservation are one step.
         have = self._available(account_id)
         if have < total:
             raise InsufficientBalance(total, have, account_id)
+        if usage is not None and limit is not None and usage[0] + usage[1] + total > limit:
+            raise SpendLimitExceeded(
+                f"spend limit of key {key_id} reached: limit {limit}, spent {usage[0]}, in flight "
+                f"{usage[1]}, this lease costs {total} (micro-USD); raise the limit, lease "
+                "fewer hours or use another key"
+            )
         op = CreateLease(
             lease_id=lease_id,
             account_id=account_id,
@@ -737,17 +746,32 @@ class Ledger:
             period_s=period_s,
             fee_bps=self.settings.platform_fee_bps,
             started_at_unix_ms=now_unix_ms(),
+            api_key_id=key_id,
         )
-        return await self._submit(op, ((account_id, -total),))
+        future = self._submit(op, ((account_id, -total),))
+        if usage is None:
+            return await future
+        usage[1] += total  # in flight until durable, like a hold
+        try:
+            record: LeaseRecord = await future
+        finally:
+            usage[1] -= total
+        if record.started_at_unix_ms == op.started_at_unix_ms:  # made now, not a retry
+            usage[0] += total
+        return record
 
     async def end_lease(
         self, lease_id: str, *, node_failed: bool = False, now_ms: int | None = None
     ) -> LeaseRecord:
         """End a lease early (the client stops it, or its node failed); refund the rest."""
         identifiers.check_id(lease_id, "lease id")
-        return await self._submit(
+        record: LeaseRecord = await self._submit(
             EndLease(lease_id, now_unix_ms() if now_ms is None else now_ms, node_failed)
         )
+        usage = self._key_spend.get(record.api_key_id or "")
+        if usage is not None:
+            usage[0] -= record.refunded_micro_usd  # the refund is no longer spent
+        return record
 
     async def charge_leases(self, now_ms: int | None = None) -> list[LeaseRecord]:
         """Charge every active lease for the periods elapsed (run by the sweeper)."""

@@ -240,6 +240,9 @@ class Lease(SQLModel, table=True):
     started_at_unix_ms: int = Field(sa_column=_big())
     ends_at_unix_ms: int = Field(sa_column=_big())
     ended_at_unix_ms: int | None = Field(default=None, sa_column=_big(nullable=True))
+    # The API key that created the lease: its prepaid price, less any refund, counts
+    # against that key's spend limit (key_spend). None for leases made without a key.
+    api_key_id: str | None = Field(default=None, max_length=16)
 
 
 class PayoutBatch(SQLModel, table=True):

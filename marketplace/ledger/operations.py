@@ -105,6 +105,7 @@ class CreateLease:
     period_s: int
     fee_bps: int
     started_at_unix_ms: int
+    api_key_id: str | None = None  # the paying key: the price counts toward its spend
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ class LeaseRecord:
     periods_charged: int
     started_at_unix_ms: int
     ends_at_unix_ms: int
+    api_key_id: str | None = None  # the key that created it
 
 
 @dataclass(frozen=True)

@@ -595,6 +595,7 @@ def _lease_view(row: Any) -> LeaseRecord:
         periods_charged=row.periods_charged,
         started_at_unix_ms=row.started_at_unix_ms,
         ends_at_unix_ms=row.ends_at_unix_ms,
+        api_key_id=row.api_key_id,
     )
 
 

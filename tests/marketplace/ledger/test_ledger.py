@@ -573,6 +573,41 @@ async def test_a_node_is_leased_whole_to_one_client_at_a_time(
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_keys_spend_limit_bounds_its_leases(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    """A lease counts its prepaid price toward the paying key's spend, less its refund.
+    Before, a key with a spend limit could lease any node for any number of hours."""
+    client = make_client(store, deposit=10_000_000)
+    key = store.issue_key(client, spend_limit_micro_usd=2_500_000)
+    principal = await ledger.authenticate(key.secret_key)
+    nodes = [Identity.from_seed(bytes([i]) * 32).node_id for i in range(3)]
+    per_hour = {"gpus": 1, "price_micro_usd_per_gpu_hour": 1_000_000}
+    first = await ledger.create_lease(principal, nodes[0], hours=2, **per_hour)
+    assert first.api_key_id == key.key.id
+    assert store.key_spent_micro_usd(key.key.id) == 2_000_000
+    before = row_counts(store)
+    with pytest.raises(SpendLimitExceeded, match="this lease costs 1000000"):
+        await ledger.create_lease(principal, nodes[1], hours=1, **per_hour)
+    assert row_counts(store) == before
+    ended = await ledger.end_lease(first.lease_id)  # within its first hour: one refunded
+    assert ended.refunded_micro_usd == 1_000_000
+    assert store.key_spent_micro_usd(key.key.id) == 1_000_000
+    await ledger.create_lease(principal, nodes[1], hours=1, **per_hour)  # 2,000,000 spent
+    with pytest.raises(SpendLimitExceeded):
+        await ledger.create_lease(principal, nodes[2], hours=1, **per_hour)
+    # Requests see the same spend: 500,000 left under the limit.
+    with pytest.raises(SpendLimitExceeded):
+        await ledger.place_hold("r-over", principal, 500_001)
+    await (await ledger.place_hold("r-fits", principal, 500_000)).durable
+    report = verify_ledger(store.engine)
+    assert report.ok, report
+    # The audit recomputes key spend from settlements and leases: an edit shows.
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE key_spend SET spent_micro_usd = 0"))
+    assert any("recorded spend" in p for p in verify_ledger(store.engine).problems)
+
+
 async def test_the_background_sweep_expires_overdue_holds(
     settings: LedgerSettings, store: LedgerStore
 ) -> None:
