@@ -3,8 +3,12 @@ schema from empty; the journal's canonical encoding is the documented one."""
 
 from __future__ import annotations
 
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlmodel import SQLModel
 
+import marketplace.ledger.models  # noqa: F401  (the tables, on SQLModel.metadata)
 from marketplace.ledger import LedgerSettings, LedgerStore, verify_ledger
 from marketplace.ledger.database import create_ledger_engine, migrate
 from marketplace.ledger.journal import CHAINED_FIELDS, GENESIS_HASH, canonical, entry_hash
@@ -83,6 +87,16 @@ def test_migrations_build_the_schema_from_empty(database_url: str) -> None:
         "platform.lease_escrow",
         "platform.payouts",
     ]
+    engine.dispose()
+
+
+def test_the_migrations_build_exactly_the_models_schema(database_url: str) -> None:
+    """Alembic's autogenerate finds nothing to change after every migration ran: a
+    column added to a model without a migration (or the reverse) fails here."""
+    engine = create_ledger_engine(LedgerSettings(database_url=database_url))
+    migrate(engine)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
     engine.dispose()
 
 
