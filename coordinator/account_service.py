@@ -25,7 +25,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -214,11 +214,9 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                     settled_at_unix_ms=row.settled_at_unix_ms,
                 )
                 item.receipt.CopyFrom(row.signed)
-            if len(rows) > size:
-                last = rows[size - 1]
-                response.next_page_token = _encode_page_token(
-                    last.settled_at_unix_ms, last.worker_request_id
-                )
+            response.next_page_token = _next_page_token(
+                rows, size, lambda row: (row.settled_at_unix_ms, row.worker_request_id)
+            )
             return response
 
         return await self._answer(context, "ListReceipts", work)
@@ -339,13 +337,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 after=_decode_page_token(request.page_token) if request.page_token else None,
                 active_only=request.active_only,
             )
-            response = account_pb2.ListLeasesResponse(leases=[_lease(row) for row in rows[:size]])
-            if len(rows) > size:
-                last = rows[size - 1]
-                response.next_page_token = _encode_page_token(
-                    last.started_at_unix_ms, last.lease_id
-                )
-            return response
+            return account_pb2.ListLeasesResponse(
+                leases=[_lease(row) for row in rows[:size]],
+                next_page_token=_next_page_token(
+                    rows, size, lambda row: (row.started_at_unix_ms, row.lease_id)
+                ),
+            )
 
         return await self._answer(context, "ListLeases", work)
 
@@ -393,6 +390,16 @@ def _lease(record: LeaseRecord) -> account_pb2.Lease:
         started_at_unix_ms=record.started_at_unix_ms,
         ends_at_unix_ms=record.ends_at_unix_ms,
     )
+
+
+def _next_page_token(
+    rows: Sequence[_T], size: int, position: Callable[[_T], tuple[int, str]]
+) -> str:
+    """The token of the page after ``rows[:size]`` (``rows`` was read with one row more
+    than a page, to know whether there is a next one); empty when this page is the last."""
+    if len(rows) <= size:
+        return ""
+    return _encode_page_token(*position(rows[size - 1]))
 
 
 def _encode_page_token(unix_ms: int, row_id: str) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from marketplace.cli.chat_cmd import api_key_for
-from marketplace.cli.ledger_cmd import table
+from marketplace.cli.ledger_cmd import JsonOutput, table
 
 if TYPE_CHECKING:
     import grpc
@@ -39,7 +39,6 @@ Home = typer.Option(
     help="Data directory whose client.key to use (default: $MERCATO_HOME or ~/.mercato); "
     "$MERCATO_API_KEY wins over it.",
 )
-JsonOutput = typer.Option(False, "--json", help="Print one JSON document (for scripts).")
 
 
 @contextmanager

@@ -722,7 +722,13 @@ class Ledger:
         money.check_amount(price_micro_usd_per_gpu_hour, "price per GPU-hour")
         total = money.lease_total_micro_usd(price_micro_usd_per_gpu_hour, gpus, hours)
         money.check_amount(total, "lease total")
-        usage = await self._spend(key_id) if key_id is not None else None
+        # A limited key's spend is checked (read once); an unlimited one's is kept in step
+        # only if it is cached already.
+        usage = (
+            await self._spend(key_id)
+            if key_id is not None and limit is not None
+            else self._key_spend.get(key_id or "")
+        )
         await self._load(account_id)
         if self._available(account_id) < total:
             await self._load(account_id, refresh=True)

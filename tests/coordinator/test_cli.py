@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from mercato.v1 import inference_pb2, inference_pb2_grpc
+
+from tests.taken_port import assert_refused_in_one_line, start_on_a_taken_port
 
 
 def test_start_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -61,22 +62,8 @@ def test_start_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = subprocess.run(
-            [
-                *(sys.executable, "-m", "marketplace.cli", "coordinator", "start"),
-                *("--port", str(port), "--home", str(tmp_path)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert done.returncode == 1, done.stderr
-    assert f"error: cannot listen on 127.0.0.1:{port}; is the port in use?" in done.stderr
-    assert "Traceback" not in done.stderr
+    port, done = start_on_a_taken_port("coordinator", "start", "--home", str(tmp_path))
+    assert_refused_in_one_line(port, done)
 
 
 def test_a_second_coordinator_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:

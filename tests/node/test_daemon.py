@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 from mercato.v1 import common_pb2, node_pb2
 
 from node.daemon import READY_PREFIX
+from tests.taken_port import assert_refused_in_one_line, start_on_a_taken_port
 
 from .control_fake import RecordingControl, start_control
 from .node_process import kill_if_running, start_fake_node, stop_with_sigterm
@@ -216,20 +215,9 @@ async def test_sigterm_drains_then_cuts_off_and_delivers_the_late_receipt(tmp_pa
 
 
 def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = subprocess.run(
-            [
-                *(sys.executable, "-m", "marketplace.cli", "node", "start", "--engine", "fake"),
-                *("--port", str(port), "--coordinator", "127.0.0.1:1", "--home", str(tmp_path)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert done.returncode == 1, done.stderr
-    assert f"error: cannot listen on 127.0.0.1:{port}; is the port in use?" in done.stderr
-    assert "Traceback" not in done.stderr
+    port, done = start_on_a_taken_port(
+        *("node", "start", "--engine", "fake", "--coordinator", "127.0.0.1:1"),
+        *("--home", str(tmp_path)),
+    )
+    assert_refused_in_one_line(port, done)
     assert "engine ready" not in done.stderr  # refused before the engine loads
