@@ -364,16 +364,23 @@ def test_lease_routes_only_to_its_node(market: Market) -> None:
         [signed] = final.receipts
         assert market_pb2.UsageReceipt.FromString(signed.receipt).lease_id == lease.lease_id
 
-        # Serverless traffic never goes to the leased node (here the only node).
-        def serverless_refused() -> bool:
-            try:
-                _generate(channel, _request())
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
-                return True
-            return False
+        # The node is leased whole, to one client at a time.
+        with pytest.raises(grpc.RpcError) as caught:
+            accounts.CreateLease(
+                account_pb2.CreateLeaseRequest(node_id=market.node_id, hours=1), timeout=30
+            )
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert lease.lease_id in caught.value.details()
+        api = inference_pb2_grpc.InferenceServiceStub(channel)
+        [listed] = api.ListNodes(inference_pb2.ListNodesRequest(), timeout=30).nodes
+        assert listed.leased
 
-        _until(serverless_refused)
+        # Serverless traffic never goes to the leased node (here the only node), from the
+        # moment CreateLease answered: the refusal names the leases.
+        with pytest.raises(grpc.RpcError) as caught:
+            _generate(channel, _request())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert "[constraint: leased]" in caught.value.details()
         for lease_id, code in (("no-such-lease", grpc.StatusCode.NOT_FOUND),):
             with pytest.raises(grpc.RpcError) as caught:
                 _generate(channel, _request(lease_id=lease_id))
