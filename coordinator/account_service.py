@@ -36,7 +36,6 @@ from mercato.v1 import account_pb2, account_pb2_grpc
 from marketplace.ledger import (
     AccountKind,
     AccountView,
-    IdConflict,
     InvalidInput,
     LeaseRecord,
     LeaseStatus,
@@ -258,16 +257,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 raise InvalidInput("hours must be at least 1")
             if request.lease_id:
                 _check_id(request.lease_id, "lease_id")
-                existing = await self._ledger.lease(request.lease_id)
-                if existing is not None:  # a retry: the same lease, or a taken id
-                    if (
-                        existing.account_id != principal.account_id
-                        or existing.node_id != request.node_id
-                    ):
-                        raise IdConflict(
-                            f"lease id {request.lease_id!r} is taken; choose another or leave "
-                            "it empty"
-                        )
+                # A retry answers the lease made (its node may be offline since); a
+                # taken id is IdConflict.
+                existing = await self._ledger.existing_lease(
+                    request.lease_id, principal.account_id, request.node_id, request.hours
+                )
+                if existing is not None:
                     return account_pb2.CreateLeaseResponse(lease=_lease(existing))
             if self._lease_terms is None:
                 raise LeasesNotOffered(

@@ -94,6 +94,7 @@ from marketplace.identity import Identity
 from marketplace.ledger import (
     BadReceipt,
     ForgedReceipt,
+    IdConflict,
     Ledger,
     LedgerError,
     LedgerSettings,
@@ -441,17 +442,35 @@ class Billing:
             lease_id=worker.lease_id,
             max_tokens=worker.sampling.max_tokens,
         )
+        request_id = request.request_id
+        if request_id in self._pending:
+            raise BillingRefused(
+                IdConflict(
+                    f"request id {request_id!r} is in flight already; a request id is used "
+                    "once: send a new one, or leave request_id empty and the coordinator "
+                    "assigns one"
+                )
+            )
+        self._pending[request_id] = admission  # taken now: a concurrent twin is refused
         try:
             principal.require_client()
+            amount = 0
             if not worker.lease_id:
                 price_in, price_out = hold_prices(candidates, request.model)
                 amount = max_cost_micro_usd(bound, worker.sampling.max_tokens, price_in, price_out)
-                if amount > 0:
-                    await self.ledger.place_hold(request.request_id, principal, amount)
-                    admission.hold_micro_usd = amount
-        except LedgerError as exc:
-            raise BillingRefused(exc) from None
-        self._pending[admission.request_id] = admission
+            if amount > 0:
+                await self.ledger.place_hold(
+                    request_id, principal, amount, fresh_id=request.id_assigned
+                )
+                admission.hold_micro_usd = amount
+            elif not request.id_assigned:  # nothing held, but the id is still used once
+                await self.ledger.check_request_id(request_id)
+        except BaseException as exc:
+            if self._pending.get(request_id) is admission:
+                del self._pending[request_id]
+            if isinstance(exc, LedgerError):
+                raise BillingRefused(exc) from None
+            raise
         return admission
 
     def release(self, admission: Admission) -> None:

@@ -42,6 +42,9 @@ class ValidRequest:
     # Nodes held by leases this request is not under (billing sets them): a hard
     # constraint kept apart from the client's ignore_nodes so a refusal names it.
     leased_nodes: frozenset[str] = frozenset()
+    # True when the coordinator generated request_id (the client sent none): a fresh id
+    # that no earlier request can have used, so billing skips the ledger's look-up.
+    id_assigned: bool = False
 
 
 def validate_request(
@@ -49,6 +52,7 @@ def validate_request(
 ) -> ValidRequest:
     """Check every field of ``request``; raise RequestInvalid naming the first bad one."""
     request_id = request.request_id
+    id_assigned = not request_id
     if request_id:
         if not REQUEST_ID_PATTERN.fullmatch(request_id):
             raise RequestInvalid(
@@ -75,7 +79,11 @@ def validate_request(
         # (coordinator.billing.Billing.constrain); the node's receipt names the lease.
         worker.lease_id = request.lease_id
     return ValidRequest(
-        request_id=request_id, model=request.model, routing=request.routing, worker_request=worker
+        request_id=request_id,
+        model=request.model,
+        routing=request.routing,
+        worker_request=worker,
+        id_assigned=id_assigned,
     )
 
 

@@ -287,6 +287,7 @@ class _Batch:
                     placed.add(op.request_id)
                 else:
                     hold_requests.add(op.request_id)
+                    settled_requests.add(op.request_id)
                     transfer_ids.add(hold_id(op.request_id))
             elif kind is PostTransfer:
                 account_ids.update((op.debit_account_id, op.credit_account_id))
@@ -738,6 +739,14 @@ def _sqlite_key_spend_sql(columns: int, rows: int) -> str:
 _LEASE_MUTABLE = ("periods_charged", "charged_micro_usd", "status", "ended_at_unix_ms")
 
 
+def request_id_used(request_id: str) -> str:
+    """The refusal of a request id that an earlier request used."""
+    return (
+        f"request id {request_id!r} was used by an earlier request; a request id is used "
+        "once: send a new one, or leave request_id empty and the coordinator assigns one"
+    )
+
+
 def hold_id(request_id: str) -> str:
     return f"hold:{request_id}"
 
@@ -849,18 +858,20 @@ def _post_transfer(batch: _Batch, op: PostTransfer) -> TransferResult:
 
 def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
     tid = hold_id(op.request_id)
+    known = batch.open_holds.get(op.request_id)
     existing = batch.transfers.get(tid)
-    if existing is None:
-        known = batch.open_holds.get(op.request_id)
-        if known is not None and known["transfer_id"] == tid:
-            existing = _entry(
-                tid,
-                TransferKind.HOLD,
-                TransferPhase.PENDING,
-                known["account_id"],
-                CLEARING,
-                known["amount"],
-            )
+    if op.request_id in batch.settlements or (existing is not None and known is None):
+        # Settled, or its hold released or expired: a request id pays for one request.
+        raise IdConflict(request_id_used(op.request_id))
+    if existing is None and known is not None and known["transfer_id"] == tid:
+        existing = _entry(
+            tid,
+            TransferKind.HOLD,
+            TransferPhase.PENDING,
+            known["account_id"],
+            CLEARING,
+            known["amount"],
+        )
     if existing is not None:
         if existing[_DEBIT] != op.account_id or existing[_AMOUNT] != op.amount:
             raise IdConflict(

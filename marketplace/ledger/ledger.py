@@ -39,7 +39,7 @@ from mercato.v1 import market_pb2
 from marketplace.aio import cancel_and_wait
 from marketplace.identity import Identity
 from marketplace.ledger import api_keys, identifiers, money
-from marketplace.ledger.applier import DEPOSITS, now_unix_ms
+from marketplace.ledger.applier import DEPOSITS, now_unix_ms, request_id_used
 from marketplace.ledger.errors import (
     BadReceipt,
     IdConflict,
@@ -88,6 +88,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _SETTLED_REMEMBERED = 100_000
+_LEASES_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,9 @@ class Ledger:
         self._effects: dict[int, tuple[tuple[str, int], ...]] = {}
         self._loading: dict[str, asyncio.Future[Any]] = {}
         self._key_spend: dict[str, list[int]] = {}  # key id -> [spent, held]
+        # Leases asked for by this process, by id (the failed ones dropped): a twin
+        # that read the balance while one was made is answered as a retry.
+        self._creating_leases: OrderedDict[str, asyncio.Future[LeaseRecord]] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -335,12 +339,16 @@ class Ledger:
         amount_micro_usd: int,
         *,
         expires_in_s: float | None = None,
+        fresh_id: bool = False,
     ) -> Hold:
         """Reserve ``amount_micro_usd`` on the payer's account for ``request_id``.
 
         Returns once the reservation is made in memory (no disk wait); ``hold.durable``
         resolves when it is committed. Raises InsufficientBalance ("insufficient balance:
-        need X, have Y"), SpendLimitExceeded, UnknownAccount, IdConflict.
+        need X, have Y"), SpendLimitExceeded, UnknownAccount, IdConflict (among others
+        when an earlier request used ``request_id``: see ``check_request_id``, which this
+        runs unless ``fresh_id`` says the caller has just generated the id). Asked again
+        for a hold still open, it answers that hold.
         """
         identifiers.check_id(request_id, "request id")
         money.check_amount(amount_micro_usd, "hold amount")
@@ -352,6 +360,8 @@ class Ledger:
         existing = self._existing_hold(request_id, account_id, amount_micro_usd)
         if existing is not None:
             return existing
+        if not fresh_id:
+            await self.check_request_id(request_id)
         usage = await self._spend(key_id) if key_id is not None and limit is not None else None
         await self._load(account_id)
         if self._available(account_id) < amount_micro_usd:
@@ -393,6 +403,22 @@ class Ledger:
         )
         return hold
 
+    async def check_request_id(self, request_id: str) -> None:
+        """Refuse (IdConflict) a request id that an earlier request used: one settled, or
+        one whose hold was placed (and may since have been released or expired), here or
+        through another coordinator, before or since a restart. A request id pays for one
+        request: reused, the second request would be served and never charged. A hold
+        open in this process is not refused (``place_hold`` answers it again). One indexed
+        read; callers that generate their ids skip it."""
+        identifiers.check_id(request_id, "request id")
+        if request_id in self._settled:
+            raise IdConflict(request_id_used(request_id))
+        if request_id in self._holds:
+            return
+        used = await self._read(self.store.request_id_use, request_id)
+        if used is not None and request_id not in self._holds:  # (placed here meanwhile: ok)
+            raise IdConflict(request_id_used(request_id))
+
     def _existing_hold(self, request_id: str, account_id: str, amount: int) -> Hold | None:
         hold = self._holds.get(request_id)
         if hold is not None:
@@ -400,7 +426,7 @@ class Ledger:
                 raise IdConflict(f"request id {request_id!r} already holds a different amount")
             return hold
         if request_id in self._settled:
-            raise IdConflict(f"request id {request_id!r} was settled already; use a new request id")
+            raise IdConflict(request_id_used(request_id))
         return None
 
     def _unhold_key(self, hold: Hold) -> None:
@@ -705,7 +731,12 @@ class Ledger:
         period_s: int = 3600,
     ) -> LeaseRecord:
         """Lease a node for ``hours``: the whole price is taken up front (durable before
-        this returns), charged per elapsed period, the unused part refunded."""
+        this returns), charged per elapsed period, the unused part refunded.
+
+        Idempotent by ``lease_id``: asked again for a lease that exists (or is being
+        created), it answers that lease, before any balance or limit check, so a retry
+        is never refused for the money its first attempt already paid. An id taken by a
+        different lease (another account, node or length) is IdConflict."""
         key_id = limit = None
         if isinstance(payer, Principal):
             payer.require_client()
@@ -713,6 +744,7 @@ class Ledger:
         else:
             account_id = identifiers.check_id(payer, "account id")
         identifiers.check_id(node_id, "node id")
+        chosen = lease_id is not None  # by the caller: perhaps a retry
         lease_id = identifiers.check_id(lease_id or identifiers.new_id("lease"), "lease id")
         for name, value in (("gpus", gpus), ("hours", hours), ("period_s", period_s)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -722,6 +754,10 @@ class Ledger:
         money.check_amount(price_micro_usd_per_gpu_hour, "price per GPU-hour")
         total = money.lease_total_micro_usd(price_micro_usd_per_gpu_hour, gpus, hours)
         money.check_amount(total, "lease total")
+        if chosen:
+            retried = await self.existing_lease(lease_id, account_id, node_id, hours)
+            if retried is not None:
+                return retried
         # A limited key's spend is checked (read once); an unlimited one's is kept in step
         # only if it is cached already.
         usage = (
@@ -733,6 +769,16 @@ class Ledger:
         if self._available(account_id) < total:
             await self._load(account_id, refresh=True)
         # No await from here on: the checks and the reservation are one step.
+        if lease_id in self._creating_leases:  # a twin got ahead while we read: a retry
+            return await self.create_lease(
+                payer,
+                node_id,
+                gpus=gpus,
+                price_micro_usd_per_gpu_hour=price_micro_usd_per_gpu_hour,
+                hours=hours,
+                lease_id=lease_id,
+                period_s=period_s,
+            )
         have = self._available(account_id)
         if have < total:
             raise InsufficientBalance(total, have, account_id)
@@ -754,7 +800,16 @@ class Ledger:
             started_at_unix_ms=now_unix_ms(),
             api_key_id=key_id,
         )
-        future = self._submit(op, ((account_id, -total),))
+        future: asyncio.Future[LeaseRecord] = self._submit(op, ((account_id, -total),))
+        self._creating_leases[lease_id] = future
+        future.add_done_callback(
+            lambda f: (
+                (f.cancelled() or f.exception() is not None)
+                and self._creating_leases.pop(lease_id, None)
+            )
+        )
+        if len(self._creating_leases) > _LEASES_REMEMBERED:
+            self._creating_leases.popitem(last=False)
         if usage is None:
             return await future
         usage[1] += total  # in flight until durable, like a hold
@@ -764,6 +819,29 @@ class Ledger:
             usage[1] -= total
         if record.started_at_unix_ms == op.started_at_unix_ms:  # made now, not a retry
             usage[0] += total
+        return record
+
+    async def existing_lease(
+        self, lease_id: str, account_id: str, node_id: str, hours: int
+    ) -> LeaseRecord | None:
+        """The lease ``lease_id`` if it exists or is being created (None if not, or if its
+        creation failed); IdConflict if it is not the lease asked for."""
+        creating = self._creating_leases.get(lease_id)
+        if creating is not None:
+            with contextlib.suppress(LedgerError):
+                await asyncio.shield(creating)
+        record = await self.lease(lease_id)
+        if record is None:
+            return None
+        if (
+            record.account_id != account_id
+            or record.node_id != node_id
+            or record.ends_at_unix_ms - record.started_at_unix_ms != hours * 3_600_000
+        ):
+            raise IdConflict(
+                f"lease id {lease_id!r} is taken by another lease (account, node or hours "
+                "differ); choose another id, or leave it empty"
+            )
         return record
 
     async def end_lease(

@@ -28,6 +28,8 @@ from marketplace.ledger.applier import (
     T_RECEIPTS,
     T_REJECTIONS,
     T_SETTLEMENTS,
+    T_TRANSFERS,
+    hold_id,
     now_unix_ms,
 )
 from marketplace.ledger.database import WRITE_OPTION, open_engine
@@ -514,6 +516,20 @@ class LedgerStore:
                 select(T_SETTLEMENTS).where(T_SETTLEMENTS.c.request_id == request_id)
             ).first()
         return dict(row._mapping) if row is not None else None
+
+    def request_id_use(self, request_id: str) -> str | None:
+        """How the journal already knows ``request_id``: "settled", "held" (a hold was
+        placed for it: open, or released or expired since), or None (never used)."""
+        with self.engine.connect() as conn:
+            if conn.execute(
+                select(T_SETTLEMENTS.c.request_id).where(T_SETTLEMENTS.c.request_id == request_id)
+            ).first():
+                return "settled"
+            if conn.execute(
+                select(T_TRANSFERS.c.seq).where(T_TRANSFERS.c.id == hold_id(request_id))
+            ).first():
+                return "held"
+        return None
 
     def receipt_owner(self, worker_request_id: str) -> str | None:
         with self.engine.connect() as conn:

@@ -678,6 +678,80 @@ async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
         assert node.worker.requests == []
 
 
+async def test_a_request_id_pays_for_one_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gRPC API with billing on, a client-chosen request id serves one request:
+    a twin sent while it runs, a retry after it was settled, and a retry after the
+    coordinator restarted (its memory gone) are ALREADY_EXISTS and reach no node; so is
+    a request under a lease that reuses the id. Before, each was served, and the twin or
+    the retry was never charged (its settlement answered the first one's)."""
+    used = "client-id-1"
+
+    async def generate(
+        api: inference_pb2_grpc.InferenceServiceStub, auth: object, **fields: object
+    ) -> inference_pb2.GenerateFinal | grpc.aio.AioRpcError:
+        request = inference_pb2.GenerateRequest(
+            model=fakes.MODEL, prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=4)
+        )
+        for name, value in fields.items():
+            setattr(request, name, value)
+        try:
+            answers = [r async for r in api.Generate(request, metadata=auth, timeout=10)]
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        return answers[-1].final
+
+    def refused(answer: object) -> bool:
+        return (
+            isinstance(answer, grpc.aio.AioRpcError)
+            and answer.code() == grpc.StatusCode.ALREADY_EXISTS
+            and f"request id {used!r}" in (answer.details() or "")
+            and "is used once" in (answer.details() or "")
+        )
+
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+        assert coordinator.billing is not None
+        store = coordinator.billing.ledger.store
+        issued = funded_client_key(store, "frank")
+        account_id = issued.key.account_id
+        auth = (("authorization", f"Bearer {issued.secret_key}"),)
+        node.worker.final_receipt = node.signed_usage
+        node.worker.behaviour.delay_s = 0.05  # the twins overlap
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            api = inference_pb2_grpc.InferenceServiceStub(channel)
+            first, twin = await asyncio.gather(
+                generate(api, auth, request_id=used), generate(api, auth, request_id=used)
+            )
+            served = [a for a in (first, twin) if isinstance(a, inference_pb2.GenerateFinal)]
+            assert len(served) == 1 and served[0].cost_micro_usd > 0
+            assert sum(refused(a) for a in (first, twin)) == 1
+            assert refused(await generate(api, auth, request_id=used))
+        await coordinator.billing.ledger.flush()
+        charged = 1_000_000 - store.account(account_id).available_micro_usd
+        assert charged == served[0].cost_micro_usd
+        assert len(node.worker.requests) == 1
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+        assert coordinator.billing is not None
+        store = coordinator.billing.ledger.store
+        store.deposit(account_id, 1_000_000, "for-a-lease")
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            api = inference_pb2_grpc.InferenceServiceStub(channel)
+            assert refused(await generate(api, auth, request_id=used))
+            lease = (
+                await account_pb2_grpc.AccountServiceStub(channel).CreateLease(
+                    account_pb2.CreateLeaseRequest(node_id=node.identity.node_id, hours=1),
+                    metadata=auth,
+                )
+            ).lease
+            assert refused(await generate(api, auth, request_id=used, lease_id=lease.lease_id))
+            assert node.worker.requests == []
+            fresh = await generate(api, auth, request_id="client-id-2", lease_id=lease.lease_id)
+            assert isinstance(fresh, inference_pb2.GenerateFinal), fresh
+        await coordinator.billing.ledger.flush()
+        assert store.account(account_id).available_micro_usd == 2_000_000 - charged - 1_000_000
+
+
 async def test_a_new_lease_takes_its_node_out_of_serverless_routing_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -141,6 +141,48 @@ async def test_release_and_expiry_return_the_money(ledger: Ledger, store: Ledger
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_request_id_is_used_once_also_after_a_restart(
+    settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    """An id whose request was settled, released or expired cannot hold again: not in the
+    same ledger, and not in a new one that remembers nothing (a restart, or another
+    coordinator). Before, after a restart the hold was answered as if it were a retry,
+    the request was served, and its settlement answered the first one's: never charged.
+    A caller that says the id is fresh skips the look-up; the writer still refuses it."""
+    client = make_client(store, deposit=100_000)
+    coordinator = Identity.from_seed(b"c" * 32)
+    async with Ledger(settings, coordinator=coordinator) as first:
+        await (await first.place_hold("settled", client, 5_000)).durable
+        signed, relayed = receipt_for(node, "settled#0", 10, 10)
+        await (await first.settle("settled", [signed], [relayed])).durable
+        await (await first.place_hold("released", client, 5_000)).durable
+        await first.release_hold("released")
+        await (await first.place_hold("expired", client, 5_000, expires_in_s=0.001)).durable
+        await asyncio.sleep(0.01)
+        assert await first.expire_holds() == 1
+        with pytest.raises(IdConflict, match="'settled' was used by an earlier request"):
+            await first.place_hold("settled", client, 5_000)
+        # Asked again for a hold still open: the same hold (an idempotent retry).
+        open_hold = await first.place_hold("open", client, 5_000)
+        assert await first.place_hold("open", client, 5_000) is open_hold
+        await first.release_hold("open")
+    balance = store.account(client).available_micro_usd
+    before = row_counts(store)
+    async with Ledger(settings, coordinator=coordinator) as second:
+        for used in ("settled", "released", "expired", "open"):
+            with pytest.raises(IdConflict, match=f"{used!r} was used by an earlier request"):
+                await second.check_request_id(used)
+            with pytest.raises(IdConflict, match="a request id is used once"):
+                await second.place_hold(used, client, 5_000)
+        hold = await second.place_hold("settled", client, 5_000, fresh_id=True)
+        with pytest.raises(IdConflict, match="used by an earlier request"):
+            await hold.durable
+        await second.check_request_id("never-used")  # no error
+    assert row_counts(store) == before
+    assert store.account(client).available_micro_usd == balance
+    assert verify_ledger(store.engine).ok
+
+
 async def test_hold_then_settle_is_capped_at_the_hold(
     ledger: Ledger, store: LedgerStore, node: Identity
 ) -> None:
@@ -570,6 +612,31 @@ async def test_a_node_is_leased_whole_to_one_client_at_a_time(
             {"t": taken.started_at_unix_ms - 1, "id": taken.lease_id},
         )
     assert (await ledger.create_lease(alice, node.node_id, **terms)).status == "active"
+    assert verify_ledger(store.engine).ok
+
+
+async def test_a_retried_lease_is_answered_before_money_is_checked(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    """create_lease is idempotent by lease id: a retry (after the lease was made, or while
+    it is being made) answers that lease, and is not refused for the money the lease
+    itself took (before, a client who could pay for one lease had its retry refused for
+    insufficient balance). An id of another lease is IdConflict."""
+    alice = make_client(store, "alice", deposit=1_500_000)
+    terms = {"gpus": 1, "price_micro_usd_per_gpu_hour": 1_000_000, "hours": 1}
+    twins = await asyncio.gather(
+        ledger.create_lease(alice, node.node_id, lease_id="lease-a", **terms),
+        ledger.create_lease(alice, node.node_id, lease_id="lease-a", **terms),
+    )
+    assert twins[0] == twins[1] and twins[0].lease_id == "lease-a"
+    assert await ledger.create_lease(alice, node.node_id, lease_id="lease-a", **terms) == twins[0]
+    assert store.account(alice).available_micro_usd == 500_000  # paid once
+    other = Identity.from_seed(b"o" * 32).node_id
+    for changed in ({"node_id": other}, {"hours": 2}):
+        call = {"node_id": node.node_id, **terms, **changed}
+        with pytest.raises(IdConflict, match="'lease-a' is taken by another lease"):
+            await ledger.create_lease(alice, lease_id="lease-a", **call)  # type: ignore[arg-type]
+    assert store.account(alice).available_micro_usd == 500_000
     assert verify_ledger(store.engine).ok
 
 

@@ -9,7 +9,13 @@ import asyncio
 import gc
 from typing import Any
 
-from marketplace.ledger import InsufficientBalance, LedgerStore, ReplayedReceipt, verify_ledger
+from marketplace.ledger import (
+    IdConflict,
+    InsufficientBalance,
+    LedgerStore,
+    ReplayedReceipt,
+    verify_ledger,
+)
 from marketplace.ledger.operations import (
     HoldResult,
     PlaceHold,
@@ -59,7 +65,8 @@ async def test_retried_settlement_in_a_remembered_batch_answers_the_first(
         _settle("r2", client, 50),
     )
     assert writer.cache.hits > hits  # the batch did start from memory
-    assert again[0] == HoldResult("r1", client, 500, created=False)
+    # A settled request's id holds no more (a new request under it would go unpaid).
+    assert isinstance(again[0], IdConflict) and "used by an earlier request" in str(again[0])
     assert isinstance(again[1], SettlementRecord)
     assert not again[1].created and again[1].cost_micro_usd == 321
     assert isinstance(again[3], SettlementRecord) and again[3].created
