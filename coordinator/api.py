@@ -32,7 +32,7 @@ import grpc
 import grpc.aio
 from mercato.v1 import common_pb2, inference_pb2
 
-from coordinator.billing import Admission, Billing, crash_if
+from coordinator.billing import Admission, Billing, BillingRefused, crash_if
 from coordinator.errors import CoordinatorError, LeaseNotFound, ShuttingDown, abort_with
 from coordinator.listings import list_models, list_nodes
 from coordinator.outcome import RelayOutcome
@@ -119,16 +119,32 @@ class InferenceServicer:
         except CoordinatorError as exc:
             await abort_with(context, exc)
         outcome = RelayOutcome(valid.request_id)
+        if billing is not None and admission is not None:
+            admission.relaying = True
+            billing.stop_if_refused(admission, task)
         try:
             async for chunk in self._relay.stream(valid, routed, context, outcome):
                 yield chunk
+            if admission is not None:
+                admission.relaying = False
         except BaseException as exc:
+            if admission is not None:
+                admission.relaying = False
             # Failed or cancelled: bill what has a receipt, a late one included (a live
             # node whose stream was cut sends it on its heartbeat); release the rest.
             if billing is not None and admission is not None:
                 outcome.count_unfinished()
                 billing.settle_in_background(admission, outcome.segments)
             if (
+                isinstance(exc, asyncio.CancelledError)
+                and admission is not None
+                and admission.hold_refused is not None
+                and not context.cancelled()
+            ):
+                # Cut off by the ledger refusing the hold: tell the client why.
+                task.uncancel()
+                exc = BillingRefused(admission.hold_refused)
+            elif (
                 isinstance(exc, asyncio.CancelledError)
                 and self._draining
                 and not context.cancelled()

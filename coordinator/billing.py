@@ -98,6 +98,7 @@ from marketplace.ledger import (
     Ledger,
     LedgerError,
     LedgerSettings,
+    LedgerUnavailable,
     Principal,
     RecoveryReport,
     RelayedSegment,
@@ -188,6 +189,10 @@ class Admission:
     settling: bool = False
     # Node signatures of the receipts settlement has in hand (late copies are no news).
     known_receipts: set[bytes] = field(default_factory=set, repr=False)
+    # The hold's write; the request is stopped if the writer refuses it (stop_if_refused).
+    hold_written: asyncio.Future[Any] | None = field(default=None, repr=False)
+    hold_refused: LedgerError | None = None
+    relaying: bool = False  # the handler is relaying tokens (a refusal may cut it off)
 
 
 @dataclass(frozen=True)
@@ -459,10 +464,11 @@ class Billing:
                 price_in, price_out = hold_prices(candidates, request.model)
                 amount = max_cost_micro_usd(bound, worker.sampling.max_tokens, price_in, price_out)
             if amount > 0:
-                await self.ledger.place_hold(
+                hold = await self.ledger.place_hold(
                     request_id, principal, amount, fresh_id=request.id_assigned
                 )
                 admission.hold_micro_usd = amount
+                admission.hold_written = hold.durable
             elif not request.id_assigned:  # nothing held, but the id is still used once
                 await self.ledger.check_request_id(request_id)
         except BaseException as exc:
@@ -472,6 +478,31 @@ class Billing:
                 raise BillingRefused(exc) from None
             raise
         return admission
+
+    def stop_if_refused(self, admission: Admission, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` (the request's handler) if the ledger's writer refuses the
+        hold while the request is relaying: the hold was admitted from this coordinator's
+        memory, and the database knew better (another coordinator spent the balance, the
+        key's limit, a used id). The handler tells the client ``admission.hold_refused``;
+        what was delivered is charged up to that hold and to the balance there is. A
+        database that is down (LedgerUnavailable) stops nothing: the settlement waits in
+        the intent log."""
+        written = admission.hold_written
+        if written is None:
+            return
+
+        def check(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if not isinstance(error, LedgerError) or isinstance(error, LedgerUnavailable):
+                return
+            admission.hold_refused = error
+            log.warning("request %s stopped: its hold was refused: %s", admission.request_id, error)
+            if admission.relaying and not task.done():
+                task.cancel()
+
+        written.add_done_callback(check)
 
     def release(self, admission: Admission) -> None:
         """Release the hold (nothing was delivered); idempotent."""

@@ -1371,20 +1371,26 @@ def apply_batch(
     batch.load(ops)
     answers: list[Any] = []
     handlers = _HANDLERS
+    read: set[str] = set()  # accounts whose balance the caller must learn though unchanged
     for op in ops:
         try:
             if type(op) is ReadAvailable:
                 answers.append(available(batch.account(op.account_id)))
+                read.add(op.account_id)
             else:
                 answers.append(handlers[type(op)](batch, op))
         except LedgerError as exc:
             answers.append(exc)
+            # A refused hold or lease: the caller's idea of the balance was wrong (another
+            # coordinator spent it), so it learns the database's.
+            if type(op) is PlaceHold or type(op) is CreateLease:
+                read.add(op.account_id)
     batch.flush()
     accounts = batch.accounts
     balances = {account_id: available(accounts[account_id]) for account_id in batch.dirty}
-    for op in ops:
-        if type(op) is ReadAvailable and op.account_id in accounts:
-            balances[op.account_id] = available(accounts[op.account_id])
+    for account_id in read:
+        if account_id in accounts:
+            balances[account_id] = available(accounts[account_id])
     if cache is not None:
         cache.pending_head = (batch.head_seq, batch.head_hash)
     return answers, balances

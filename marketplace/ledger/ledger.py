@@ -162,6 +162,10 @@ class Ledger:
         self._rate = KeyRateLimiter()
         self._keys: dict[str, tuple[float, KeyRecord | None]] = {}
         self._holds: dict[str, Hold] = {}
+        # Holds the writer refused (another coordinator had spent the balance, the id was
+        # used, ...), by request id: the request may have run meanwhile, and settling it
+        # charges what it delivered up to that hold and to the balance there is.
+        self._refused_holds: OrderedDict[str, Hold] = OrderedDict()
         self._settled: OrderedDict[str, SettleOutcome] = OrderedDict()
         self._base: dict[str, int] = {}
         self._inflight: dict[str, int] = {}
@@ -394,14 +398,18 @@ class Ledger:
         if usage is not None:
             usage[1] += amount_micro_usd
             future.add_done_callback(lambda f: f.exception() and self._unhold_key(hold))
-        future.add_done_callback(
-            lambda f: (
-                f.exception()
-                and self._holds.get(request_id) is hold
-                and self._holds.pop(request_id)
-            )
-        )
+        future.add_done_callback(lambda f: self._hold_written(hold, f))
         return hold
+
+    def _hold_written(self, hold: Hold, future: asyncio.Future[HoldResult]) -> None:
+        if future.cancelled() or future.exception() is None:
+            return
+        request_id = hold.request_id
+        if self._holds.get(request_id) is hold:
+            del self._holds[request_id]
+            self._refused_holds[request_id] = hold
+            if len(self._refused_holds) > _SETTLED_REMEMBERED:
+                self._refused_holds.popitem(last=False)
 
     async def check_request_id(self, request_id: str) -> None:
         """Refuse (IdConflict) a request id that an earlier request used: one settled, or
@@ -474,8 +482,17 @@ class Ledger:
         hold = self._holds.get(request_id)
         held = hold.amount_micro_usd if hold is not None else 0
         key_id = hold.api_key_id if hold is not None else None
+        refused = self._refused_holds.pop(request_id, None) if hold is None else None
         if hold is not None:
             account_id = hold.account_id
+        elif refused is not None:
+            # Not held after all: charged up to what it would have held and to the balance
+            # there is (the writer's charge path), never below zero.
+            account_id, held, key_id = (
+                refused.account_id,
+                refused.amount_micro_usd,
+                refused.api_key_id,
+            )
         else:
             previous = await self._read(self.store.settlement, request_id)
             if previous is not None:
@@ -564,6 +581,9 @@ class Ledger:
                     usage[0] += f.result().cost_micro_usd
 
         future.add_done_callback(_durable)
+        if refused is not None:  # what the writer found to charge, not what was promised
+            outcome = SettleOutcome(await future, signed_out, future)
+            self._settled[request_id] = outcome
         return outcome
 
     async def _settled_before(self, row: dict[str, Any]) -> SettleOutcome:

@@ -752,6 +752,47 @@ async def test_a_request_id_pays_for_one_request(
         assert store.account(account_id).available_micro_usd == 2_000_000 - charged - 1_000_000
 
 
+async def test_a_hold_the_ledger_refuses_stops_its_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gRPC API: the client's balance is spent behind this coordinator's back
+    (as another coordinator of the same ledger would). The next request is admitted from
+    this coordinator's memory, the ledger's writer refuses its hold, and the request is
+    stopped with FAILED_PRECONDITION while its node is still generating; the requests
+    after it are refused before reaching a node. Before, every such request was served to
+    the end and charged nothing (its settlement had no hold to charge against)."""
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+        assert coordinator.billing is not None
+        ledger = coordinator.billing.ledger
+        store = ledger.store
+        issued = funded_client_key(store, "gina")
+        account_id = issued.key.account_id
+        auth = (("authorization", f"Bearer {issued.secret_key}"),)
+        node.worker.final_receipt = node.signed_usage
+        request = inference_pb2.GenerateRequest(
+            model=fakes.MODEL, prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=200)
+        )
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            api = inference_pb2_grpc.InferenceServiceStub(channel)
+            served = [r async for r in api.Generate(request, metadata=auth, timeout=10)]
+            assert served[-1].final.cost_micro_usd > 0  # this coordinator knows the balance
+            await ledger.flush()
+            left = store.account(account_id).available_micro_usd
+            store.correct("spent-elsewhere", account_id, "platform.fees", left)
+            node.worker.behaviour = fakes.Behaviour(deltas=["x"] * 200, delay_s=0.02)  # 4 s
+            for attempt in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in api.Generate(request, metadata=auth, timeout=10):
+                        pass
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, attempt
+                assert "insufficient balance" in (caught.value.details() or ""), attempt
+        assert node.worker.cancelled.is_set()  # the first was cut off, not served to the end
+        assert len(node.worker.requests) == 2  # the later ones reached no node
+        await ledger.flush()
+        assert store.account(account_id).available_micro_usd == 0
+        assert verify_ledger(store.engine).ok
+
+
 async def test_a_new_lease_takes_its_node_out_of_serverless_routing_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

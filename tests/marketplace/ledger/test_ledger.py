@@ -183,6 +183,39 @@ async def test_a_request_id_is_used_once_also_after_a_restart(
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_hold_refused_by_the_writer_teaches_the_balance_and_settles_what_there_is(
+    settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    """Two coordinators (two ledgers, one database): B spends what A still believes the
+    client has. A admits a hold from memory; the writer refuses it (InsufficientBalance
+    on ``hold.durable``) and A learns the real balance, so its next hold is refused up
+    front. Before, A's idea of the balance never changed, and every request it admitted
+    settled without a hold: charged nothing. Settling the refused request charges what it
+    delivered up to the balance there is, and answers what the writer charged."""
+    client = make_client(store, deposit=10_000)
+    coordinator = Identity.from_seed(b"c" * 32)
+    async with (
+        Ledger(settings, coordinator=coordinator) as a,
+        Ledger(settings.model_copy(update={"owner": "other"}), coordinator=coordinator) as b,
+    ):
+        await (await a.place_hold("warm", client, 1_000)).durable  # A caches the balance
+        await a.release_hold("warm")
+        await (await b.place_hold("elsewhere", client, 9_700)).durable  # B spends it
+        hold = await a.place_hold("stale", client, 5_000)  # A still believes 10,000
+        with pytest.raises(InsufficientBalance, match="need 5000, have 300"):
+            await hold.durable
+        with pytest.raises(InsufficientBalance, match="need 5000, have 300"):
+            await a.place_hold("next", client, 5_000)  # refused up front now
+        # The refused request ran meanwhile: 1,000 tokens at 300,000 and 1,000 at 100,000
+        # per million cost 400, of which 300 are there.
+        signed, relayed = receipt_for(node, "stale#0", 1000, 1000)
+        outcome = await a.settle("stale", [signed], [relayed])
+        assert outcome.record.cost_micro_usd == 300
+        assert outcome.record == await outcome.durable
+    assert store.account(client).available_micro_usd == 0
+    assert verify_ledger(store.engine).ok
+
+
 async def test_hold_then_settle_is_capped_at_the_hold(
     ledger: Ledger, store: LedgerStore, node: Identity
 ) -> None:
