@@ -162,10 +162,11 @@ class Ledger:
         self._rate = KeyRateLimiter()
         self._keys: dict[str, tuple[float, KeyRecord | None]] = {}
         self._holds: dict[str, Hold] = {}
-        # Holds the writer refused (another coordinator had spent the balance, the id was
-        # used, ...), by request id: the request may have run meanwhile, and settling it
+        # Holds no longer held while their request may still run, by request id: refused
+        # by the writer (another coordinator had spent the balance, the id was used, ...)
+        # or expired (a request running longer than hold_expiry_s). Settling the request
         # charges what it delivered up to that hold and to the balance there is.
-        self._refused_holds: OrderedDict[str, Hold] = OrderedDict()
+        self._unheld: OrderedDict[str, Hold] = OrderedDict()
         self._settled: OrderedDict[str, SettleOutcome] = OrderedDict()
         self._base: dict[str, int] = {}
         self._inflight: dict[str, int] = {}
@@ -404,12 +405,15 @@ class Ledger:
     def _hold_written(self, hold: Hold, future: asyncio.Future[HoldResult]) -> None:
         if future.cancelled() or future.exception() is None:
             return
-        request_id = hold.request_id
-        if self._holds.get(request_id) is hold:
-            del self._holds[request_id]
-            self._refused_holds[request_id] = hold
-            if len(self._refused_holds) > _SETTLED_REMEMBERED:
-                self._refused_holds.popitem(last=False)
+        if self._holds.get(hold.request_id) is hold:
+            self._unhold(hold)
+
+    def _unhold(self, hold: Hold) -> None:
+        """``hold`` no longer holds (refused, or expired): remembered for its settlement."""
+        self._holds.pop(hold.request_id, None)
+        self._unheld[hold.request_id] = hold
+        if len(self._unheld) > _SETTLED_REMEMBERED:
+            self._unheld.popitem(last=False)
 
     async def check_request_id(self, request_id: str) -> None:
         """Refuse (IdConflict) a request id that an earlier request used: one settled, or
@@ -445,6 +449,7 @@ class Ledger:
         """Release a request's hold (failure or cancellation before any usage). Idempotent."""
         identifiers.check_id(request_id, "request id")
         hold = self._holds.pop(request_id, None)
+        self._unheld.pop(request_id, None)
         effects: tuple[tuple[str, int], ...] = ()
         if hold is not None:
             effects = ((hold.account_id, hold.amount_micro_usd),)
@@ -482,16 +487,16 @@ class Ledger:
         hold = self._holds.get(request_id)
         held = hold.amount_micro_usd if hold is not None else 0
         key_id = hold.api_key_id if hold is not None else None
-        refused = self._refused_holds.pop(request_id, None) if hold is None else None
+        unheld = self._unheld.pop(request_id, None) if hold is None else None
         if hold is not None:
             account_id = hold.account_id
-        elif refused is not None:
+        elif unheld is not None:
             # Not held after all: charged up to what it would have held and to the balance
             # there is (the writer's charge path), never below zero.
             account_id, held, key_id = (
-                refused.account_id,
-                refused.amount_micro_usd,
-                refused.api_key_id,
+                unheld.account_id,
+                unheld.amount_micro_usd,
+                unheld.api_key_id,
             )
         else:
             previous = await self._read(self.store.settlement, request_id)
@@ -581,7 +586,7 @@ class Ledger:
                     usage[0] += f.result().cost_micro_usd
 
         future.add_done_callback(_durable)
-        if refused is not None:  # what the writer found to charge, not what was promised
+        if unheld is not None:  # what the writer found to charge, not what was promised
             outcome = SettleOutcome(await future, signed_out, future)
             self._settled[request_id] = outcome
         return outcome
@@ -700,11 +705,12 @@ class Ledger:
         rows = await self._read(self.store.open_holds, expired_at_unix_ms=now)
         futures = []
         for row in rows:
-            hold = self._holds.pop(row["request_id"], None)
+            hold = self._holds.get(row["request_id"])
             effects: tuple[tuple[str, int], ...] = ()
-            if hold is not None:
+            if hold is not None:  # its request may still be running: it pays on settling
                 effects = ((hold.account_id, hold.amount_micro_usd),)
                 self._unhold_key(hold)
+                self._unhold(hold)
             futures.append(
                 self._submit(
                     ReleaseHold(row["request_id"], expire=True, only_if_expired_at_unix_ms=now),

@@ -216,6 +216,26 @@ async def test_a_hold_refused_by_the_writer_teaches_the_balance_and_settles_what
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_request_that_outlives_its_hold_still_pays(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    """A request running longer than hold_expiry_s has its hold expired by the sweeper
+    (the money is the client's again). Settling it afterwards charges what it delivered,
+    up to the hold it had and to the balance there is. Before, the expiry made the
+    ledger forget the hold, and the settlement charged nothing."""
+    client = make_client(store, deposit=10_000)
+    await (await ledger.place_hold("long", client, 5_000, expires_in_s=0.001)).durable
+    await asyncio.sleep(0.01)
+    assert await ledger.expire_holds() == 1
+    assert store.account(client).available_micro_usd == 10_000
+    signed, relayed = receipt_for(node, "long#0", 1000, 1000)  # costs 400
+    outcome = await ledger.settle("long", [signed], [relayed])
+    assert outcome.record.cost_micro_usd == 400
+    assert outcome.record == await outcome.durable
+    assert store.account(client).available_micro_usd == 10_000 - 400
+    assert verify_ledger(store.engine).ok
+
+
 async def test_hold_then_settle_is_capped_at_the_hold(
     ledger: Ledger, store: LedgerStore, node: Identity
 ) -> None:
