@@ -587,8 +587,9 @@ class Ledger:
 
         future.add_done_callback(_durable)
         if unheld is not None:  # what the writer found to charge, not what was promised
-            outcome = SettleOutcome(await future, signed_out, future)
-            self._settled[request_id] = outcome
+            with contextlib.suppress(LedgerUnavailable):  # (then the intent log settles it)
+                outcome = SettleOutcome(await future, signed_out, future)
+                self._settled[request_id] = outcome
         return outcome
 
     async def _settled_before(self, row: dict[str, Any]) -> SettleOutcome:

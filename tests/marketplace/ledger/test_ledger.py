@@ -497,6 +497,46 @@ async def test_a_settlement_the_database_refused_is_settled_on_restart(
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_hold_written_while_the_database_is_down_is_charged_on_restart(
+    settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    """The database is down when a request's hold is written (LedgerUnavailable): the
+    request goes on, settling it still answers at once (from the hold), and the restart
+    settles it from the intent log, charged up to that hold. Before, the failed write made
+    the ledger forget the hold and the request was settled at zero."""
+    client = make_client(store)
+    coordinator = Identity.from_seed(b"c" * 32)
+    first = Ledger(settings, coordinator=coordinator)
+    await first.start(sweep=False)
+    await (await first.place_hold("warm", client, 1)).durable  # the balance is known
+    await first.release_hold("warm")
+    assert first._writer is not None
+    committer = first._writer._committer
+    real_commit = committer.commit
+
+    def database_down(ops: object) -> object:
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    committer.commit = database_down  # type: ignore[method-assign]
+    hold = await first.place_hold("r1", client, 10_000, fresh_id=True)
+    with pytest.raises(LedgerUnavailable):
+        await hold.durable
+    signed, relayed = receipt_for(node, "r1#0", 1000, 1000)
+    outcome = await first.settle("r1", [signed], [relayed])
+    assert outcome.record.cost_micro_usd == 400
+    with pytest.raises(LedgerUnavailable):
+        await outcome.durable
+    committer.commit = real_commit  # type: ignore[method-assign]
+    await first.close()
+    second = Ledger(settings, coordinator=coordinator)
+    report = await second.start(sweep=False)
+    await second.close()
+    assert report is not None and report.settled == 1
+    assert store.settlement("r1")["cost_micro_usd"] == 400  # type: ignore[index]
+    assert store.account(client).available_micro_usd == 1_000_000 - 400
+    assert verify_ledger(store.engine).ok
+
+
 async def test_lease_paid_up_front_charged_per_period_refunded_on_failure(
     ledger: Ledger, store: LedgerStore, node: Identity
 ) -> None:
