@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
@@ -457,6 +459,23 @@ async def test_crash_between_relay_and_commit_is_recovered_once(
     assert verify_ledger(store.engine).ok
 
 
+@contextlib.contextmanager
+def database_down(ledger: Ledger) -> Iterator[None]:
+    """Every commit of ``ledger``'s writer fails as with a dead database, until the end."""
+    assert ledger._writer is not None
+    committer = ledger._writer._committer
+    real_commit = committer.commit
+
+    def refuse(ops: object) -> object:
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    committer.commit = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        committer.commit = real_commit  # type: ignore[method-assign]
+
+
 async def test_a_settlement_the_database_refused_is_settled_on_restart(
     settings: LedgerSettings, store: LedgerStore, node: Identity
 ) -> None:
@@ -468,19 +487,11 @@ async def test_a_settlement_the_database_refused_is_settled_on_restart(
     first = Ledger(settings, coordinator=coordinator)
     await first.start(sweep=False)
     await (await first.place_hold("r1", client, 10_000)).durable
-    assert first._writer is not None
-    committer = first._writer._committer
-    real_commit = committer.commit
-
-    def database_down(ops: object) -> object:
-        raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
-
-    committer.commit = database_down  # type: ignore[method-assign]
-    signed, relayed = receipt_for(node, "r1#0", 1000, 1000)
-    outcome = await first.settle("r1", [signed], [relayed])
-    with pytest.raises(LedgerUnavailable):
-        await outcome.durable
-    committer.commit = real_commit  # type: ignore[method-assign]
+    with database_down(first):
+        signed, relayed = receipt_for(node, "r1#0", 1000, 1000)
+        outcome = await first.settle("r1", [signed], [relayed])
+        with pytest.raises(LedgerUnavailable):
+            await outcome.durable
     assert store.settlement("r1") is None
     await first.close()
 
@@ -510,23 +521,15 @@ async def test_a_hold_written_while_the_database_is_down_is_charged_on_restart(
     await first.start(sweep=False)
     await (await first.place_hold("warm", client, 1)).durable  # the balance is known
     await first.release_hold("warm")
-    assert first._writer is not None
-    committer = first._writer._committer
-    real_commit = committer.commit
-
-    def database_down(ops: object) -> object:
-        raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
-
-    committer.commit = database_down  # type: ignore[method-assign]
-    hold = await first.place_hold("r1", client, 10_000, fresh_id=True)
-    with pytest.raises(LedgerUnavailable):
-        await hold.durable
-    signed, relayed = receipt_for(node, "r1#0", 1000, 1000)
-    outcome = await first.settle("r1", [signed], [relayed])
-    assert outcome.record.cost_micro_usd == 400
-    with pytest.raises(LedgerUnavailable):
-        await outcome.durable
-    committer.commit = real_commit  # type: ignore[method-assign]
+    with database_down(first):
+        hold = await first.place_hold("r1", client, 10_000, fresh_id=True)
+        with pytest.raises(LedgerUnavailable):
+            await hold.durable
+        signed, relayed = receipt_for(node, "r1#0", 1000, 1000)
+        outcome = await first.settle("r1", [signed], [relayed])
+        assert outcome.record.cost_micro_usd == 400
+        with pytest.raises(LedgerUnavailable):
+            await outcome.durable
     await first.close()
     second = Ledger(settings, coordinator=coordinator)
     report = await second.start(sweep=False)
