@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from itertools import chain
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from marketplace.ledger import money
 from marketplace.ledger.errors import (
@@ -32,6 +32,7 @@ from marketplace.ledger.errors import (
     LedgerError,
     NodeLeased,
     ReplayedReceipt,
+    SpendLimitExceeded,
     UnknownAccount,
     UnknownLease,
     WrongAccountKind,
@@ -59,12 +60,14 @@ from marketplace.ledger.operations import (
     CreateLease,
     EndLease,
     HoldResult,
+    KeyUsage,
     LeaseRecord,
     Operation,
     PayoutResult,
     PlaceHold,
     PostTransfer,
     ReadAvailable,
+    ReadKeySpend,
     RecordRejection,
     ReleaseHold,
     ReleaseResult,
@@ -107,6 +110,8 @@ T_LEASES = Lease.__table__  # type: ignore[attr-defined]
 T_PAYOUT_BATCHES = PayoutBatch.__table__  # type: ignore[attr-defined]
 
 _SQLITE_ROWS_PER_INSERT = 64
+_REQUEST_NEEDS = "this request needs"
+_LEASE_COSTS = "this lease costs"
 _HEAD_SQLITE = "SELECT seq, hash FROM journal_head WHERE id = 1"
 _HEAD_LOCK_PG = _HEAD_SQLITE + " FOR UPDATE"  # every writer serializes here
 _HEAD_UPDATE_SQLITE = "UPDATE journal_head SET seq = ?, hash = ? WHERE id = 1"
@@ -240,6 +245,9 @@ class _Batch:
         self.closed_holds: list[str] = []
         self.new_settlements: list[tuple[Any, ...]] = []
         self.key_spend: dict[str, int] = {}  # API key id -> cost settled in this batch
+        # Keys whose spend limit this batch checks: key id -> [spent, {owner: open holds}],
+        # read in ``load`` and kept in step by every change the batch makes.
+        self.key_usage: dict[str, list[Any]] = {}
         self.new_receipts: list[tuple[Any, ...]] = []
         self.new_rejections: list[dict[str, Any]] = []
         self.new_leases: list[dict[str, Any]] = []
@@ -267,6 +275,7 @@ class _Batch:
         leased_nodes: set[str] = set()  # nodes asked for: their active leases are read
         batch_ids: set[str] = set()
         placed: set[str] = set()
+        limited_keys: set[str] = set()  # keys whose spend limit is checked
         for op in ops:
             kind = type(op)
             if kind is Settle:
@@ -281,6 +290,8 @@ class _Batch:
                         worker_ids.add(segment.worker_request_id)
             elif kind is PlaceHold:
                 account_ids.add(op.account_id)
+                if op.spend_limit_micro_usd is not None and op.api_key_id is not None:
+                    limited_keys.add(op.api_key_id)
                 if optimistic:
                     # Its hold is new (a duplicate hold transfer would be refused), so a
                     # settlement later in this batch need not look for it either.
@@ -300,6 +311,8 @@ class _Batch:
                 account_ids.add(op.account_id)
             elif kind is CreateLease:
                 account_ids.add(op.account_id)
+                if op.spend_limit_micro_usd is not None and op.api_key_id is not None:
+                    limited_keys.add(op.api_key_id)
                 node_ids.add(op.node_id)
                 lease_ids.add(op.lease_id)
                 leased_nodes.add(op.node_id)
@@ -307,7 +320,11 @@ class _Batch:
                 lease_ids.add(op.lease_id)
             elif kind is RunPayouts:
                 batch_ids.add(op.batch_id)
+            elif kind is ReadKeySpend:
+                limited_keys.add(op.api_key_id)
         conn = self.conn
+        if limited_keys:
+            self._load_key_usage(limited_keys)
         if lease_ids:
             for chunk in _chunks(lease_ids):
                 for row in conn.execute(select(T_LEASES).where(T_LEASES.c.id.in_(chunk))):
@@ -368,6 +385,24 @@ class _Batch:
             ):
                 self.receipt_owner[row[0]] = row[1]
 
+    def _load_key_usage(self, key_ids: set[str]) -> None:
+        """Each key's recorded spend and its open holds by owner (every coordinator's)."""
+        for key_id in key_ids:
+            self.key_usage[key_id] = [0, {}]
+        for chunk in _chunks(key_ids):
+            for key_id, spent in self.conn.execute(
+                select(T_KEY_SPEND.c.api_key_id, T_KEY_SPEND.c.spent_micro_usd).where(
+                    T_KEY_SPEND.c.api_key_id.in_(chunk)
+                )
+            ):
+                self.key_usage[key_id][0] = spent
+            for key_id, owner, held in self.conn.execute(
+                select(T_HOLDS.c.api_key_id, T_HOLDS.c.owner, func.sum(T_HOLDS.c.amount))
+                .where(T_HOLDS.c.api_key_id.in_(chunk))
+                .group_by(T_HOLDS.c.api_key_id, T_HOLDS.c.owner)
+            ):
+                self.key_usage[key_id][1][owner] = int(held)
+
     def _load_accounts(self, account_ids: set[str]) -> None:
         for chunk in _chunks(account_ids):
             rows = self.conn.execute(
@@ -427,6 +462,22 @@ class _Batch:
         account_ids.update(self.payable)
 
     # ---------------------------------------------------------------- helpers
+
+    def spend(self, key_id: str, delta: int) -> None:
+        """``delta`` more (or, a refund, less) spent by the key."""
+        self.key_spend[key_id] = self.key_spend.get(key_id, 0) + delta
+        usage = self.key_usage.get(key_id)
+        if usage is not None:
+            usage[0] += delta
+
+    def check_spend_limit(self, key_id: str, limit: int, amount: int, what: str) -> None:
+        """SpendLimitExceeded if ``amount`` more would take the key past ``limit``,
+        counting its spend and every open hold of it, whichever coordinator placed it."""
+        spent, held = self.key_usage[key_id]
+        committed = spent + sum(held.values())
+        if committed + amount > limit:
+            fix = ", lease fewer hours" if what == _LEASE_COSTS else ""
+            raise SpendLimitExceeded.reached(key_id, limit, committed, what, amount, fix)
 
     def account(self, account_id: str) -> AccountState:
         state = self.accounts.get(account_id)
@@ -883,6 +934,9 @@ def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
         raise WrongAccountKind(f"account {op.account_id!r} is not a client account")
     if available(account) < op.amount:
         raise InsufficientBalance(op.amount, available(account), op.account_id)
+    key_id = op.api_key_id
+    if op.spend_limit_micro_usd is not None and key_id is not None:
+        batch.check_spend_limit(key_id, op.spend_limit_micro_usd, op.amount, _REQUEST_NEEDS)
     batch.post(
         [
             _entry(
@@ -908,11 +962,17 @@ def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
     }
     batch.open_holds[op.request_id] = row
     batch.new_holds[tid] = row
+    usage = batch.key_usage.get(key_id) if key_id is not None else None
+    if usage is not None:
+        usage[1][op.owner] = usage[1].get(op.owner, 0) + op.amount
     return HoldResult(op.request_id, op.account_id, op.amount, created=True)
 
 
 def _close_hold(batch: _Batch, hold: dict[str, Any]) -> None:
     del batch.open_holds[hold["request_id"]]
+    usage = batch.key_usage.get(hold["api_key_id"]) if hold["api_key_id"] is not None else None
+    if usage is not None:
+        usage[1][hold["owner"]] -= hold["amount"]
     if batch.new_holds.pop(hold["transfer_id"], None) is None:
         batch.closed_holds.append(hold["transfer_id"])
 
@@ -1083,7 +1143,7 @@ def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
     capped = sum(costs) - cost
     key_id = op.api_key_id
     if key_id is not None and cost:
-        batch.key_spend[key_id] = batch.key_spend.get(key_id, 0) + cost
+        batch.spend(key_id, cost)
     batch.new_settlements.append(
         (
             rid,
@@ -1143,6 +1203,8 @@ def _create_lease(batch: _Batch, op: CreateLease) -> LeaseRecord:
     money.check_amount(total, "lease total")
     if available(client) < total:
         raise InsufficientBalance(total, available(client), op.account_id)
+    if op.spend_limit_micro_usd is not None and op.api_key_id is not None:
+        batch.check_spend_limit(op.api_key_id, op.spend_limit_micro_usd, total, _LEASE_COSTS)
     provider = batch.provider_account(op.node_id)
     batch.post(
         [
@@ -1178,7 +1240,7 @@ def _create_lease(batch: _Batch, op: CreateLease) -> LeaseRecord:
     batch.leases[op.lease_id] = lease
     batch.new_leases.append(lease)
     if op.api_key_id is not None:  # the key spent the prepaid price (a refund gives back)
-        batch.key_spend[op.api_key_id] = batch.key_spend.get(op.api_key_id, 0) + total
+        batch.spend(op.api_key_id, total)
     return _lease_record(lease)
 
 
@@ -1297,7 +1359,7 @@ def _end_lease(batch: _Batch, op: EndLease) -> LeaseRecord:
         )
     key_id = lease.get("api_key_id")
     if refund and key_id is not None:
-        batch.key_spend[key_id] = batch.key_spend.get(key_id, 0) - refund
+        batch.spend(key_id, -refund)
     lease["status"] = (LeaseStatus.FAILED if op.node_failed else LeaseStatus.ENDED).value
     lease["ended_at_unix_ms"] = op.now_unix_ms
     batch.dirty_leases.add(lease["id"])
@@ -1377,6 +1439,10 @@ def apply_batch(
             if type(op) is ReadAvailable:
                 answers.append(available(batch.account(op.account_id)))
                 read.add(op.account_id)
+            elif type(op) is ReadKeySpend:
+                spent, held = batch.key_usage[op.api_key_id]
+                others = sum(amount for owner, amount in held.items() if owner != op.owner)
+                answers.append(KeyUsage(spent, others))
             else:
                 answers.append(handlers[type(op)](batch, op))
         except LedgerError as exc:

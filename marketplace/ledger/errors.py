@@ -160,6 +160,17 @@ class RateLimited(LimitExceeded):
 class SpendLimitExceeded(LimitExceeded):
     code = "spend_limit_exceeded"
 
+    @classmethod
+    def reached(
+        cls, key_id: str, limit: int, committed: int, needs: str, amount: int, fix: str = ""
+    ) -> SpendLimitExceeded:
+        """``committed``: what the key has spent and holds in open requests."""
+        return cls(
+            f"spend limit of key {key_id} reached: limit {limit}, spent or held by requests "
+            f"in flight {committed}, {needs} {amount} (micro-USD); raise the limit{fix} or "
+            "use another key"
+        )
+
 
 class BadReceipt(LedgerError):
     grpc_status = grpc.StatusCode.INVALID_ARGUMENT

@@ -65,11 +65,13 @@ from marketplace.ledger.operations import (
     CreateLease,
     EndLease,
     HoldResult,
+    KeyUsage,
     LeaseRecord,
     Operation,
     PlaceHold,
     PostTransfer,
     ReadAvailable,
+    ReadKeySpend,
     RecordRejection,
     ReleaseHold,
     ReleaseResult,
@@ -172,7 +174,12 @@ class Ledger:
         self._inflight: dict[str, int] = {}
         self._effects: dict[int, tuple[tuple[str, int], ...]] = {}
         self._loading: dict[str, asyncio.Future[Any]] = {}
-        self._key_spend: dict[str, list[int]] = {}  # key id -> [spent, held]
+        # Limited keys, key id -> [spent, held]: spent is the key's settled spend plus the
+        # holds other coordinators had open, as last read through the writer (ReadKeySpend);
+        # held is this process's holds in flight. The writer checks the limit again
+        # against every open hold of the key; a key it refuses is read again (_stale_spend).
+        self._key_spend: dict[str, list[int]] = {}
+        self._stale_spend: set[str] = set()
         # Leases asked for by this process, by id (the failed ones dropped): a twin
         # that read the balance while one was made is answered as a retry.
         self._creating_leases: OrderedDict[str, asyncio.Future[LeaseRecord]] = OrderedDict()
@@ -328,11 +335,18 @@ class Ledger:
         await self._read(self.store.revoke_key, key_id)
         self.forget_key(key_id)
 
-    async def _spend(self, key_id: str) -> list[int]:
+    async def _spend(self, key_id: str, *, refresh: bool = False) -> list[int]:
+        """The key's [spent, held], read through the writer when not known, when
+        ``refresh`` asks, or when the writer refused one of its holds or leases. Read in
+        order with the writer's batches, a settlement of this process is either in the
+        figure read or added to it when it becomes durable, never both."""
         usage = self._key_spend.get(key_id)
-        if usage is None:
-            spent = await self._read(self.store.key_spent_micro_usd, key_id)
-            usage = self._key_spend.setdefault(key_id, [spent, 0])
+        if usage is not None and not refresh and key_id not in self._stale_spend:
+            return usage
+        self._stale_spend.discard(key_id)
+        read: KeyUsage = await self._submit(ReadKeySpend(key_id, self.settings.owner))
+        usage = self._key_spend.setdefault(key_id, [0, 0])
+        usage[0] = read.spent_micro_usd + read.held_by_others_micro_usd
         return usage
 
     # ------------------------------------------------------------ holds
@@ -371,6 +385,8 @@ class Ledger:
         await self._load(account_id)
         if self._available(account_id) < amount_micro_usd:
             await self._load(account_id, refresh=True)
+        if key_id is not None and _over_limit(usage, limit, amount_micro_usd):
+            usage = await self._spend(key_id, refresh=True)  # others' holds may have ended
         # No await from here on: the check and the reservation are one step.
         existing = self._existing_hold(request_id, account_id, amount_micro_usd)
         if existing is not None:
@@ -378,20 +394,17 @@ class Ledger:
         have = self._available(account_id)
         if have < amount_micro_usd:
             raise InsufficientBalance(amount_micro_usd, have, account_id)
-        if (
-            usage is not None
-            and limit is not None
-            and usage[0] + usage[1] + amount_micro_usd > limit
-        ):
-            raise SpendLimitExceeded(
-                f"spend limit of key {key_id} reached: limit {limit}, spent {usage[0]}, in flight "
-                f"{usage[1]}, this request needs {amount_micro_usd} (micro-USD); raise the "
-                "limit or use another key"
-            )
+        _check_limit(key_id, limit, usage, amount_micro_usd, "this request needs")
         expiry_s = self.settings.hold_expiry_s if expires_in_s is None else expires_in_s
         expires_at = now_unix_ms() + int(expiry_s * 1000)
         op = PlaceHold(
-            request_id, account_id, amount_micro_usd, expires_at, self.settings.owner, key_id
+            request_id,
+            account_id,
+            amount_micro_usd,
+            expires_at,
+            self.settings.owner,
+            key_id,
+            spend_limit_micro_usd=limit,
         )
         future = self._submit(op, ((account_id, -amount_micro_usd),))
         hold = Hold(request_id, account_id, amount_micro_usd, expires_at, key_id, future)
@@ -405,8 +418,15 @@ class Ledger:
     def _hold_written(self, hold: Hold, future: asyncio.Future[HoldResult]) -> None:
         if future.cancelled() or future.exception() is None:
             return
+        self._learn_refusal(hold.api_key_id, future.exception())
         if self._holds.get(hold.request_id) is hold:
             self._unhold(hold)
+
+    def _learn_refusal(self, key_id: str | None, error: BaseException | None) -> None:
+        """The writer refused a hold or lease for the key's limit: another coordinator's
+        holds or settlements count toward it. The key is read again before its next use."""
+        if key_id is not None and isinstance(error, SpendLimitExceeded):
+            self._stale_spend.add(key_id)
 
     def _unhold(self, hold: Hold) -> None:
         """``hold`` no longer holds (refused, or expired): remembered for its settlement."""
@@ -795,6 +815,8 @@ class Ledger:
         await self._load(account_id)
         if self._available(account_id) < total:
             await self._load(account_id, refresh=True)
+        if key_id is not None and _over_limit(usage, limit, total):
+            usage = await self._spend(key_id, refresh=True)
         # No await from here on: the checks and the reservation are one step.
         if lease_id in self._creating_leases:  # a twin got ahead while we read: a retry
             return await self.create_lease(
@@ -809,12 +831,7 @@ class Ledger:
         have = self._available(account_id)
         if have < total:
             raise InsufficientBalance(total, have, account_id)
-        if usage is not None and limit is not None and usage[0] + usage[1] + total > limit:
-            raise SpendLimitExceeded(
-                f"spend limit of key {key_id} reached: limit {limit}, spent {usage[0]}, in flight "
-                f"{usage[1]}, this lease costs {total} (micro-USD); raise the limit, lease "
-                "fewer hours or use another key"
-            )
+        _check_limit(key_id, limit, usage, total, "this lease costs", ", lease fewer hours")
         op = CreateLease(
             lease_id=lease_id,
             account_id=account_id,
@@ -826,6 +843,7 @@ class Ledger:
             fee_bps=self.settings.platform_fee_bps,
             started_at_unix_ms=now_unix_ms(),
             api_key_id=key_id,
+            spend_limit_micro_usd=limit,
         )
         future: asyncio.Future[LeaseRecord] = self._submit(op, ((account_id, -total),))
         self._creating_leases[lease_id] = future
@@ -842,6 +860,9 @@ class Ledger:
         usage[1] += total  # in flight until durable, like a hold
         try:
             record: LeaseRecord = await future
+        except LedgerError as exc:
+            self._learn_refusal(key_id, exc)
+            raise
         finally:
             usage[1] -= total
         if record.started_at_unix_ms == op.started_at_unix_ms:  # made now, not a retry
@@ -976,3 +997,22 @@ class Ledger:
             request_id=request_id,
             since_unix_ms=since_unix_ms,
         )
+
+
+def _over_limit(usage: list[int] | None, limit: int | None, amount: int) -> bool:
+    return usage is not None and limit is not None and usage[0] + usage[1] + amount > limit
+
+
+def _check_limit(
+    key_id: str | None,
+    limit: int | None,
+    usage: list[int] | None,
+    amount: int,
+    needs: str,
+    fix: str = "",
+) -> None:
+    """SpendLimitExceeded if ``amount`` more takes the key past its limit, as this
+    process knows the key's spend and holds (the writer checks again)."""
+    if key_id is not None and limit is not None and _over_limit(usage, limit, amount):
+        assert usage is not None
+        raise SpendLimitExceeded.reached(key_id, limit, usage[0] + usage[1], needs, amount, fix)

@@ -150,7 +150,8 @@ class OpenHold(SQLModel, table=True):
     transfer_id: str = Field(primary_key=True, max_length=160)
     request_id: str = Field(max_length=128, unique=True)
     account_id: str = Field(max_length=128)
-    api_key_id: str | None = Field(default=None, max_length=16)
+    # Indexed: a key's spend limit counts its open holds (applier._load_key_usage).
+    api_key_id: str | None = Field(default=None, max_length=16, index=True)
     amount: int = Field(sa_column=_big())
     expires_at_unix_ms: int = Field(sa_column=_big())
     owner: str = Field(max_length=64)

@@ -33,6 +33,10 @@ class PlaceHold:
     expires_at_unix_ms: int
     owner: str
     api_key_id: str | None = None
+    # The key's spend limit, from the key row the caller authenticated: the writer
+    # refuses the hold if the key's spend and open holds (every coordinator's) plus this
+    # one would pass it (SpendLimitExceeded). None: no limit, nothing read.
+    spend_limit_micro_usd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,15 @@ class ReadAvailable:
 
 
 @dataclass(frozen=True)
+class ReadKeySpend:
+    """What counts toward a key's spend limit, in order with the operations before it:
+    answers ``KeyUsage`` (its settled spend, and the holds of other owners still open)."""
+
+    api_key_id: str
+    owner: str  # the asking coordinator: its own holds are not counted (it knows them)
+
+
+@dataclass(frozen=True)
 class CreateLease:
     lease_id: str
     account_id: str
@@ -106,6 +119,7 @@ class CreateLease:
     fee_bps: int
     started_at_unix_ms: int
     api_key_id: str | None = None  # the paying key: the price counts toward its spend
+    spend_limit_micro_usd: int | None = None  # checked by the writer, as for PlaceHold
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,7 @@ Operation = (
     | Settle
     | RecordRejection
     | ReadAvailable
+    | ReadKeySpend
     | CreateLease
     | ChargeLease
     | EndLease
@@ -158,6 +173,14 @@ class HoldResult:
     account_id: str
     amount: int
     created: bool
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    """What a key's spend limit is checked against, as the database has it."""
+
+    spent_micro_usd: int  # settled, and leases' prepaid prices less refunds
+    held_by_others_micro_usd: int  # open holds placed by other owners (coordinators)
 
 
 @dataclass(frozen=True)

@@ -793,6 +793,51 @@ async def test_a_hold_the_ledger_refuses_stops_its_request(
         assert verify_ledger(store.engine).ok
 
 
+async def test_a_spend_limit_taken_through_another_coordinator_stops_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gRPC API: another coordinator of the same ledger (a second Ledger,
+    another owner) holds almost all of a key's spend limit. This coordinator still
+    admits the key's next request from memory; the writer refuses its hold, and the
+    request is stopped with RESOURCE_EXHAUSTED while its node is still generating. The
+    requests after it are refused before reaching a node. Before, each coordinator
+    counted only its own holds, and this one served the key past its limit."""
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+        assert coordinator.billing is not None
+        ledger = coordinator.billing.ledger
+        store = ledger.store
+        account_id = funded_client_key(store, "hana").key.account_id
+        issued = store.issue_key(account_id, "capped", spend_limit_micro_usd=20_000)
+        auth = (("authorization", f"Bearer {issued.secret_key}"),)
+        node.worker.final_receipt = node.signed_usage
+        request = inference_pb2.GenerateRequest(
+            model=fakes.MODEL, prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=200)
+        )
+        elsewhere = Ledger(ledger.settings.model_copy(update={"owner": "elsewhere"}))
+        await elsewhere.start(sweep=False)
+        try:
+            async with grpc.aio.insecure_channel(coordinator.address) as channel:
+                api = inference_pb2_grpc.InferenceServiceStub(channel)
+                served = [r async for r in api.Generate(request, metadata=auth, timeout=10)]
+                spent = served[-1].final.cost_micro_usd
+                assert spent > 0  # this coordinator has read the key's spend
+                principal = await elsewhere.authenticate(issued.secret_key)
+                await (await elsewhere.place_hold("there", principal, 20_000 - spent - 1)).durable
+                node.worker.behaviour = fakes.Behaviour(deltas=["x"] * 200, delay_s=0.02)
+                for attempt in range(3):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        async for _ in api.Generate(request, metadata=auth, timeout=10):
+                            pass
+                    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, attempt
+                    assert "spend limit" in (caught.value.details() or ""), attempt
+        finally:
+            await elsewhere.close()
+        assert node.worker.cancelled.is_set()  # the first was cut off, not served to the end
+        assert len(node.worker.requests) == 2  # the later ones reached no node
+        await ledger.flush()
+        assert verify_ledger(store.engine).ok
+
+
 async def test_a_new_lease_takes_its_node_out_of_serverless_routing_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

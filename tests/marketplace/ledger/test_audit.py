@@ -78,7 +78,7 @@ def test_migrations_build_the_schema_from_empty(database_url: str) -> None:
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
         platform = conn.execute(text("SELECT id FROM accounts ORDER BY id")).scalars().all()
     assert platform == [
         "platform.clearing",

@@ -107,14 +107,15 @@ class Model:
     balances: dict[str, int] = field(default_factory=dict)
     spend: dict[str, int] = field(default_factory=dict)  # API key id -> charged so far
     limits: dict[str, int | None] = field(default_factory=dict)
-    abandoned: dict[str, tuple[str, str, int, int]] = field(default_factory=dict)
+    # request id -> (client, key id, amount, expiry, coordinator index)
+    abandoned: dict[str, tuple[str, str, int, int, int]] = field(default_factory=dict)
     leases: dict[str, ModelLease] = field(default_factory=dict)
 
     def add(self, account: str, amount: int) -> None:
         self.balances[account] = self.balances.get(account, 0) + amount
 
     def in_flight(self, key_id: str) -> int:
-        return sum(amount for _, key, amount, _ in self.abandoned.values() if key == key_id)
+        return sum(amount for _, key, amount, *_ in self.abandoned.values() if key == key_id)
 
     def refusal(self, client: str, key_id: str, amount: int) -> type[Exception] | None:
         """What a payment of ``amount`` by ``key_id`` meets first: the balance, then the
@@ -166,9 +167,11 @@ class Audit:
     """One seeded run: the ledger under test, the model, and a step per action."""
 
     def __init__(
-        self, settings: LedgerSettings, store: LedgerStore, ledger: Ledger, seed: int
+        self, settings: LedgerSettings, store: LedgerStore, ledgers: list[Ledger], seed: int
     ) -> None:
-        self.settings, self.store, self.ledger, self.seed = settings, store, ledger, seed
+        # Two coordinators on one database: the first crashes now and then, the second
+        # never. Each request, lease and lease request goes through either.
+        self.settings, self.store, self.ledgers, self.seed = settings, store, ledgers, seed
         self.rng = random.Random(seed)
         self.model = Model()
         self.clients: list[str] = []
@@ -177,6 +180,21 @@ class Audit:
         self.used: list[tuple[str, int]] = []  # request ids resolved, with their hold
         self.clock_ms = now_unix_ms()  # the leases' clock, moved on by "tick"
         self.seen: Counter[str] = Counter()  # what happened, to check the mix covers it
+
+    @property
+    def ledger(self) -> Ledger:
+        """The first coordinator's ledger (the one that crashes)."""
+        return self.ledgers[0]
+
+    def via(self) -> tuple[int, Ledger]:
+        """The coordinator a step goes through, by index."""
+        index = self.rng.randrange(len(self.ledgers))
+        return index, self.ledgers[index]
+
+    async def flush(self) -> None:
+        """Every coordinator's writes durable: the next step sees them, in step order."""
+        for ledger in self.ledgers:
+            await ledger.flush()
 
     async def open_accounts(self) -> None:
         model = self.model
@@ -213,7 +231,7 @@ class Audit:
             await self.ledger.deposit(client, self.rng.choice([0, -1, -10_000]))
 
     async def payout(self, step: int, client: str) -> None:
-        await self.ledger.flush()
+        await self.flush()
         minimum = self.rng.choice([1, 2_000])
         batch_id = f"pay-{self.seed}-{step}"
         model = self.model
@@ -235,7 +253,8 @@ class Audit:
     # ------------------------------------------------------------ requests
 
     async def request(self, step: int, client: str) -> None:
-        rng, model, ledger = self.rng, self.model, self.ledger
+        rng, model = self.rng, self.model
+        owner, ledger = self.via()
         payer = rng.choice(self.keys[client])
         rid = self._next_request_id()
         first, second = rng.sample(NODES, 2)
@@ -246,9 +265,13 @@ class Audit:
         hold_amount = model_cost(input_tokens, max_tokens, worst_in, worst_out)
         refusal = model.refusal(client, payer.key_id, hold_amount)
         if refusal is not None:
-            self.seen[f"request refused: {refusal.__name__}"] += 1
+            # Refused up front, or, where this coordinator has not seen what the other
+            # spent, admitted from memory and refused by the writer.
             with pytest.raises(refusal) as refused:
-                await ledger.place_hold(rid, payer, hold_amount)
+                hold = await ledger.place_hold(rid, payer, hold_amount)
+                self.seen[f"request refused by the writer: {refusal.__name__}"] += 1
+                await hold.durable
+            self.seen[f"request refused: {refusal.__name__}"] += 1
             if refusal is InsufficientBalance:
                 assert (refused.value.need_micro_usd, refused.value.have_micro_usd) == (  # type: ignore[attr-defined]
                     hold_amount,
@@ -263,7 +286,13 @@ class Audit:
         if fate != "abandon":
             self.used.append((rid, hold_amount))
         if fate == "abandon":  # never settled nor released: expiry or a restart frees it
-            model.abandoned[rid] = (client, payer.key_id, hold_amount, hold.expires_at_unix_ms)
+            model.abandoned[rid] = (
+                client,
+                payer.key_id,
+                hold_amount,
+                hold.expires_at_unix_ms,
+                owner,
+            )
         elif fate == "cancel":
             released = await ledger.release_hold(rid)
             assert released.released_micro_usd == hold_amount
@@ -319,25 +348,28 @@ class Audit:
         rid, amount = self.rng.choice(self.used)
         self.seen["request id reused"] += 1
         with pytest.raises(IdConflict, match="used by an earlier request"):
-            await self.ledger.place_hold(rid, self.keys[client][0], amount)
+            await self.via()[1].place_hold(rid, self.keys[client][0], amount)
 
     async def expire(self, step: int, client: str) -> None:
         """The sweeper's pass after every abandoned hold's expiry."""
         model = self.model
         if not model.abandoned:
             return
-        after = max(expires for *_, expires in model.abandoned.values()) + 1
-        assert await self.ledger.expire_holds(now_ms=after) == len(model.abandoned)
+        after = max(expires for *_, expires, _ in model.abandoned.values()) + 1
+        assert await self.via()[1].expire_holds(now_ms=after) == len(model.abandoned)
         self._forget_abandoned()
 
-    def _forget_abandoned(self) -> None:
-        for holder, _, amount, _ in self.model.abandoned.values():
-            self.model.add(holder, amount)
-        self.model.abandoned.clear()
+    def _forget_abandoned(self, owner: int | None = None) -> None:
+        """The abandoned holds are released (of one coordinator only, if ``owner``)."""
+        for rid, (holder, _, amount, _, placed_by) in list(self.model.abandoned.items()):
+            if owner is None or placed_by == owner:
+                self.model.add(holder, amount)
+                del self.model.abandoned[rid]
 
     async def crash(self, step: int, client: str) -> None:
         """Kill the ledger with one settlement relayed but not committed; a new ledger
-        settles it from the intent log, and releases this owner's abandoned holds."""
+        settles it from the intent log, and releases this owner's abandoned holds (not
+        the other coordinator's)."""
         model, ledger = self.model, self.ledger
         payer = self.keys[client][0]
         rid = self._next_request_id()
@@ -357,12 +389,13 @@ class Audit:
         outcome = await ledger.settle(rid, [signed], [relayed])
         writer.submit = real  # type: ignore[method-assign]
         await kill_ledger(ledger)
-        self.ledger = Ledger(self.settings, coordinator=ledger.coordinator)
+        self.ledgers[0] = Ledger(self.settings, coordinator=ledger.coordinator)
         report = await self.ledger.start(sweep=False)
         assert report is not None
-        assert (report.settled, report.released) == (1, len(model.abandoned))
+        mine = sum(1 for *_, placed_by in model.abandoned.values() if placed_by == 0)
+        assert (report.settled, report.released) == (1, mine)
         await self.ledger.flush()
-        self._forget_abandoned()
+        self._forget_abandoned(owner=0)
         cost, _ = model.settle(
             client, hold_amount, [(node.node_id, model_cost(50, 60, price_in, price_out))]
         )
@@ -380,9 +413,10 @@ class Audit:
         total = GPU_HOUR_PRICES[index] * GPUS[index] * hours
         period_s = rng.choice(LEASE_PERIODS_S)
         lease_id = f"lease-{self.seed}-{step}"
+        _, ledger = self.via()
 
         async def create() -> object:
-            return await self.ledger.create_lease(
+            return await ledger.create_lease(
                 payer,
                 node.node_id,
                 gpus=GPUS[index],
@@ -437,15 +471,16 @@ class Audit:
         if self.rng.random() < 0.8:  # mostly its holder; now and then another client
             client = lease.client
         payer = self.keys[client][self.rng.randrange(2)]
+        _, ledger = self.via()
         if client != lease.client:
             with pytest.raises(PermissionDenied):
-                await self.ledger.lease_node(payer, lease.lease_id)
+                await ledger.lease_node(payer, lease.lease_id)
             return
         if not lease.active:
             with pytest.raises(LeaseNotActive):
-                await self.ledger.lease_node(payer, lease.lease_id)
+                await ledger.lease_node(payer, lease.lease_id)
             return
-        assert await self.ledger.lease_node(payer, lease.lease_id) == lease.node.node_id
+        assert await ledger.lease_node(payer, lease.lease_id) == lease.node.node_id
         rid = self._next_request_id()
         signed, relayed = receipt_for(
             lease.node,
@@ -454,7 +489,7 @@ class Audit:
             self.rng.randint(0, 300),
             lease_id=lease.lease_id,
         )
-        outcome = await self.ledger.settle(
+        outcome = await ledger.settle(
             rid, [signed], [relayed], account_id=client, lease_id=lease.lease_id
         )
         assert (await outcome.durable).cost_micro_usd == 0
@@ -487,13 +522,14 @@ class Audit:
         if lease is None:
             return
         failed = self.rng.random() < 0.4
+        _, ledger = self.via()
         now = max(self.clock_ms, now_unix_ms()) + self.rng.randint(0, 20 * 60_000)
         self.seen[
             f"lease end: {'inactive' if not lease.active else 'failed' if failed else 'ended'}"
         ] += 1
         if not lease.active:
             with pytest.raises(LeaseNotActive):
-                await self.ledger.end_lease(lease.lease_id, node_failed=failed, now_ms=now)
+                await ledger.end_lease(lease.lease_id, node_failed=failed, now_ms=now)
             return
         model = self.model
         model.charge_lease(lease, model.periods(lease, now, round_up=not failed))
@@ -502,14 +538,14 @@ class Audit:
         model.add(lease.client, refund)
         model.spend[lease.key_id] -= refund
         lease.active = False
-        record = await self.ledger.end_lease(lease.lease_id, node_failed=failed, now_ms=now)
+        record = await ledger.end_lease(lease.lease_id, node_failed=failed, now_ms=now)
         assert (record.charged_micro_usd, record.refunded_micro_usd) == (lease.charged, refund)
         assert record.status == ("failed" if failed else "ended")
 
     # ------------------------------------------------------------ checks
 
     async def check(self, step: int) -> None:
-        await self.ledger.flush()
+        await self.flush()
         store, model = self.store, self.model
         accounts = {a.id: a for a in store.accounts()}
         by_node = {a.node_id: a for a in accounts.values() if a.node_id}
@@ -536,9 +572,14 @@ class Audit:
 @pytest.mark.parametrize("seed", [7, 2026])
 async def test_auditor(settings: LedgerSettings, store: LedgerStore, seed: int) -> None:
     steps = 250
-    ledger = Ledger(settings, coordinator=Identity.from_seed(b"c" * 32))
-    await ledger.start(sweep=False)
-    audit = Audit(settings, store, ledger, seed)
+    coordinator = Identity.from_seed(b"c" * 32)
+    ledgers = [
+        Ledger(settings, coordinator=coordinator),
+        Ledger(settings.model_copy(update={"owner": "second"}), coordinator=coordinator),
+    ]
+    for ledger in ledgers:
+        await ledger.start(sweep=False)
+    audit = Audit(settings, store, ledgers, seed)
     seen: set[str] = set()
     try:
         await audit.open_accounts()
@@ -548,7 +589,8 @@ async def test_auditor(settings: LedgerSettings, store: LedgerStore, seed: int) 
             await getattr(audit, action)(step, audit.rng.choice(audit.clients))
             await audit.check(step)
     finally:
-        await audit.ledger.close()
+        for ledger in audit.ledgers:
+            await ledger.close()
     print(sorted(audit.seen.items()))
     assert seen == set(ACTIONS), f"the workload never ran {set(ACTIONS) - seen}"
     for events in (

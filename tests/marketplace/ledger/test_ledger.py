@@ -218,6 +218,50 @@ async def test_a_hold_refused_by_the_writer_teaches_the_balance_and_settles_what
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_keys_spend_limit_holds_across_coordinators(
+    settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    """Two coordinators (two ledgers, one database) serve one key with a spend limit.
+    Before, each counted only its own holds and settlements, so together they let the
+    key spend twice its limit. Now the writer counts every open hold of the key, the
+    coordinator it refused learns the others' holds, and a coordinator whose figure is
+    stale (the others' holds have ended) reads it again before refusing."""
+    client = make_client(store, deposit=1_000_000)
+    key = store.issue_key(client, "capped", spend_limit_micro_usd=1_000)
+    coordinator = Identity.from_seed(b"c" * 32)
+    async with (
+        Ledger(settings, coordinator=coordinator) as a,
+        Ledger(settings.model_copy(update={"owner": "other"}), coordinator=coordinator) as b,
+    ):
+        at_a = await a.authenticate(key.secret_key)
+        at_b = await b.authenticate(key.secret_key)
+        await (await b.place_hold("warm", at_b, 1)).durable  # B has read the key's spend
+        await b.release_hold("warm")
+        await (await a.place_hold("a1", at_a, 800)).durable
+        hold = await b.place_hold("b1", at_b, 800)  # B's memory: nothing spent or held
+        with pytest.raises(SpendLimitExceeded, match="in flight 800, this request needs 800"):
+            await hold.durable  # the writer counts A's hold
+        with pytest.raises(SpendLimitExceeded, match="in flight 800, this request needs 300"):
+            await b.place_hold("b2", at_b, 300)  # refused up front: B has learned
+        await (await b.place_hold("b3", at_b, 200)).durable  # 800 + 200: the limit
+        # A's request costs 100 of its 800. B still counts 800 for it, so it reads again
+        # before refusing: 100 + 200 + 700 fit.
+        signed, relayed = receipt_for(node, "a1#0", 1000, 0)
+        await (await a.settle("a1", [signed], [relayed])).durable
+        await (await b.place_hold("b4", at_b, 700)).durable
+        # A lease is held to the same limit. A knows only its own 100: the writer refuses.
+        lease = {"gpus": 1, "price_micro_usd_per_gpu_hour": 1, "hours": 1}
+        with pytest.raises(SpendLimitExceeded, match="in flight 1000, this lease costs 1"):
+            await a.create_lease(at_a, node.node_id, **lease)
+        before = row_counts(store)
+        with pytest.raises(SpendLimitExceeded, match="in flight 1000, this lease costs 1"):
+            await a.create_lease(at_a, node.node_id, **lease)  # A has learned
+        assert row_counts(store) == before
+    held = sum(row["amount"] for row in store.open_holds() if row["api_key_id"] == key.key.id)
+    assert store.key_spent_micro_usd(key.key.id) + held == 1_000
+    assert verify_ledger(store.engine).ok
+
+
 async def test_a_request_that_outlives_its_hold_still_pays(
     ledger: Ledger, store: LedgerStore, node: Identity
 ) -> None:
