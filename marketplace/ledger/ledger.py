@@ -411,7 +411,6 @@ class Ledger:
         self._holds[request_id] = hold
         if usage is not None:
             usage[1] += amount_micro_usd
-            future.add_done_callback(lambda f: f.exception() and self._unhold_key(hold))
         future.add_done_callback(lambda f: self._hold_written(hold, f))
         return hold
 
@@ -419,7 +418,9 @@ class Ledger:
         if future.cancelled() or future.exception() is None:
             return
         self._learn_refusal(hold.api_key_id, future.exception())
+        # A hold released or settled meanwhile was taken off the key's figure then.
         if self._holds.get(hold.request_id) is hold:
+            self._unhold_key(hold)
             self._unhold(hold)
 
     def _learn_refusal(self, key_id: str | None, error: BaseException | None) -> None:

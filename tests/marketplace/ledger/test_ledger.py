@@ -262,6 +262,30 @@ async def test_a_keys_spend_limit_holds_across_coordinators(
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_refused_hold_released_first_is_not_taken_off_the_key_twice(
+    ledger: Ledger, store: LedgerStore
+) -> None:
+    """A request fails at once (no node) and releases its hold while the hold's write is
+    still queued; then the writer refuses that write (the balance was spent behind this
+    coordinator's back). The key's in-flight figure was lowered by the release and then
+    again by the refusal, so this coordinator counted less than the key had and admitted
+    from memory what the limit forbids (the writer refused it later)."""
+    client = make_client(store, deposit=10_000)
+    key = store.issue_key(client, "capped", spend_limit_micro_usd=1_000)
+    principal = await ledger.authenticate(key.secret_key)
+    await (await ledger.place_hold("warm", principal, 1)).durable  # balance and key known
+    await ledger.release_hold("warm")
+    store.correct("spent-elsewhere", client, "platform.fees", 10_000)
+    hold = await ledger.place_hold("gone", principal, 600)  # admitted from memory
+    ledger.release_hold("gone")  # the request failed before its hold was written
+    with pytest.raises(InsufficientBalance):
+        await hold.durable
+    store.deposit(client, 10_000, "again")
+    with pytest.raises(SpendLimitExceeded, match="this request needs 1001"):
+        await ledger.place_hold("over", principal, 1_001)  # refused up front
+    await (await ledger.place_hold("fits", principal, 1_000)).durable
+
+
 async def test_a_request_that_outlives_its_hold_still_pays(
     ledger: Ledger, store: LedgerStore, node: Identity
 ) -> None:
