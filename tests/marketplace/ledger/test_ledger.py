@@ -262,6 +262,24 @@ async def test_a_keys_spend_limit_holds_across_coordinators(
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_keys_spend_read_while_its_settlement_commits_counts_it_once(
+    ledger: Ledger, store: LedgerStore, node: Identity
+) -> None:
+    """A key's figure is read again (the next hold looks over the limit) while one of its
+    settlements is still being written: the settlement is counted once, in the figure
+    read or when it becomes durable, whichever the writer's order gives."""
+    client = make_client(store, deposit=10_000)
+    key = store.issue_key(client, "capped", spend_limit_micro_usd=1_000)
+    principal = await ledger.authenticate(key.secret_key)
+    await (await ledger.place_hold("r1", principal, 500)).durable
+    signed, relayed = receipt_for(node, "r1#0", 1000, 0)  # costs 100
+    outcome = await ledger.settle("r1", [signed], [relayed])  # queued, not yet durable
+    with pytest.raises(SpendLimitExceeded, match="in flight 100, this request needs 901"):
+        await ledger.place_hold("r2", principal, 901)  # 500 held by memory: read again
+    assert (await outcome.durable).cost_micro_usd == 100
+    await (await ledger.place_hold("r3", principal, 900)).durable  # 100 + 900: the limit
+
+
 async def test_a_refused_hold_released_first_is_not_taken_off_the_key_twice(
     ledger: Ledger, store: LedgerStore
 ) -> None:
