@@ -752,6 +752,29 @@ async def test_a_request_id_pays_for_one_request(
         assert store.account(account_id).available_micro_usd == 2_000_000 - charged - 1_000_000
 
 
+async def stopped_then_refused(
+    api: inference_pb2_grpc.InferenceServiceStub,
+    request: inference_pb2.GenerateRequest,
+    auth: tuple[tuple[str, str], ...],
+    node: fakes.FakeNode,
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
+    """Three requests, each answered ``code`` with ``words`` in its message: the first
+    is admitted from the coordinator's memory and cut off at the node (whose 200 tokens
+    would take 4 s) when the ledger refuses its hold; the next two reach no node."""
+    node.worker.behaviour = fakes.Behaviour(deltas=["x"] * 200, delay_s=0.02)
+    reached = len(node.worker.requests)
+    for attempt in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in api.Generate(request, metadata=auth, timeout=10):
+                pass
+        assert caught.value.code() == code, attempt
+        assert words in (caught.value.details() or ""), attempt
+    assert node.worker.cancelled.is_set()  # the first was cut off, not served to the end
+    assert len(node.worker.requests) == reached + 1  # the later ones reached no node
+
+
 async def test_a_hold_the_ledger_refuses_stops_its_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -779,15 +802,9 @@ async def test_a_hold_the_ledger_refuses_stops_its_request(
             await ledger.flush()
             left = store.account(account_id).available_micro_usd
             store.correct("spent-elsewhere", account_id, "platform.fees", left)
-            node.worker.behaviour = fakes.Behaviour(deltas=["x"] * 200, delay_s=0.02)  # 4 s
-            for attempt in range(3):
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    async for _ in api.Generate(request, metadata=auth, timeout=10):
-                        pass
-                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, attempt
-                assert "insufficient balance" in (caught.value.details() or ""), attempt
-        assert node.worker.cancelled.is_set()  # the first was cut off, not served to the end
-        assert len(node.worker.requests) == 2  # the later ones reached no node
+            await stopped_then_refused(
+                api, request, auth, node, grpc.StatusCode.FAILED_PRECONDITION, "insufficient"
+            )
         await ledger.flush()
         assert store.account(account_id).available_micro_usd == 0
         assert verify_ledger(store.engine).ok
@@ -823,17 +840,11 @@ async def test_a_spend_limit_taken_through_another_coordinator_stops_the_request
                 assert spent > 0  # this coordinator has read the key's spend
                 principal = await elsewhere.authenticate(issued.secret_key)
                 await (await elsewhere.place_hold("there", principal, 20_000 - spent - 1)).durable
-                node.worker.behaviour = fakes.Behaviour(deltas=["x"] * 200, delay_s=0.02)
-                for attempt in range(3):
-                    with pytest.raises(grpc.aio.AioRpcError) as caught:
-                        async for _ in api.Generate(request, metadata=auth, timeout=10):
-                            pass
-                    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, attempt
-                    assert "spend limit" in (caught.value.details() or ""), attempt
+                await stopped_then_refused(
+                    api, request, auth, node, grpc.StatusCode.RESOURCE_EXHAUSTED, "spend limit"
+                )
         finally:
             await elsewhere.close()
-        assert node.worker.cancelled.is_set()  # the first was cut off, not served to the end
-        assert len(node.worker.requests) == 2  # the later ones reached no node
         await ledger.flush()
         assert verify_ledger(store.engine).ok
 
