@@ -12,6 +12,8 @@ periods). The workload mixes:
 - requests refused for balance or for their key's spend limit (each client has a key
   without a limit and one with);
 - a coordinator crash between relaying and committing;
+- two coordinators on the one database, each step through either: a coordinator that
+  has not seen what the other spent admits from memory, and the writer refuses;
 - dedicated leases: created (and retried with the same id), refused when the node is
   leased already or the money or the key's limit falls short, used by requests that cost
   nothing per token, charged period by period as time passes, ended early by the client
