@@ -138,8 +138,12 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
             reason = f"heartbeat refused: {exc}"
             self._registry.end_session(node_id, session_token, reason)
             await abort_with(context, exc)
+        except asyncio.CancelledError:
+            # grpc cancels the handler when the node's connection goes away.
+            reason = "heartbeat stream closed: the node disconnected, or this coordinator stops"
+            raise
         except BaseException as exc:
-            reason = f"heartbeat stream broke ({type(exc).__name__})"
+            reason = f"heartbeat stream broke ({type(exc).__name__}: {exc})"
             raise
         finally:
             await cancel_and_wait(pinger)
