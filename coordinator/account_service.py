@@ -169,6 +169,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     ) -> account_pb2.GetBalanceResponse:
         async def work(principal: Principal) -> account_pb2.GetBalanceResponse:
             account: AccountView = await self._ledger.balance(principal.account_id)
+            spent, held = await self._ledger.key_usage(principal.key_id)
             response = account_pb2.GetBalanceResponse(
                 account_id=account.id,
                 account_name=account.name,
@@ -177,9 +178,13 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 held_micro_usd=account.pending_debits_micro_usd,
                 available_micro_usd=account.available_micro_usd,
                 api_key_id=principal.key_id,
+                key_spent_micro_usd=spent,
+                key_held_micro_usd=held,
             )
-            if principal.spend_limit_micro_usd is not None:
-                response.key_spend_limit_micro_usd = principal.spend_limit_micro_usd
+            limit = principal.spend_limit_micro_usd
+            if limit is not None:
+                response.key_spend_limit_micro_usd = limit
+                response.key_spend_left_micro_usd = max(0, limit - spent - held)
             return response
 
         return await self._answer(context, "GetBalance", work)

@@ -331,6 +331,11 @@ class Ledger:
         """Drop a cached key at once (call after revoking through another path)."""
         self._keys.pop(key_id, None)
 
+    async def key_usage(self, key_id: str) -> tuple[int, int]:
+        """What the key has spent, and holds in open requests through any coordinator,
+        as the database has it (micro-USD): what its spend limit is checked against."""
+        return await self._read(self.store.key_usage, key_id)
+
     async def revoke_key(self, key_id: str) -> None:
         await self._read(self.store.revoke_key, key_id)
         self.forget_key(key_id)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mercato.v1 import market_pb2
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from marketplace.ledger import api_keys, identifiers, money
@@ -383,6 +383,19 @@ class LedgerStore:
             spend_limit_micro_usd=row.spend_limit_micro_usd,
             rate_limit_per_minute=row.rate_limit_per_minute,
         )
+
+    def key_usage(self, key_id: str) -> tuple[int, int]:
+        """What counts toward the key's spend limit: (spent, held by its open holds)."""
+        with self.engine.connect() as conn:
+            spent = conn.execute(
+                select(T_KEY_SPEND.c.spent_micro_usd).where(T_KEY_SPEND.c.api_key_id == key_id)
+            ).scalar_one_or_none()
+            held = conn.execute(
+                select(func.coalesce(func.sum(T_HOLDS.c.amount), 0)).where(
+                    T_HOLDS.c.api_key_id == key_id
+                )
+            ).scalar_one()
+        return int(spent or 0), int(held)
 
     def key_spent_micro_usd(self, key_id: str) -> int:
         """What the key has been charged so far (its settlements' costs)."""

@@ -19,6 +19,7 @@ from marketplace.ledger import (
     AccountKind,
     Ledger,
     LedgerSettings,
+    Principal,
     RelayedSegment,
     sign_receipt,
     verify_offline,
@@ -93,10 +94,16 @@ def _auth(key: str) -> tuple[tuple[str, str], ...]:
 
 
 async def _settle(
-    ledger: Ledger, request_id: str, account_id: str, tokens: int, model: str = "smol"
+    ledger: Ledger,
+    request_id: str,
+    account_id: str,
+    tokens: int,
+    model: str = "smol",
+    key: Principal | None = None,
 ) -> None:
-    """A settled request of ``account_id``: hold, the node's signed receipt, settlement."""
-    await ledger.place_hold(request_id, account_id, 1_000_000)
+    """A settled request of ``account_id`` (paid with ``key``, if given): hold, the
+    node's signed receipt, settlement."""
+    await ledger.place_hold(request_id, key or account_id, 1_000_000)
     worker_id = f"{request_id}#0"
     usage = market_pb2.UsageReceipt(
         request_id=worker_id,
@@ -166,6 +173,27 @@ async def test_balance_is_the_callers_own(setup: Setup) -> None:
     )
     assert other.account_id == setup.bob and other.available_micro_usd == 1_000_000
     assert not other.HasField("key_spend_limit_micro_usd")
+
+
+async def test_balance_shows_what_the_key_has_spent_and_holds(setup: Setup) -> None:
+    """GetBalance tells a key what counts toward its spend limit and what is left: its
+    charges, its holds in flight (through any coordinator), limit minus both."""
+    ledger = setup.ledger
+    key = await ledger.authenticate(setup.alice_key)
+    await _settle(ledger, "spent-1", setup.alice, 1000, key=key)  # 100 + 600 micro-USD
+    await (await ledger.place_hold("held-1", key, 40_000)).durable
+    await (await ledger.place_hold("held-2", setup.alice, 5_000)).durable  # no key: not counted
+    answer = await setup.stub.GetBalance(
+        account_pb2.GetBalanceRequest(), metadata=_auth(setup.alice_key)
+    )
+    assert (answer.key_spent_micro_usd, answer.key_held_micro_usd) == (700, 40_000)
+    assert answer.key_spend_left_micro_usd == 9_000_000 - 700 - 40_000
+    assert answer.held_micro_usd == 45_000  # the account's holds, with or without a key
+    other = await setup.stub.GetBalance(
+        account_pb2.GetBalanceRequest(), metadata=_auth(setup.bob_key)
+    )
+    assert (other.key_spent_micro_usd, other.key_held_micro_usd) == (0, 0)
+    assert not other.HasField("key_spend_left_micro_usd")
 
 
 async def test_receipts_are_paged_filtered_and_verifiable(setup: Setup) -> None:

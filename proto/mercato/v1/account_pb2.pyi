@@ -33,7 +33,7 @@ class GetBalanceRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetBalanceResponse(_message.Message):
-    __slots__ = ("account_id", "account_name", "kind", "posted_micro_usd", "held_micro_usd", "available_micro_usd", "api_key_id", "key_spend_limit_micro_usd")
+    __slots__ = ("account_id", "account_name", "kind", "posted_micro_usd", "held_micro_usd", "available_micro_usd", "api_key_id", "key_spend_limit_micro_usd", "key_spent_micro_usd", "key_held_micro_usd", "key_spend_left_micro_usd")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,9 @@ class GetBalanceResponse(_message.Message):
     AVAILABLE_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
     API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_SPEND_LIMIT_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
+    KEY_SPENT_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
+    KEY_HELD_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
+    KEY_SPEND_LEFT_MICRO_USD_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     account_name: str
     kind: AccountKind
@@ -50,7 +53,10 @@ class GetBalanceResponse(_message.Message):
     available_micro_usd: int
     api_key_id: str
     key_spend_limit_micro_usd: int
-    def __init__(self, account_id: _Optional[str] = ..., account_name: _Optional[str] = ..., kind: _Optional[_Union[AccountKind, str]] = ..., posted_micro_usd: _Optional[int] = ..., held_micro_usd: _Optional[int] = ..., available_micro_usd: _Optional[int] = ..., api_key_id: _Optional[str] = ..., key_spend_limit_micro_usd: _Optional[int] = ...) -> None: ...
+    key_spent_micro_usd: int
+    key_held_micro_usd: int
+    key_spend_left_micro_usd: int
+    def __init__(self, account_id: _Optional[str] = ..., account_name: _Optional[str] = ..., kind: _Optional[_Union[AccountKind, str]] = ..., posted_micro_usd: _Optional[int] = ..., held_micro_usd: _Optional[int] = ..., available_micro_usd: _Optional[int] = ..., api_key_id: _Optional[str] = ..., key_spend_limit_micro_usd: _Optional[int] = ..., key_spent_micro_usd: _Optional[int] = ..., key_held_micro_usd: _Optional[int] = ..., key_spend_left_micro_usd: _Optional[int] = ...) -> None: ...
 
 class ListReceiptsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "request_id", "since_unix_ms")
