@@ -45,6 +45,7 @@ from marketplace.ledger import (
     Unauthenticated,
     UnknownLease,
 )
+from marketplace.ledger.errors import LeaseNotActive
 
 __all__ = [
     "AccountServiceError",
@@ -310,10 +311,16 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         self, request: account_pb2.EndLeaseRequest, context: grpc.aio.ServicerContext
     ) -> account_pb2.EndLeaseResponse:
         async def work(principal: Principal) -> account_pb2.EndLeaseResponse:
-            await self._own_lease(principal, request.lease_id)
-            ended = await self._ledger.end_lease(request.lease_id)
-            await self._leases_changed()
-            return account_pb2.EndLeaseResponse(lease=_lease(ended))
+            # A lease that has ended already (a retry of this call, its node failed, its
+            # hours ran out) is answered as it is: the caller asked for it to be over.
+            lease = await self._own_lease(principal, request.lease_id)
+            if lease.status == LeaseStatus.ACTIVE.value:
+                try:
+                    lease = await self._ledger.end_lease(request.lease_id)
+                except LeaseNotActive:  # ended meanwhile, by a twin of this call or its node
+                    lease = await self._own_lease(principal, request.lease_id)
+                await self._leases_changed()
+            return account_pb2.EndLeaseResponse(lease=_lease(lease))
 
         return await self._answer(context, "EndLease", work)
 
