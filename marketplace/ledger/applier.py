@@ -276,10 +276,13 @@ class _Batch:
         batch_ids: set[str] = set()
         placed: set[str] = set()
         limited_keys: set[str] = set()  # keys whose spend limit is checked
+        limited_settles: dict[str, str] = {}  # request id -> key: capped if its hold is gone
         for op in ops:
             kind = type(op)
             if kind is Settle:
                 account_ids.add(op.account_id)
+                if op.spend_limit_micro_usd is not None and op.api_key_id is not None:
+                    limited_settles[op.request_id] = op.api_key_id
                 if op.request_id not in known_holds and op.request_id not in placed:
                     hold_requests.add(op.request_id)
                 if not optimistic:
@@ -323,8 +326,6 @@ class _Batch:
             elif kind is ReadKeySpend:
                 limited_keys.add(op.api_key_id)
         conn = self.conn
-        if limited_keys:
-            self._load_key_usage(limited_keys)
         if lease_ids:
             for chunk in _chunks(lease_ids):
                 for row in conn.execute(select(T_LEASES).where(T_LEASES.c.id.in_(chunk))):
@@ -384,6 +385,11 @@ class _Batch:
                 worker_ids,
             ):
                 self.receipt_owner[row[0]] = row[1]
+        for request_id, key_id in limited_settles.items():
+            if request_id not in known_holds and request_id not in placed:
+                limited_keys.add(key_id)  # charged without its hold: capped at the limit
+        if limited_keys:
+            self._load_key_usage(limited_keys)
 
     def _load_key_usage(self, key_ids: set[str]) -> None:
         """Each key's recorded spend and its open holds by owner (every coordinator's)."""
@@ -469,6 +475,14 @@ class _Batch:
         usage = self.key_usage.get(key_id)
         if usage is not None:
             usage[0] += delta
+
+    def limit_left(self, op: Settle) -> int:
+        """What the key of ``op`` may still spend or hold under its limit (no limit: the
+        op's hold)."""
+        usage = self.key_usage.get(op.api_key_id) if op.api_key_id is not None else None
+        if usage is None or op.spend_limit_micro_usd is None:
+            return op.hold_micro_usd
+        return op.spend_limit_micro_usd - usage[0] - sum(usage[1].values())
 
     def check_spend_limit(self, key_id: str, limit: int, amount: int, what: str) -> None:
         """SpendLimitExceeded if ``amount`` more would take the key past ``limit``,
@@ -1034,9 +1048,13 @@ def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
             f"request {rid!r} holds money on account {hold['account_id']!r}, not {op.account_id!r}"
         )
     costs = [segment.cost_micro_usd for segment in segments]
-    # Without a hold (lost in a crash before it was durable, or expired): charge directly,
-    # never more than the hold promised nor than the account has.
-    held = hold["amount"] if hold is not None else max(0, min(op.hold_micro_usd, available(client)))
+    # Without a hold (lost in a crash before it was durable, refused, or expired): charge
+    # directly, never more than the hold promised, than the account has, nor than the
+    # key's spend limit has left.
+    if hold is not None:
+        held = hold["amount"]
+    else:
+        held = max(0, min(op.hold_micro_usd, available(client), batch.limit_left(op)))
     charges = money.cap_to_hold(held, costs)
     cost = sum(charges)
     entries: list[list[Any]] = []

@@ -122,6 +122,7 @@ class Hold:
     expires_at_unix_ms: int
     api_key_id: str | None
     durable: asyncio.Future[HoldResult] = field(repr=False)
+    spend_limit_micro_usd: int | None = None  # the key's, when the hold was placed
 
 
 @dataclass
@@ -412,7 +413,7 @@ class Ledger:
             spend_limit_micro_usd=limit,
         )
         future = self._submit(op, ((account_id, -amount_micro_usd),))
-        hold = Hold(request_id, account_id, amount_micro_usd, expires_at, key_id, future)
+        hold = Hold(request_id, account_id, amount_micro_usd, expires_at, key_id, future, limit)
         self._holds[request_id] = hold
         if usage is not None:
             usage[1] += amount_micro_usd
@@ -513,16 +514,18 @@ class Ledger:
         hold = self._holds.get(request_id)
         held = hold.amount_micro_usd if hold is not None else 0
         key_id = hold.api_key_id if hold is not None else None
+        limit = hold.spend_limit_micro_usd if hold is not None else None
         unheld = self._unheld.pop(request_id, None) if hold is None else None
         if hold is not None:
             account_id = hold.account_id
         elif unheld is not None:
-            # Not held after all: charged up to what it would have held and to the balance
-            # there is (the writer's charge path), never below zero.
-            account_id, held, key_id = (
+            # Not held after all: charged up to what it would have held, to the balance
+            # there is and to what the key's limit has left (the writer's charge path).
+            account_id, held, key_id, limit = (
                 unheld.account_id,
                 unheld.amount_micro_usd,
                 unheld.api_key_id,
+                unheld.spend_limit_micro_usd,
             )
         else:
             previous = await self._read(self.store.settlement, request_id)
@@ -571,6 +574,7 @@ class Ledger:
             hold_micro_usd=held,
             api_key_id=key_id,
             lease_id=lease_id,
+            spend_limit_micro_usd=limit,
         )
         costs = [s.cost_micro_usd for s in segments]
         charges = money.cap_to_hold(held, costs)

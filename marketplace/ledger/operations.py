@@ -78,6 +78,9 @@ class Settle:
     hold_micro_usd: int  # the hold as the caller knows it (used if the hold row is missing)
     api_key_id: str | None = None
     lease_id: str | None = None
+    # The key's spend limit: a charge made without its hold (the writer refused it, or
+    # it expired) is also capped at what the limit has left. None: no limit.
+    spend_limit_micro_usd: int | None = None
 
 
 @dataclass(frozen=True)

@@ -262,6 +262,37 @@ async def test_a_keys_spend_limit_holds_across_coordinators(
     assert verify_ledger(store.engine).ok
 
 
+async def test_a_request_refused_for_its_keys_limit_is_charged_no_further_than_the_limit(
+    settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    """A's hold is refused by the writer because B's requests hold most of the key's
+    limit; A's request ran meanwhile (the billing stops it) and delivered 700. Settling
+    it charges what the limit has left (400), so the key never passes its limit. Before,
+    it charged all 700, up to the hold and the balance only."""
+    client = make_client(store, deposit=1_000_000)
+    key = store.issue_key(client, "capped", spend_limit_micro_usd=1_000)
+    coordinator = Identity.from_seed(b"c" * 32)
+    async with (
+        Ledger(settings, coordinator=coordinator) as a,
+        Ledger(settings.model_copy(update={"owner": "other"}), coordinator=coordinator) as b,
+    ):
+        at_a = await a.authenticate(key.secret_key)
+        at_b = await b.authenticate(key.secret_key)
+        await (await a.place_hold("warm", at_a, 1)).durable  # A has read the key's spend
+        await a.release_hold("warm")
+        await (await b.place_hold("b1", at_b, 600)).durable
+        hold = await a.place_hold("a1", at_a, 900)  # A's memory: nothing held
+        with pytest.raises(SpendLimitExceeded):
+            await hold.durable
+        signed, relayed = receipt_for(node, "a1#0", 1000, 2000)  # costs 100 + 600
+        outcome = await a.settle("a1", [signed], [relayed])
+        assert (await outcome.durable).cost_micro_usd == 400
+        assert outcome.record.cost_micro_usd == 400
+    held = sum(row["amount"] for row in store.open_holds() if row["api_key_id"] == key.key.id)
+    assert store.key_spent_micro_usd(key.key.id) + held == 1_000
+    assert verify_ledger(store.engine).ok
+
+
 async def test_a_keys_spend_read_while_its_settlement_commits_counts_it_once(
     ledger: Ledger, store: LedgerStore, node: Identity
 ) -> None:
