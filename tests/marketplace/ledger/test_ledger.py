@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from sqlalchemy import text
@@ -19,6 +19,7 @@ from marketplace.ledger import (
     Ledger,
     LedgerSettings,
     LedgerStore,
+    Principal,
     verify_ledger,
 )
 from marketplace.ledger.errors import (
@@ -218,6 +219,33 @@ async def test_a_hold_refused_by_the_writer_teaches_the_balance_and_settles_what
     assert verify_ledger(store.engine).ok
 
 
+@contextlib.asynccontextmanager
+async def two_coordinators(settings: LedgerSettings) -> AsyncIterator[tuple[Ledger, Ledger]]:
+    """Two coordinators' ledgers (owners differ) on one database."""
+    coordinator = Identity.from_seed(b"c" * 32)
+    async with (
+        Ledger(settings, coordinator=coordinator) as a,
+        Ledger(settings.model_copy(update={"owner": "other"}), coordinator=coordinator) as b,
+    ):
+        yield a, b
+
+
+async def key_with_limit(
+    store: LedgerStore, limit: int, *ledgers: Ledger
+) -> tuple[str, list[Principal]]:
+    """A funded client's new key with a spend limit: its id, and each ledger's principal
+    for it."""
+    client = make_client(store, deposit=1_000_000)
+    key = store.issue_key(client, "capped", spend_limit_micro_usd=limit)
+    return key.key.id, [await ledger.authenticate(key.secret_key) for ledger in ledgers]
+
+
+def spent_and_held(store: LedgerStore, key_id: str) -> int:
+    """What counts toward the key's limit in the database."""
+    held = sum(row["amount"] for row in store.open_holds() if row["api_key_id"] == key_id)
+    return store.key_spent_micro_usd(key_id) + held
+
+
 async def test_a_keys_spend_limit_holds_across_coordinators(
     settings: LedgerSettings, store: LedgerStore, node: Identity
 ) -> None:
@@ -226,15 +254,8 @@ async def test_a_keys_spend_limit_holds_across_coordinators(
     key spend twice its limit. Now the writer counts every open hold of the key, the
     coordinator it refused learns the others' holds, and a coordinator whose figure is
     stale (the others' holds have ended) reads it again before refusing."""
-    client = make_client(store, deposit=1_000_000)
-    key = store.issue_key(client, "capped", spend_limit_micro_usd=1_000)
-    coordinator = Identity.from_seed(b"c" * 32)
-    async with (
-        Ledger(settings, coordinator=coordinator) as a,
-        Ledger(settings.model_copy(update={"owner": "other"}), coordinator=coordinator) as b,
-    ):
-        at_a = await a.authenticate(key.secret_key)
-        at_b = await b.authenticate(key.secret_key)
+    async with two_coordinators(settings) as (a, b):
+        key_id, (at_a, at_b) = await key_with_limit(store, 1_000, a, b)
         await (await b.place_hold("warm", at_b, 1)).durable  # B has read the key's spend
         await b.release_hold("warm")
         await (await a.place_hold("a1", at_a, 800)).durable
@@ -257,8 +278,7 @@ async def test_a_keys_spend_limit_holds_across_coordinators(
         with pytest.raises(SpendLimitExceeded, match="in flight 1000, this lease costs 1"):
             await a.create_lease(at_a, node.node_id, **lease)  # A has learned
         assert row_counts(store) == before
-    held = sum(row["amount"] for row in store.open_holds() if row["api_key_id"] == key.key.id)
-    assert store.key_spent_micro_usd(key.key.id) + held == 1_000
+    assert spent_and_held(store, key_id) == 1_000
     assert verify_ledger(store.engine).ok
 
 
@@ -269,15 +289,8 @@ async def test_a_request_refused_for_its_keys_limit_is_charged_no_further_than_t
     limit; A's request ran meanwhile (the billing stops it) and delivered 700. Settling
     it charges what the limit has left (400), so the key never passes its limit. Before,
     it charged all 700, up to the hold and the balance only."""
-    client = make_client(store, deposit=1_000_000)
-    key = store.issue_key(client, "capped", spend_limit_micro_usd=1_000)
-    coordinator = Identity.from_seed(b"c" * 32)
-    async with (
-        Ledger(settings, coordinator=coordinator) as a,
-        Ledger(settings.model_copy(update={"owner": "other"}), coordinator=coordinator) as b,
-    ):
-        at_a = await a.authenticate(key.secret_key)
-        at_b = await b.authenticate(key.secret_key)
+    async with two_coordinators(settings) as (a, b):
+        key_id, (at_a, at_b) = await key_with_limit(store, 1_000, a, b)
         await (await a.place_hold("warm", at_a, 1)).durable  # A has read the key's spend
         await a.release_hold("warm")
         await (await b.place_hold("b1", at_b, 600)).durable
@@ -288,8 +301,7 @@ async def test_a_request_refused_for_its_keys_limit_is_charged_no_further_than_t
         outcome = await a.settle("a1", [signed], [relayed])
         assert (await outcome.durable).cost_micro_usd == 400
         assert outcome.record.cost_micro_usd == 400
-    held = sum(row["amount"] for row in store.open_holds() if row["api_key_id"] == key.key.id)
-    assert store.key_spent_micro_usd(key.key.id) + held == 1_000
+    assert spent_and_held(store, key_id) == 1_000
     assert verify_ledger(store.engine).ok
 
 
