@@ -1,6 +1,7 @@
 """A client's commands against a running coordinator, over its gRPC API:
-`mercato nodes` (the live market) and `mercato lease create/list/show/end` (dedicated
-leases, `AccountService`).
+`mercato nodes` (the live market), `mercato whoami` (your balance and your key's spend,
+`AccountService.GetBalance`) and `mercato lease create/list/show/end` (dedicated leases,
+`AccountService`).
 
 The API key is found as `mercato chat` finds it: ``$MERCATO_API_KEY``, else the one
 ``mercato up`` stored in ``<home>/client.key``. ``--json`` prints one JSON document on
@@ -152,6 +153,47 @@ def nodes(
     _emit(listed, json_output, human)
 
 
+# ---------------------------------------------------------------- whoami
+
+
+def whoami(
+    coordinator: str = Coordinator,
+    home: Path | None = Home,
+    json_output: bool = JsonOutput,
+) -> None:
+    """Your account and API key as the coordinator sees them: balance, and what the key
+    has spent, holds in flight and has left under its spend limit (all coordinators of
+    the ledger counted)."""
+    from mercato.v1 import account_pb2, account_pb2_grpc
+
+    with _channel(coordinator, json_output) as channel:
+        answer = account_pb2_grpc.AccountServiceStub(channel).GetBalance(
+            account_pb2.GetBalanceRequest(), timeout=10, metadata=_metadata(home)
+        )
+
+    def human() -> None:
+        limit = (
+            f"{answer.key_spend_limit_micro_usd} (left {answer.key_spend_left_micro_usd})"
+            if answer.HasField("key_spend_limit_micro_usd")
+            else "none"
+        )
+        table(
+            f"Account {answer.account_name} ({answer.account_id}), key {answer.api_key_id}",
+            ["", "micro-USD"],
+            [
+                ["balance posted", answer.posted_micro_usd],
+                ["held for requests and leases", answer.held_micro_usd],
+                ["available", answer.available_micro_usd],
+                ["key spent", answer.key_spent_micro_usd],
+                ["key held in flight", answer.key_held_micro_usd],
+                ["key spend limit", limit],
+            ],
+            whole={""},
+        )
+
+    _emit(answer, json_output, human)
+
+
 # ---------------------------------------------------------------- leases
 
 
@@ -300,8 +342,9 @@ def lease_end(
 
 
 def register(app: typer.Typer) -> None:
-    """Adds ``nodes`` and ``lease`` to the root app."""
+    """Adds ``nodes``, ``whoami`` and ``lease`` to the root app."""
     app.command("nodes")(nodes)
+    app.command("whoami")(whoami)
     app.add_typer(
         lease_app, name="lease", help="Lease a node for dedicated use (per GPU-hour, up front)."
     )

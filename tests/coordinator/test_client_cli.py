@@ -1,4 +1,4 @@
-"""`mercato nodes`, `mercato lease ...` and `mercato chat --lease` against a whole
+"""`mercato nodes`, `mercato whoami`, `mercato lease ...` and `mercato chat --lease` against a whole
 coordinator (billing on, SQLite) and a fake node, as a person and a script use them.
 
 The CLI makes blocking gRPC calls, so each command runs in a thread while this test's
@@ -79,6 +79,37 @@ async def test_nodes_and_a_lease_from_create_to_end(
         assert (ended["chargedMicroUsd"], ended["refundedMicroUsd"]) == ("1000000", "1000000")
         assert _json(await _run("lease", "list", "--active", "--json", *at)) == {}
         assert not _json(await _run("nodes", "--json", *at))["nodes"][0].get("leased", False)
+
+
+async def test_whoami_shows_the_balance_and_the_keys_spend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+        assert coordinator.billing is not None
+        store = coordinator.billing.ledger.store
+        account_id = funded_client_key(store, "hal").key.account_id
+        issued = store.issue_key(account_id, "capped", spend_limit_micro_usd=50_000)
+        monkeypatch.setenv("MERCATO_API_KEY", issued.secret_key)
+        at = ("--coordinator", coordinator.address)
+        node.worker.final_receipt = node.signed_usage
+        chat = await _run("chat", "hi", "--model", fakes.MODEL, *at)
+        assert chat.exit_code == 0, chat.output
+        await coordinator.billing.ledger.flush()
+        spent = store.key_spent_micro_usd(issued.key.id)
+        assert spent > 0
+
+        shown = _json(await _run("whoami", "--json", *at))
+        assert shown["accountId"] == account_id and shown["apiKeyId"] == issued.key.id
+        assert shown["keySpentMicroUsd"] == str(spent)
+        assert shown["keySpendLimitMicroUsd"] == "50000"
+        assert shown["keySpendLeftMicroUsd"] == str(50_000 - spent)
+        assert shown["availableMicroUsd"] == str(1_000_000 - spent)
+
+        people = await _run("whoami", *at)
+        assert people.exit_code == 0, people.output
+        assert f"50000 (left {50_000 - spent})" in people.stdout
+        assert "hal" in people.stdout and issued.key.id in people.stdout
 
 
 async def test_client_commands_refuse_in_one_line(
