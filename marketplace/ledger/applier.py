@@ -110,6 +110,14 @@ T_LEASES = Lease.__table__  # type: ignore[attr-defined]
 T_PAYOUT_BATCHES = PayoutBatch.__table__  # type: ignore[attr-defined]
 
 _SQLITE_ROWS_PER_INSERT = 64
+# The journal since a writer's last head: what another writer (a coordinator, the
+# operator CLI) changed. Further behind than _CATCH_UP_MAX entries, the writer forgets all.
+_JOURNAL_SINCE_SQLITE = (
+    "SELECT seq, debit_account_id, credit_account_id, request_id, hash FROM transfers "
+    "WHERE seq >= ? ORDER BY seq"
+)
+_JOURNAL_SINCE_PG = _JOURNAL_SINCE_SQLITE.replace("?", "%s")
+_CATCH_UP_MAX = 50_000
 _REQUEST_NEEDS = "this request needs"
 _LEASE_COSTS = "this lease costs"
 _HEAD_SQLITE = "SELECT seq, hash FROM journal_head WHERE id = 1"
@@ -221,6 +229,9 @@ class _Batch:
             if cache.matches(self.head_seq, self.head_hash):
                 self.optimistic = True
                 cache.hits += 1
+            elif self._catch_up(cache):
+                self.optimistic = True
+                cache.caught_up += 1
             else:
                 cache.clear()
                 cache.misses += 1
@@ -253,6 +264,30 @@ class _Batch:
         self.new_leases: list[dict[str, Any]] = []
         self.dirty_leases: set[str] = set()
         self.new_payout_batches: list[dict[str, Any]] = []
+
+    def _catch_up(self, cache: WriterCache) -> bool:
+        """Forget only what others changed since this writer's last batch: the accounts
+        and holds named by the journal entries after the head it committed (every change
+        of a balance or of an open hold is such an entry). False, and nothing forgotten,
+        when that head is no longer in the journal as it was, or too far behind."""
+        if cache.head_seq is None or not 0 < self.head_seq - cache.head_seq <= _CATCH_UP_MAX:
+            return False
+        rows = self.driver.execute(
+            _JOURNAL_SINCE_PG if self.postgres else _JOURNAL_SINCE_SQLITE, (cache.head_seq,)
+        ).fetchall()
+        if (
+            len(rows) != self.head_seq - cache.head_seq + 1
+            or rows[0][0] != cache.head_seq
+            or bytes(rows[0][4]) != cache.head_hash
+        ):
+            return False
+        accounts, holds = cache.accounts, cache.open_holds
+        for _seq, debit, credit, request_id, _hash in rows[1:]:
+            accounts.pop(debit, None)
+            accounts.pop(credit, None)
+            if request_id is not None:
+                holds.pop(request_id, None)
+        return True
 
     # ---------------------------------------------------------------- loading
 
@@ -343,7 +378,11 @@ class _Batch:
                     self.leases.setdefault(row.id, dict(row._mapping))
         if batch_ids:
             self._load_payouts(batch_ids, account_ids)
-        node_ids.difference_update(self.provider_by_node)
+        provider_by_node = self.provider_by_node
+        for node_id in node_ids.intersection(provider_by_node):
+            # (its account may have been forgotten, changed by another writer: read again)
+            account_ids.add(provider_by_node[node_id])
+        node_ids.difference_update(provider_by_node)
         if node_ids:
             for chunk in _chunks(node_ids):
                 for row in conn.execute(

@@ -4,13 +4,16 @@ Every write that moves money advances the journal head (``journal_head``: sequen
 hash of the last entry), and every writer locks that row for its whole batch. So when a
 batch finds the head exactly where this writer left it, nobody else has written since,
 and the state this writer knows — account balances, the provider account of each node,
-the holds it saw open — is still the database's. The batch then starts from that state
-instead of reading it again, and skips the look-ups that only find earlier rows of a
-retried request (a settlement, a receipt, a hold transfer): if such a row exists after
-all, its unique key refuses the insert, the transaction rolls back, the memory is
+the holds it saw open — is still the database's. When the head has moved on (another
+coordinator, the operator CLI), the entries written since name every account and every
+open hold that changed (a balance or a hold changes only by a journal entry): the batch
+forgets those and keeps the rest (``caught_up``). Either way the batch starts from that
+state instead of reading it again, and skips the look-ups that only find earlier rows
+of a retried request (a settlement, a receipt, a hold transfer): if such a row exists
+after all, its unique key refuses the insert, the transaction rolls back, the memory is
 dropped, and the batch runs again reading everything (``optimistic`` below is then
-False). Any failure, or a head moved by another writer (the operator CLI, another
-coordinator), drops the memory the same way.
+False). Any failure, or a last head of this writer's that the journal no longer has as
+it was (or one too far behind), drops the memory the same way.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class WriterCache:
     open_holds: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> row
     pending_head: tuple[int, bytes] | None = None  # the head the open batch will commit
     hits: int = 0  # batches that started from memory
+    caught_up: int = 0  # batches that started from memory less what others changed
     misses: int = 0  # batches that read everything
 
     def matches(self, seq: int, hash_: bytes) -> bool:

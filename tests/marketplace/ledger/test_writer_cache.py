@@ -9,6 +9,8 @@ import asyncio
 import gc
 from typing import Any
 
+from sqlalchemy import text
+
 from marketplace.ledger import (
     IdConflict,
     InsufficientBalance,
@@ -107,13 +109,94 @@ async def test_head_moved_by_another_writer_is_read_again(
     assert (await _batch(writer, PlaceHold("h2", client, 500, EXPIRES_MS, "t")))[0].__class__ is (
         InsufficientBalance
     )
-    misses = writer.cache.misses
+    caught_up, misses = writer.cache.caught_up, writer.cache.misses
     store.deposit(client, 5_000)  # the operator's deposit moves the journal head
     answers = await _batch(writer, PlaceHold("h3", client, 5_000, EXPIRES_MS, "t"))
     assert answers[0] == HoldResult("h3", client, 5_000, created=True)
-    assert writer.cache.misses == misses + 1
+    assert (writer.cache.caught_up, writer.cache.misses) == (caught_up + 1, misses)
     assert store.account(client).available_micro_usd == 100
     assert verify_ledger(store.engine).ok
+
+
+async def test_what_another_writer_changed_is_forgotten_and_the_rest_kept(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    """Two writers (two coordinators) on one database. The second releases a hold the
+    first remembers as open and spends from an account the first remembers: the first
+    forgets exactly those (it reads them again) and keeps the other account it knows."""
+    client, other = make_client(store, deposit=1_000), make_client(store, "other", deposit=1_000)
+    await _batch(
+        writer,
+        PlaceHold("w1", client, 600, EXPIRES_MS, "t"),
+        PlaceHold("w2", other, 100, EXPIRES_MS, "t"),
+    )
+    second = GroupCommitWriter(store.engine)
+    second.start()
+    try:
+        assert (
+            await _batch(second, ReleaseHold("w1"), PlaceHold("x1", client, 900, EXPIRES_MS, "u"))
+        )[0] == ReleaseResult("w1", 600, "released")
+    finally:
+        await second.close()
+    caught_up, misses = writer.cache.caught_up, writer.cache.misses
+    answers = await _batch(
+        writer,
+        ReleaseHold("w1"),  # released already: not answered from the stale memory
+        PlaceHold("w3", client, 200, EXPIRES_MS, "t"),  # 100 left, not the 400 remembered
+        PlaceHold("w4", other, 900, EXPIRES_MS, "t"),  # from memory: 900 left
+    )
+    assert answers[0] == ReleaseResult("w1", 0, "already_released")
+    assert isinstance(answers[1], InsufficientBalance)
+    assert answers[2] == HoldResult("w4", other, 900, created=True)
+    assert (writer.cache.caught_up, writer.cache.misses) == (caught_up + 1, misses)
+    assert other in writer.cache.accounts
+    assert store.account(client).available_micro_usd == 100
+    assert store.account(other).available_micro_usd == 0
+    assert verify_ledger(store.engine).ok
+
+
+async def test_a_provider_paid_through_another_writer_is_read_again(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    """The provider account of a node the first writer knows is paid through the second:
+    the first forgets the account's balance but still knows whose it is, and reads it
+    again (before, its next settlement for that node found no such account)."""
+    client = make_client(store, deposit=10_000)
+    await _batch(writer, PlaceHold("p1", client, 500, EXPIRES_MS, "t"), _settle("p1", client, 100))
+    second = GroupCommitWriter(store.engine)
+    second.start()
+    try:
+        await _batch(
+            second, PlaceHold("p2", client, 500, EXPIRES_MS, "u"), _settle("p2", client, 200)
+        )
+    finally:
+        await second.close()
+    answers = await _batch(
+        writer, PlaceHold("p3", client, 500, EXPIRES_MS, "t"), _settle("p3", client, 300)
+    )
+    assert isinstance(answers[1], SettlementRecord), answers[1]
+    provider = writer.cache.provider_by_node[NODE_ID]
+    assert store.account(provider).available_micro_usd == 540  # 600 less the 10 % fee
+    assert verify_ledger(store.engine).ok
+
+
+async def test_a_journal_that_no_longer_has_the_writers_head_is_read_again(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    """The entry this writer last committed is not in the journal as it was (a database
+    restored from an older backup and written to since): nothing it remembers is
+    trusted."""
+    client = make_client(store, deposit=1_000)
+    await _batch(writer, PlaceHold("t1", client, 100, EXPIRES_MS, "t"))
+    head = writer.cache.head_seq
+    store.deposit(client, 5)  # the head moves on
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE transfers SET hash = :h WHERE seq = :s"), {"h": b"x" * 32, "s": head}
+        )
+    misses = writer.cache.misses
+    await _batch(writer, PlaceHold("t2", client, 100, EXPIRES_MS, "t"))
+    assert writer.cache.misses == misses + 1
 
 
 async def test_remembered_accounts_leave_the_collectors_sight(
