@@ -20,6 +20,7 @@ from marketplace.ledger import (
     LedgerSettings,
     LedgerStore,
     Principal,
+    RecoveryReport,
     verify_ledger,
 )
 from marketplace.ledger.errors import (
@@ -547,6 +548,16 @@ async def test_deposit_is_idempotent_by_transfer_id(store: LedgerStore) -> None:
     assert store.account(client).available_micro_usd == 500
 
 
+async def restart(settings: LedgerSettings, coordinator: Identity) -> RecoveryReport:
+    """A coordinator started again on the ledger (its recovery runs), then stopped:
+    what the recovery did."""
+    restarted = Ledger(settings, coordinator=coordinator)
+    report = await restarted.start(sweep=False)
+    await restarted.close()
+    assert report is not None
+    return report
+
+
 async def test_crash_between_relay_and_commit_is_recovered_once(
     settings: LedgerSettings, store: LedgerStore, node: Identity
 ) -> None:
@@ -573,15 +584,11 @@ async def test_crash_between_relay_and_commit_is_recovered_once(
     assert store.settlement("r1") is None
     await kill_ledger(first)  # the process dies: no close, no clean-up
 
-    second = Ledger(settings, coordinator=coordinator)
-    report = await second.start(sweep=False)
-    await second.close()
-    assert report is not None and report.replayed == 1 and report.settled == 1
+    report = await restart(settings, coordinator)
+    assert report.replayed == 1 and report.settled == 1
     assert report.released == 1  # r2's hold, orphaned by the crash
-    third = Ledger(settings, coordinator=coordinator)
-    report = await third.start(sweep=False)
-    await third.close()
-    assert report is not None and report.replayed == 0
+    report = await restart(settings, coordinator)
+    assert report.replayed == 0
     assert store.settlement("r1")["cost_micro_usd"] == 400  # type: ignore[index]
     assert store.account(client).available_micro_usd == 1_000_000 - 400
     assert store.open_holds() == []
@@ -624,16 +631,12 @@ async def test_a_settlement_the_database_refused_is_settled_on_restart(
     assert store.settlement("r1") is None
     await first.close()
 
-    second = Ledger(settings, coordinator=coordinator)
-    report = await second.start(sweep=False)
-    await second.close()
-    assert report is not None and report.replayed == 1 and report.settled == 1
+    report = await restart(settings, coordinator)
+    assert report.replayed == 1 and report.settled == 1
     assert store.settlement("r1")["cost_micro_usd"] == 400  # type: ignore[index]
     assert store.account(client).available_micro_usd == 1_000_000 - 400
-    third = Ledger(settings, coordinator=coordinator)
-    report = await third.start(sweep=False)
-    await third.close()
-    assert report is not None and report.replayed == 0
+    report = await restart(settings, coordinator)
+    assert report.replayed == 0
     assert verify_ledger(store.engine).ok
 
 
@@ -660,10 +663,8 @@ async def test_a_hold_written_while_the_database_is_down_is_charged_on_restart(
         with pytest.raises(LedgerUnavailable):
             await outcome.durable
     await first.close()
-    second = Ledger(settings, coordinator=coordinator)
-    report = await second.start(sweep=False)
-    await second.close()
-    assert report is not None and report.settled == 1
+    report = await restart(settings, coordinator)
+    assert report.settled == 1
     assert store.settlement("r1")["cost_micro_usd"] == 400  # type: ignore[index]
     assert store.account(client).available_micro_usd == 1_000_000 - 400
     assert verify_ledger(store.engine).ok
