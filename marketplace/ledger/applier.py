@@ -118,8 +118,6 @@ _JOURNAL_SINCE_SQLITE = (
 )
 _JOURNAL_SINCE_PG = _JOURNAL_SINCE_SQLITE.replace("?", "%s")
 _CATCH_UP_MAX = 50_000
-_REQUEST_NEEDS = "this request needs"
-_LEASE_COSTS = "this lease costs"
 _HEAD_SQLITE = "SELECT seq, hash FROM journal_head WHERE id = 1"
 _HEAD_LOCK_PG = _HEAD_SQLITE + " FOR UPDATE"  # every writer serializes here
 _HEAD_UPDATE_SQLITE = "UPDATE journal_head SET seq = ?, hash = ? WHERE id = 1"
@@ -515,22 +513,24 @@ class _Batch:
         if usage is not None:
             usage[0] += delta
 
+    def committed(self, key_id: str) -> int:
+        """What counts toward the key's limit: its spend and every open hold of it,
+        whichever coordinator placed it (the key must be in ``key_usage``)."""
+        spent, held = self.key_usage[key_id]
+        return int(spent + sum(held.values()))
+
     def limit_left(self, op: Settle) -> int:
         """What the key of ``op`` may still spend or hold under its limit (no limit: the
         op's hold)."""
-        usage = self.key_usage.get(op.api_key_id) if op.api_key_id is not None else None
-        if usage is None or op.spend_limit_micro_usd is None:
+        if op.api_key_id not in self.key_usage or op.spend_limit_micro_usd is None:
             return op.hold_micro_usd
-        return op.spend_limit_micro_usd - usage[0] - sum(usage[1].values())
+        return op.spend_limit_micro_usd - self.committed(op.api_key_id)
 
-    def check_spend_limit(self, key_id: str, limit: int, amount: int, what: str) -> None:
-        """SpendLimitExceeded if ``amount`` more would take the key past ``limit``,
-        counting its spend and every open hold of it, whichever coordinator placed it."""
-        spent, held = self.key_usage[key_id]
-        committed = spent + sum(held.values())
+    def check_spend_limit(self, key_id: str, limit: int, amount: int, *, lease: bool) -> None:
+        """SpendLimitExceeded if ``amount`` more would take the key past ``limit``."""
+        committed = self.committed(key_id)
         if committed + amount > limit:
-            fix = ", lease fewer hours" if what == _LEASE_COSTS else ""
-            raise SpendLimitExceeded.reached(key_id, limit, committed, what, amount, fix)
+            raise SpendLimitExceeded.reached(key_id, limit, committed, amount, lease=lease)
 
     def account(self, account_id: str) -> AccountState:
         state = self.accounts.get(account_id)
@@ -989,7 +989,7 @@ def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
         raise InsufficientBalance(op.amount, available(account), op.account_id)
     key_id = op.api_key_id
     if op.spend_limit_micro_usd is not None and key_id is not None:
-        batch.check_spend_limit(key_id, op.spend_limit_micro_usd, op.amount, _REQUEST_NEEDS)
+        batch.check_spend_limit(key_id, op.spend_limit_micro_usd, op.amount, lease=False)
     batch.post(
         [
             _entry(
@@ -1023,7 +1023,7 @@ def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
 
 def _close_hold(batch: _Batch, hold: dict[str, Any]) -> None:
     del batch.open_holds[hold["request_id"]]
-    usage = batch.key_usage.get(hold["api_key_id"]) if hold["api_key_id"] is not None else None
+    usage = batch.key_usage.get(hold["api_key_id"])
     if usage is not None:
         usage[1][hold["owner"]] -= hold["amount"]
     if batch.new_holds.pop(hold["transfer_id"], None) is None:
@@ -1261,7 +1261,7 @@ def _create_lease(batch: _Batch, op: CreateLease) -> LeaseRecord:
     if available(client) < total:
         raise InsufficientBalance(total, available(client), op.account_id)
     if op.spend_limit_micro_usd is not None and op.api_key_id is not None:
-        batch.check_spend_limit(op.api_key_id, op.spend_limit_micro_usd, total, _LEASE_COSTS)
+        batch.check_spend_limit(op.api_key_id, op.spend_limit_micro_usd, total, lease=True)
     provider = batch.provider_account(op.node_id)
     batch.post(
         [

@@ -162,9 +162,13 @@ class SpendLimitExceeded(LimitExceeded):
 
     @classmethod
     def reached(
-        cls, key_id: str, limit: int, committed: int, needs: str, amount: int, fix: str = ""
+        cls, key_id: str, limit: int, committed: int, amount: int, *, lease: bool = False
     ) -> SpendLimitExceeded:
-        """``committed``: what the key has spent and holds in open requests."""
+        """``committed``: what the key has spent and holds in open requests; ``amount``:
+        what the request (or, ``lease``, the lease) would add."""
+        needs, fix = (
+            ("this lease costs", ", lease fewer hours") if lease else ("this request needs", "")
+        )
         return cls(
             f"spend limit of key {key_id} reached: limit {limit}, spent or held by requests "
             f"in flight {committed}, {needs} {amount} (micro-USD); raise the limit{fix} or "

@@ -400,7 +400,7 @@ class Ledger:
         have = self._available(account_id)
         if have < amount_micro_usd:
             raise InsufficientBalance(amount_micro_usd, have, account_id)
-        _check_limit(key_id, limit, usage, amount_micro_usd, "this request needs")
+        _check_limit(key_id, limit, usage, amount_micro_usd)
         expiry_s = self.settings.hold_expiry_s if expires_in_s is None else expires_in_s
         expires_at = now_unix_ms() + int(expiry_s * 1000)
         op = PlaceHold(
@@ -841,7 +841,7 @@ class Ledger:
         have = self._available(account_id)
         if have < total:
             raise InsufficientBalance(total, have, account_id)
-        _check_limit(key_id, limit, usage, total, "this lease costs", ", lease fewer hours")
+        _check_limit(key_id, limit, usage, total, lease=True)
         op = CreateLease(
             lease_id=lease_id,
             account_id=account_id,
@@ -1018,11 +1018,11 @@ def _check_limit(
     limit: int | None,
     usage: list[int] | None,
     amount: int,
-    needs: str,
-    fix: str = "",
+    *,
+    lease: bool = False,
 ) -> None:
     """SpendLimitExceeded if ``amount`` more takes the key past its limit, as this
     process knows the key's spend and holds (the writer checks again)."""
     if key_id is not None and limit is not None and _over_limit(usage, limit, amount):
         assert usage is not None
-        raise SpendLimitExceeded.reached(key_id, limit, usage[0] + usage[1], needs, amount, fix)
+        raise SpendLimitExceeded.reached(key_id, limit, usage[0] + usage[1], amount, lease=lease)
