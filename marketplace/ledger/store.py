@@ -398,12 +398,8 @@ class LedgerStore:
         return int(spent or 0), int(held)
 
     def key_spent_micro_usd(self, key_id: str) -> int:
-        """What the key has been charged so far (its settlements' costs)."""
-        with self.engine.connect() as conn:
-            spent = conn.execute(
-                select(T_KEY_SPEND.c.spent_micro_usd).where(T_KEY_SPEND.c.api_key_id == key_id)
-            ).scalar_one_or_none()
-        return int(spent or 0)
+        """What the key has been charged so far (settlements, leases less refunds)."""
+        return self.key_usage(key_id)[0]
 
     def usage(
         self,
