@@ -79,9 +79,14 @@ log = logging.getLogger(__name__)
 
 _NODE_MESSAGE_CHARS_MAX = 300
 _DELTA_TAG = 0x0A  # field 1, wire type 2: TextDelta in both response messages
-# A node refusing with one of these blames the request itself (e.g. a prompt longer than
-# the model's context): the client gets the node's answer at once, no other node is tried.
-_REQUEST_FAULT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+# A node refusing with INVALID_ARGUMENT blames the request itself (a field every node of
+# the model would refuse): the client gets the node's answer at once, no other node is
+# tried. OUT_OF_RANGE blames the fit: the prompt plus max_tokens is too long for this
+# node's context, and a node with a longer one may take it. Neither counts against the
+# node's health.
+_REQUEST_FAULT = grpc.StatusCode.INVALID_ARGUMENT
+_TOO_LONG = grpc.StatusCode.OUT_OF_RANGE
+_NO_VERDICT_CODES = frozenset({_REQUEST_FAULT, _TOO_LONG})
 # When every node tried refused with one of these, the client gets that code (capacity,
 # state); any other mix of failures becomes UNAVAILABLE.
 _SHARED_REFUSAL_CODES = frozenset(
@@ -110,6 +115,59 @@ class _AttemptFailed(Exception):
 def _clip(text: str) -> str:
     text = text.replace("\n", " ")
     return text if len(text) <= _NODE_MESSAGE_CHARS_MAX else text[:_NODE_MESSAGE_CHARS_MAX] + "..."
+
+
+class _StallWatch:
+    """Ends an attempt whose node goes silent mid-stream.
+
+    Every ``limit_s`` a timer looks at the attempt: if the relay is waiting on the node
+    and has started no read since the last look, the node has sent nothing for at least
+    ``limit_s``, and the timer cancels the attempt's task, which :meth:`caught` turns
+    into a failure of the node. Time spent writing to a slow client is not counted: the
+    relay is not reading then. Per message the relay only bumps ``reads`` and sets
+    ``waiting`` (no timer per message, unlike ``asyncio.timeout``).
+    """
+
+    __slots__ = (
+        "_cancelling",
+        "_handle",
+        "_limit_s",
+        "_looked",
+        "_loop",
+        "_task",
+        "fired",
+        "reads",
+        "waiting",
+    )
+
+    def __init__(self, limit_s: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._loop = asyncio.get_running_loop()
+        self._limit_s = limit_s
+        self._looked = -1
+        self.reads = 0
+        self.waiting = False
+        self.fired = False
+        self._handle = self._loop.call_later(limit_s, self._look)
+
+    def _look(self) -> None:
+        if self.waiting and self.reads == self._looked:
+            self.fired = True
+            self._task.cancel()
+            return
+        self._looked = self.reads
+        self._handle = self._loop.call_later(self._limit_s, self._look)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def caught(self) -> bool:
+        """Whether the CancelledError being handled is this watch's (it is then taken
+        back from the task); False for anyone else's, such as the client's."""
+        return self.fired and self._task.uncancel() <= self._cancelling
 
 
 class Relay:
@@ -145,8 +203,8 @@ class Relay:
                     raise self._exhausted(request, decision, failures)
                 queue = list(decision.candidates)
             candidate = queue.pop(0)
-            if candidate.node_id in tried:
-                continue
+            if candidate.node_id in tried or self._relisted(candidate):
+                continue  # a relisted node is routed again on its new terms, if they fit
             tried.add(candidate.node_id)
             attempts_in_segment += 1
             segment = self._segment(request, candidate, outcome)
@@ -180,7 +238,13 @@ class Relay:
                 queue = []  # route again on a fresh snapshot
                 attempts_in_segment = 0
                 continue
-            if failure.code in _REQUEST_FAULT_CODES:
+            if failure.code is _REQUEST_FAULT:
+                if outcome.segments:  # a resume refused: the request itself was fine
+                    raise NodeFailed(
+                        f"node {failure.node_id} refused to resume the stream "
+                        f"({failure.message}); the output so far is incomplete, retry the "
+                        "request"
+                    ) from cause
                 raise NodeRejected(
                     f"node {failure.node_id} refused the request: {failure.message}",
                     status_code=failure.code,
@@ -188,6 +252,15 @@ class Relay:
             self._check_deadline(context, failures)
             if not allow_fallbacks or attempts_in_segment >= self._settings.max_attempts:
                 raise self._all_failed(request, failures)
+
+    def _relisted(self, candidate: RoutedCandidate) -> bool:
+        """Whether the node re-registered with other terms (region, prices, models) since
+        the decision that named it: the decision's checks no longer hold, so it is not
+        tried as that candidate. (A node gone from the market fails as "left the market".)
+        """
+        listing = self._market.listing(candidate.node_id)
+        decided = candidate.view.listing
+        return listing is not None and listing is not decided and listing != decided
 
     def _next_route_request(
         self, routed: Routed, outcome: RelayOutcome, tried: set[str]
@@ -244,7 +317,7 @@ class Relay:
         node_id = candidate.node_id
         market = self._market
         link = self._registry.worker(node_id)
-        if link is None:
+        if link is None or node_id not in market:  # gone, silent, or draining
             raise _AttemptFailed(
                 AttemptFailure(node_id, grpc.StatusCode.UNAVAILABLE, "left the market")
             )
@@ -255,6 +328,7 @@ class Relay:
         call: SessionStream | grpc.aio.UnaryStreamCall | None = None
         delivered = outcome.delivered
         ttft_s: float | None = None
+        watch: _StallWatch | None = None
         try:
             await self._connect(node_id, link.channel)
             started_s = time.perf_counter()
@@ -277,6 +351,7 @@ class Relay:
             # (or, if the attempt ends with its first message, when it ends).
             ttft_s = None if message is eof else first_s - started_s
             append = delivered.messages.append
+            watch = _StallWatch(self._settings.stall_timeout_s)
             while True:
                 if message is eof:
                     raise _AttemptFailed(
@@ -304,17 +379,42 @@ class Relay:
                 if ttft_s is not None:  # the first message is sent: now the bookkeeping
                     market.record_first_token(node_id, ttft_s)
                     ttft_s = None
+                watch.reads += 1
+                watch.waiting = True
                 message = await read()
+                watch.waiting = False
+        except asyncio.CancelledError as exc:
+            if watch is None or not watch.caught():
+                raise
+            failure = AttemptFailure(
+                node_id,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"sent nothing for {self._settings.stall_timeout_s} s mid-stream",
+            )
+            verdict = self._verdict(failure, context)
+            self._count_failed(outcome, segment)
+            raise _AttemptFailed(failure) from exc
         except (grpc.aio.AioRpcError, WorkerStreamError) as exc:
             failure = AttemptFailure(node_id, exc.code(), _clip(exc.details() or ""))
             verdict = self._verdict(failure, context)
             self._count_failed(outcome, segment)
             raise _AttemptFailed(failure) from exc
+        except grpc.aio.UsageError as exc:
+            # The node's channel was closed under the attempt: the node left or moved to
+            # a new worker address (re-registered). No verdict on the node.
+            self._count_failed(outcome, segment)
+            raise _AttemptFailed(
+                AttemptFailure(
+                    node_id, grpc.StatusCode.UNAVAILABLE, f"its connection was closed ({exc})"
+                )
+            ) from exc
         except _AttemptFailed as exc:
             verdict = self._verdict(exc.failure, context)
             self._count_failed(outcome, segment)
             raise
         finally:
+            if watch is not None:
+                watch.stop()
             if call is not None and not call.done():
                 call.cancel()
             if ttft_s is not None:
@@ -325,7 +425,7 @@ class Relay:
     def _verdict(failure: AttemptFailure, context: grpc.aio.ServicerContext) -> DispatchOutcome:
         """Whether a failed attempt counts against the node: not when the request was at
         fault, nor when the client's own deadline ran out."""
-        if failure.code in _REQUEST_FAULT_CODES:
+        if failure.code in _NO_VERDICT_CODES:
             return DispatchOutcome.ABANDONED
         remaining_s = context.time_remaining()
         if failure.code is grpc.StatusCode.DEADLINE_EXCEEDED and (
@@ -467,6 +567,12 @@ class Relay:
         """The client's error once no more nodes may be tried; ``reason`` says why."""
         summary = "; ".join(str(f) for f in failures)
         codes = {f.code for f in failures}
+        if codes == {_TOO_LONG}:
+            return NodeRejected(
+                "the prompt plus max_tokens does not fit the context length of any node "
+                f"tried ({summary}); shorten the prompt or lower max_tokens",
+                status_code=grpc.StatusCode.INVALID_ARGUMENT,
+            )
         if len(codes) == 1 and (code := next(iter(codes))) in _SHARED_REFUSAL_CODES:
             return NodeRejected(
                 f"every node tried refused the request ({summary})", status_code=code

@@ -145,7 +145,9 @@ class Router:
         if reason.constraint is Constraint.CONTEXT_LENGTH:
             # No live node could ever take this prompt: the request, not the market, is at
             # fault, so retrying later would not help.
-            return RequestInvalid(f"prompt too long: {reason.message}; shorten the prompt")
+            return RequestInvalid(
+                f"prompt too long: {reason.message}; shorten the prompt or lower max_tokens"
+            )
         return NoNodeAvailable(self.explain(reason))
 
     @staticmethod

@@ -127,6 +127,15 @@ class CoordinatorSettings(BaseSettings):
         le=3600,
         description="Per attempt: longest wait for the node's first message after connecting, seconds.",
     )
+    stall_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Per attempt, after the first message: a node that sends nothing for "
+        "this long (while the coordinator waits on it, not on a slow client) is taken as "
+        "failed and the stream resumes on another node, seconds. A stall is noticed after "
+        "one to two times this.",
+    )
     shutdown_grace_s: float = Field(
         default=5.0,
         ge=0,

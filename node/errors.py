@@ -4,6 +4,7 @@
 
     NodeError                      INTERNAL            a bug or an unexpected fault
     ├── RequestInvalid             INVALID_ARGUMENT    a request field is wrong; names the field
+    │   └── ContextTooLong         OUT_OF_RANGE        prompt + max_tokens exceed this node's context
     ├── ModelNotServed             NOT_FOUND           the node does not offer that model
     ├── CapacityExhausted          RESOURCE_EXHAUSTED  max_concurrency requests already in flight
     ├── ModelStoreError            (start-up)          the model cannot be found or converted
@@ -30,6 +31,14 @@ class RequestInvalid(NodeError):
     """A field of a generation request is invalid; the message starts with the field."""
 
     status_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ContextTooLong(RequestInvalid):
+    """The prompt plus max_tokens exceed this node's context length. OUT_OF_RANGE, not
+    INVALID_ARGUMENT: the limit is this node's (its engine's ``max_model_len``), and the
+    coordinator may try a node with a longer context."""
+
+    status_code = grpc.StatusCode.OUT_OF_RANGE
 
 
 class ModelNotServed(NodeError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from mercato.v1 import common_pb2, node_pb2
 
-from node.errors import ModelNotServed, RequestInvalid
+from node.errors import ContextTooLong, ModelNotServed, RequestInvalid
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 1.0
@@ -104,7 +104,7 @@ def check_sampling(sampling: common_pb2.SamplingParams) -> CheckedSampling:
 def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
     """The prompt plus the requested output must fit the model's context."""
     if prompt_tokens + max_tokens > context_length:
-        raise RequestInvalid(
+        raise ContextTooLong(
             f"sampling.max_tokens: prompt ({prompt_tokens} tokens, resumed tokens included) "
             f"plus max_tokens ({max_tokens}) exceeds the context length {context_length}; "
             f"lower max_tokens to at most {max(context_length - prompt_tokens, 0)} or shorten "

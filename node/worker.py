@@ -59,6 +59,7 @@ _FINISH_REASONS = {
 }
 _ERROR_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: common_pb2.ERROR_CODE_INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE: common_pb2.ERROR_CODE_OUT_OF_RANGE,
     grpc.StatusCode.NOT_FOUND: common_pb2.ERROR_CODE_NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED: common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE: common_pb2.ERROR_CODE_UNAVAILABLE,

@@ -43,7 +43,7 @@ class Constraint(enum.Enum):
     MAX_PRICE_INPUT = "max_price_input_micro_usd_per_mtok"
     # Every remaining node charges more than max_price_output_micro_usd_per_mtok.
     MAX_PRICE_OUTPUT = "max_price_output_micro_usd_per_mtok"
-    # The prompt does not fit any remaining node's context length.
+    # The prompt plus max_tokens does not fit any remaining node's context length.
     CONTEXT_LENGTH = "context_length"
     # Every remaining node was already tried for this request (failover, resume).
     ALREADY_TRIED = "already_tried"
@@ -91,8 +91,8 @@ class Eligibility:
             if prefs.max_price_output_micro_usd_per_mtok is None
             else prefs.max_price_output_micro_usd_per_mtok
         )
-        # The prompt plus at least one output token must fit.
-        self.min_context_length = request.input_tokens_floor + 1
+        # The prompt plus max_tokens must fit, as the node checks.
+        self.min_context_length = request.context_needed
         self.now_s = now_s
 
     def admits(
@@ -196,11 +196,11 @@ def diagnose(snapshot: MarketSnapshot, request: RouteRequest, now_s: float) -> E
         ),
         (
             Constraint.CONTEXT_LENGTH,
-            lambda r: r[3] >= request.input_tokens_floor + 1,
+            lambda r: r[3] >= request.context_needed,
             lambda before: (
-                f"the prompt (at least {request.input_tokens_floor} tokens) does not fit the context "
-                f"length of any of the {len(before)} eligible {what} "
-                f"(largest: {max(r[3] for r in before)})"
+                f"the prompt (at least {request.input_tokens_floor} tokens) plus max_tokens "
+                f"({request.max_tokens}) does not fit the context length of any of the "
+                f"{len(before)} eligible {what} (largest: {max(r[3] for r in before)})"
             ),
         ),
         (

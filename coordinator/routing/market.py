@@ -136,6 +136,26 @@ class _NodeState:
         )
 
 
+def _judge(
+    measurements: NodeMeasurements,
+    breaker: CircuitBreaker,
+    outcome: DispatchOutcome,
+    now_s: float,
+) -> bool:
+    """Apply an attempt's outcome to a node's breaker and record; whether the record
+    changed."""
+    if outcome is DispatchOutcome.SUCCESS:
+        breaker.on_success(now_s)
+        measurements.outcomes.observe(1.0, now_s)
+        return True
+    if outcome is DispatchOutcome.FAILURE:
+        breaker.on_failure(now_s)
+        measurements.outcomes.observe(0.0, now_s)
+        return True
+    breaker.on_abandoned()
+    return False
+
+
 def _bucket_keys(listing: NodeListing) -> list[tuple[str, str | None]]:
     keys: list[tuple[str, str | None]] = []
     for terms in listing.models:
@@ -308,22 +328,23 @@ class Market:
         return True
 
     def dispatch_finished(self, node_id: str, outcome: DispatchOutcome) -> bool:
-        """An attempt on the node ended; updates in-flight, reliability and the breaker."""
+        """An attempt on the node ended; updates in-flight, reliability and the breaker.
+
+        A node that left while the attempt ran still gets its verdict, on the breaker and
+        record it gets back if it returns: had the attempt been its half-open probe, the
+        probe would otherwise stay out forever and the node never be routed to again.
+        """
+        now_s = self._clock()
         state = self._nodes.get(node_id)
         if state is None:
-            return False
-        now_s = self._clock()
+            departed = self._departed.get(node_id)
+            if departed is None:
+                return False
+            _judge(*departed, outcome, now_s)
+            return True
         state.in_flight = max(0, state.in_flight - 1)
-        if outcome is DispatchOutcome.SUCCESS:
-            state.breaker.on_success(now_s)
-            state.measurements.outcomes.observe(1.0, now_s)
+        if _judge(state.measurements, state.breaker, outcome, now_s):
             state.measured()
-        elif outcome is DispatchOutcome.FAILURE:
-            state.breaker.on_failure(now_s)
-            state.measurements.outcomes.observe(0.0, now_s)
-            state.measured()
-        else:
-            state.breaker.on_abandoned()
         self._write(state)
         return True
 

@@ -128,6 +128,13 @@ class RouteRequest:
         """
         return self.input_tokens // _CONTEXT_FILTER_SLACK
 
+    @property
+    def context_needed(self) -> int:
+        """The least context length a node needs for this request: the prompt's floor plus
+        ``max_tokens``, as the node itself checks (prompt + max_tokens <= context), so a
+        node too small for the output asked for is never picked only to refuse."""
+        return self.input_tokens_floor + self.max_tokens
+
     def excluding(self, node_ids: Iterable[str]) -> RouteRequest:
         """The same request with ``node_ids`` added to the tried set (for failover/resume)."""
         return replace(self, exclude=self.exclude | frozenset(node_ids))

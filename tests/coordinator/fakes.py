@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -88,6 +88,8 @@ class Behaviour:
     hang: bool = False
     # Abort with UNAVAILABLE after this many deltas.
     fail_after: int | None = None
+    # Go silent after this many deltas (the call stays open; wait to be cancelled).
+    hang_after: int | None = None
     finish_reason: int = common_pb2.FINISH_REASON_STOP
     # Prompt tokens reported (resume_token_ids are added, as a real node counts them).
     input_tokens: int = 7
@@ -95,6 +97,8 @@ class Behaviour:
     first_token_id: int = 1000
     # Attach a SignedReceipt whose receipt bytes are b"receipt:" + the worker request id.
     receipt: bool = True
+    # Awaited when a call arrives, before anything else (e.g. to change the market).
+    on_call: Callable[[], Awaitable[None]] | None = None
 
 
 class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
@@ -124,6 +128,8 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         b = self.behaviour
         sent = 0
         try:
+            if b.on_call is not None:
+                await b.on_call()
             if b.refuse is not None:
                 await context.abort(b.refuse[0], b.refuse[1])
             if b.stream_error is not None:
@@ -141,6 +147,8 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
             for index, text in enumerate(deltas):
                 if b.fail_after is not None and index == b.fail_after:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died")
+                if b.hang_after is not None and index == b.hang_after:
+                    await asyncio.sleep(3600)
                 if b.delay_s:
                     await asyncio.sleep(b.delay_s)
                 sent += 1

@@ -385,3 +385,247 @@ async def test_the_routing_seed_setting_makes_decisions_repeatable(
 
     assert picks(7) == picks(7)
     assert picks(7) != picks(8)
+
+
+async def test_a_fallback_that_moved_out_of_the_allowed_regions_is_not_tried(
+    client, make_node: NodeFactory
+) -> None:
+    """The fallbacks come from the first decision; a node that re-registers elsewhere
+    before its turn must not be asked on the strength of its old listing."""
+    first, second = await two_nodes(make_node, region="eu-west")
+
+    async def second_moves_to_us_east() -> None:
+        second.region = "us-east"
+        await second.register()
+
+    first.worker.behaviour = Behaviour(
+        refuse=(grpc.StatusCode.UNAVAILABLE, "engine busy"), on_call=second_moves_to_us_east
+    )
+    request = chat_request()
+    request.routing.regions.append("eu-west")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(client, request)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "eu-west" in (caught.value.details() or "")
+    assert not second.worker.requests
+
+
+@pytest.mark.parametrize(("new_price", "serves"), [(300_000, True), (500_000, False)])
+async def test_a_fallback_that_changed_its_price_is_routed_on_the_new_one(
+    client, make_node: NodeFactory, new_price: int, serves: bool
+) -> None:
+    """Within the first decision's price ceiling (what billing held: 400,000 here) the
+    relisted node serves and the final reports the price it charges now; above it, it is
+    not asked."""
+    first, second = await two_nodes(make_node)
+
+    async def second_relists() -> None:
+        second.price_output = new_price
+        await second.register()
+
+    first.worker.behaviour = Behaviour(
+        refuse=(grpc.StatusCode.UNAVAILABLE, "engine busy"), on_call=second_relists
+    )
+    if not serves:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(client, chat_request())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not second.worker.requests
+        return
+    _, final = deltas_and_final(await collect(client, chat_request()))
+    assert final.node_id == second.node_id
+    assert [s.price_output_micro_usd_per_mtok for s in final.segments] == [new_price]
+
+
+async def test_a_node_whose_context_is_too_short_passes_the_request_on(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    """OUT_OF_RANGE: the prompt plus max_tokens exceeds this node's context (another node
+    may have a longer one). The next node serves it; no verdict on the first."""
+    first, second = await two_nodes(make_node)
+    first.worker.behaviour = Behaviour(
+        refuse=(grpc.StatusCode.OUT_OF_RANGE, "prompt plus max_tokens exceeds context 256")
+    )
+    _, final = deltas_and_final(await collect(client, chat_request()))
+    assert final.node_id == second.node_id
+    assert len(first.worker.requests) == 1
+    market = coordinator.registry.market
+    assert market.measurements(first.node_id).outcomes.weight == 0  # no verdict
+    assert market.breaker_state(first.node_id) is BreakerState.CLOSED
+
+
+async def test_a_request_no_node_has_the_context_for_is_invalid(
+    client, make_node: NodeFactory
+) -> None:
+    nodes = await two_nodes(make_node)
+    for node in nodes:
+        node.worker.behaviour = Behaviour(
+            refuse=(grpc.StatusCode.OUT_OF_RANGE, "exceeds the context length 2048")
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(client, chat_request())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert "does not fit the context length of any node tried" in details
+    assert "lower max_tokens" in details
+    assert all(len(node.worker.requests) == 1 for node in nodes)
+
+
+async def test_a_refused_resume_is_not_blamed_on_the_request(
+    client, make_node: NodeFactory
+) -> None:
+    """A node refusing the resumed request (INVALID_ARGUMENT: say, an earlier node's
+    token ids) is no fault of the client's request, which a node already served in part."""
+    first, second = await two_nodes(make_node)
+    first.worker.behaviour = Behaviour(deltas=["a", "b", "c"], fail_after=1)
+    second.worker.behaviour = Behaviour(
+        refuse=(grpc.StatusCode.INVALID_ARGUMENT, "resume_token_ids: token id 99999")
+    )
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for response in client.Generate(chat_request(max_tokens=3), timeout=10):
+            received.append(response)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details() or ""
+    assert "refused to resume" in details and "retry the request" in details
+    assert [r.WhichOneof("chunk") for r in received] == ["delta", "error"]
+
+
+async def test_a_node_dropped_while_the_relay_connects_to_it_fails_over(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    """The chosen node's worker address accepts TCP but never speaks HTTP/2, so the
+    relay waits for the channel; the node is dropped meanwhile (its channel shut down
+    under the wait). The request goes to the next node."""
+    accepted = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        accepted.set()
+
+    mute = await asyncio.start_server(hold, "127.0.0.1", 0)
+    mute_address = f"127.0.0.1:{mute.sockets[0].getsockname()[1]}"
+    try:
+        first = await make_node(price_output=100_000, register=False, heartbeat=False)
+        first.worker_address = mute_address
+        await first.register()
+        first.start_heartbeats()
+        second = await make_node(price_output=400_000)
+        await wait_until(lambda: len(coordinator.registry.snapshot().nodes) == 2)
+
+        async def drop_first() -> None:
+            await accepted.wait()
+            await asyncio.sleep(0.1)
+            coordinator.registry.drop(first.node_id, "test: dropped while connecting")
+
+        dropper = asyncio.create_task(drop_first())
+        _, final = deltas_and_final(await collect(client, chat_request()))
+        await dropper
+        assert final.node_id == second.node_id
+    finally:
+        for writer in held:
+            writer.close()
+        mute.close()
+
+
+async def test_a_channel_closed_under_an_attempt_fails_over(
+    client, coordinator: Coordinator, make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call made on a channel the registry has just closed (the node left or moved to
+    a new worker address during the attempt) raises grpc.aio.UsageError, not an RPC
+    error: it must fail over like one, not reach the client as UNKNOWN."""
+    from coordinator.worker_session import WorkerLink
+
+    first, second = await two_nodes(make_node)
+    closing = coordinator.registry.worker(first.node_id)
+    opened = WorkerLink.open
+
+    async def open_on_a_closed_channel(self: WorkerLink, request, timeout_s):  # type: ignore[no-untyped-def]
+        if self is closing:
+            await self.channel.close()
+        return await opened(self, request, timeout_s)
+
+    monkeypatch.setattr(WorkerLink, "open", open_on_a_closed_channel)
+    _, final = deltas_and_final(await collect(client, chat_request()))
+    assert final.node_id == second.node_id
+    assert not first.worker.requests
+
+
+async def test_a_node_that_goes_silent_mid_stream_is_resumed_elsewhere(tmp_path: Path) -> None:
+    """The node's engine hangs after two tokens while its call stays open: after
+    ``stall_timeout_s`` without a message the stream resumes on the next node, and the
+    silent node's call is cancelled and counted as its failure."""
+    coordinator = Coordinator(fast_settings(tmp_path, stall_timeout_s=0.3))
+    await coordinator.start()
+    first = FakeNode(coordinator.address, price_output=100_000)
+    second = FakeNode(coordinator.address, price_output=400_000)
+    first.worker.behaviour = Behaviour(deltas=["a", "b", "c", "d", "e"], hang_after=2)
+    second.worker.behaviour = Behaviour(deltas=["C", "D", "E"], first_token_id=2000)
+    try:
+        for node in (first, second):
+            await node.start()
+        await wait_until(lambda: len(coordinator.registry.snapshot().nodes) == 2)
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            deltas, final = deltas_and_final(await collect(stub, chat_request(max_tokens=5)))
+        assert text_of(deltas) == "abCDE"
+        assert [(s.node_id, s.output_tokens) for s in final.segments] == [
+            (first.node_id, 2),
+            (second.node_id, 3),
+        ]
+        async with asyncio.timeout(5):
+            await first.worker.cancelled.wait()
+        outcomes = coordinator.registry.market.measurements(first.node_id).outcomes
+        assert (outcomes.weight, outcomes.sum) == (pytest.approx(1.0), 0.0)  # one failure
+    finally:
+        for node in (first, second):
+            await node.stop()
+        await coordinator.stop(grace_s=0)
+
+
+async def test_the_stall_watch_counts_only_time_spent_waiting_on_the_node() -> None:
+    """Time the relay spends elsewhere (writing to a slow client) is no stall; a read
+    that outlasts a full period is, and only this watch's cancellation is taken back."""
+    from coordinator.relay import _StallWatch
+
+    async def attempt(waiting_for_s: float, busy_for_s: float) -> bool:
+        watch = _StallWatch(0.05)
+        try:
+            await asyncio.sleep(busy_for_s)  # not reading: a client write, say
+            watch.reads += 1
+            watch.waiting = True
+            await asyncio.sleep(waiting_for_s)
+            return False
+        except asyncio.CancelledError:
+            assert watch.caught()
+            return True
+        finally:
+            watch.stop()
+
+    assert not await attempt(waiting_for_s=0.02, busy_for_s=0.3)
+    assert await attempt(waiting_for_s=1.0, busy_for_s=0.0)
+
+    # The client cancelling in the same moment is not swallowed.
+    watches: list[_StallWatch] = []
+
+    async def cancelled_twice() -> None:
+        watch = _StallWatch(60.0)
+        watches.append(watch)
+        watch.reads, watch.waiting = 1, True
+        try:
+            await asyncio.sleep(60.0)
+        except asyncio.CancelledError:
+            assert not watch.caught()
+            raise
+        finally:
+            watch.stop()
+
+    task = asyncio.create_task(cancelled_twice())
+    await wait_until(lambda: bool(watches))
+    task.cancel()  # the client
+    watches[0]._look()  # a period passes with the same read...
+    watches[0]._look()  # ...and another: the watch fires too
+    assert watches[0].fired
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -136,7 +136,7 @@ def _ten_token_prompt(max_tokens: int) -> node_pb2.WorkerGenerateRequest:
         (
             # 256-token context: a 10-token prompt plus 250 new tokens does not fit.
             lambda: _ten_token_prompt(max_tokens=250),
-            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.OUT_OF_RANGE,  # this node's limit: another may take it
             "context length 256",
         ),
         (
@@ -149,7 +149,7 @@ def _ten_token_prompt(max_tokens: int) -> node_pb2.WorkerGenerateRequest:
         (
             # One past the inclusive limit (246 fits; see the next test).
             lambda: _ten_token_prompt(max_tokens=247),
-            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.OUT_OF_RANGE,  # this node's limit: another may take it
             "context length 256",
         ),
         (

@@ -103,7 +103,7 @@ def eligible(snapshot: MarketSnapshot, request: RouteRequest, now_s: float) -> l
             continue
         if cap_out is not None and terms.price_output_micro_usd_per_mtok > cap_out:
             continue
-        if terms.context_length <= request.input_tokens_floor:
+        if terms.context_length < request.input_tokens_floor + request.max_tokens:
             continue
         if now_s < view.breaker_open_until_s or view.probe_in_flight:
             continue

@@ -198,6 +198,38 @@ def test_abandoned_dispatch_is_no_verdict() -> None:
     assert view is not None and view.reliability == 1.0
 
 
+@pytest.mark.parametrize(
+    ("probe_ends", "state_on_return"),
+    [
+        (DispatchOutcome.FAILURE, BreakerState.OPEN),
+        (DispatchOutcome.SUCCESS, BreakerState.CLOSED),
+        (DispatchOutcome.ABANDONED, BreakerState.HALF_OPEN),
+    ],
+)
+def test_a_probe_that_ends_while_its_node_is_away_still_decides(
+    probe_ends: DispatchOutcome, state_on_return: BreakerState
+) -> None:
+    """The half-open probe is out when the node leaves (restart, drain); its verdict
+    must reach the breaker the node gets back, or the probe stays out for good."""
+    clock = FakeClock()
+    market = Market(
+        MarketConfig(breaker=BreakerPolicy(failure_threshold=1, backoff_base_s=5.0)), clock=clock
+    )
+    market.upsert_node(listing("a"))
+    market.dispatch_started("a")
+    market.dispatch_finished("a", DispatchOutcome.FAILURE)
+    clock.advance(5.0)
+    market.dispatch_started("a")  # the probe
+    market.remove_node("a")
+    assert market.dispatch_finished("a", probe_ends)
+    market.upsert_node(listing("a"))
+    assert market.breaker_state("a") is state_on_return
+    clock.advance(3600.0)  # any backoff is long over
+    view = market.snapshot().get("a")
+    assert view is not None and not view.probe_in_flight
+    assert view.breaker_allows(clock.now_s)
+
+
 def test_expire_silent_removes_nodes_without_heartbeats() -> None:
     clock = FakeClock()
     market = Market(clock=clock)
