@@ -70,7 +70,13 @@ from coordinator.errors import (
 from coordinator.outcome import RelayOutcome, SegmentOutcome, worker_request_id
 from coordinator.registry import NodeRegistry
 from coordinator.router import Routed, Router
-from coordinator.routing import DispatchOutcome, RoutedCandidate, RouteRequest, RoutingDecision
+from coordinator.routing import (
+    Constraint,
+    DispatchOutcome,
+    RoutedCandidate,
+    RouteRequest,
+    RoutingDecision,
+)
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import ValidRequest
 from coordinator.worker_session import SessionStream, WorkerStreamError, status_code
@@ -200,7 +206,7 @@ class Relay:
             if not queue:
                 decision = self._router.decide(self._next_route_request(routed, outcome, tried))
                 if decision.pick is None:
-                    raise self._exhausted(request, decision, failures)
+                    raise self._exhausted(request, routed, decision, failures)
                 queue = list(decision.candidates)
             candidate = queue.pop(0)
             if candidate.node_id in tried or self._relisted(candidate):
@@ -524,6 +530,18 @@ class Relay:
                 AttemptFailure(node.node_id, grpc.StatusCode.INTERNAL, "sent malformed deltas")
             ) from exc
         output_tokens = segment.output_tokens
+        allowed = request.worker_request.sampling.max_tokens - segment.resumed_tokens
+        if output_tokens > allowed:
+            # Past the budget it was sent: the node broke the request. Its final and
+            # receipt are refused (the segment is not billed) and it is blamed; the
+            # client already has every token it asked for, so nothing is resumed.
+            raise _AttemptFailed(
+                AttemptFailure(
+                    node.node_id,
+                    grpc.StatusCode.INTERNAL,
+                    f"sent {output_tokens} output tokens where max_tokens was {allowed}",
+                )
+            )
         if final.output_tokens != output_tokens:
             log.warning(
                 "request %s: node %s claims %d output tokens, relayed %d; using %d",
@@ -584,8 +602,30 @@ class Relay:
         )
 
     def _exhausted(
-        self, request: ValidRequest, decision: RoutingDecision, failures: list[AttemptFailure]
+        self,
+        request: ValidRequest,
+        routed: Routed,
+        decision: RoutingDecision,
+        failures: list[AttemptFailure],
     ) -> CoordinatorError:
         """Routing again left no node: the decision's reason names the constraint."""
-        assert decision.empty_reason is not None
-        return self._all_failed(request, failures, self._router.explain(decision.empty_reason))
+        reason = decision.empty_reason
+        assert reason is not None
+        explained = self._router.explain(reason)
+        prefs = routed.request.preferences
+        ceiling_input, ceiling_output = routed.price_ceiling
+        client_cap = {
+            Constraint.MAX_PRICE_INPUT: (prefs.max_price_input_micro_usd_per_mtok, ceiling_input),
+            Constraint.MAX_PRICE_OUTPUT: (
+                prefs.max_price_output_micro_usd_per_mtok,
+                ceiling_output,
+            ),
+        }.get(reason.constraint)
+        if client_cap is not None and (client_cap[0] is None or client_cap[0] > client_cap[1]):
+            # The cap named is not the client's: later attempts may not cost more per
+            # token than the first decision's nodes, whose price the hold was placed on.
+            explained += (
+                " (after a failure, the price cap is the highest price among the nodes "
+                "first chosen for the request, which its hold covers)"
+            )
+        return self._all_failed(request, failures, explained)

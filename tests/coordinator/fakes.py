@@ -90,6 +90,8 @@ class Behaviour:
     fail_after: int | None = None
     # Go silent after this many deltas (the call stays open; wait to be cancelled).
     hang_after: int | None = None
+    # Send every delta even past sampling.max_tokens (a node that breaks the request).
+    ignore_max_tokens: bool = False
     finish_reason: int = common_pb2.FINISH_REASON_STOP
     # Prompt tokens reported (resume_token_ids are added, as a real node counts them).
     input_tokens: int = 7
@@ -142,7 +144,7 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
             deltas = b.deltas
             finish_reason = b.finish_reason
             max_tokens = request.sampling.max_tokens
-            if max_tokens and len(deltas) > max_tokens:
+            if max_tokens and len(deltas) > max_tokens and not b.ignore_max_tokens:
                 deltas, finish_reason = deltas[:max_tokens], common_pb2.FINISH_REASON_LENGTH
             for index, text in enumerate(deltas):
                 if b.fail_after is not None and index == b.fail_after:

@@ -629,3 +629,52 @@ async def test_the_stall_watch_counts_only_time_spent_waiting_on_the_node() -> N
     assert watches[0].fired
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_node_that_streams_past_max_tokens_is_not_paid_for_the_segment(
+    coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    """max_tokens is the client's budget; a node that sends more broke the request: its
+    final and receipt are refused (nothing to bill on that segment) and it is blamed.
+    The client has every token it asked for, so nothing is resumed."""
+    from coordinator.outcome import RelayOutcome
+    from coordinator.validation import validate_request
+
+    greedy, other = await two_nodes(make_node)
+    greedy.worker.behaviour = Behaviour(deltas=list("abcde"), ignore_max_tokens=True)
+    valid = validate_request(chat_request(max_tokens=3), coordinator.settings)
+    outcome = RelayOutcome(valid.request_id)
+    router = coordinator_router(coordinator)
+    relay = coordinator_relay(coordinator)
+    chunks = [c async for c in relay.stream(valid, router.first(valid), FakeContext(), outcome)]
+    assert len(chunks) == 5  # already relayed when the final showed the overrun
+    [segment] = outcome.segments
+    assert segment.node_id == greedy.node_id
+    assert segment.receipt is None and not segment.completed
+    assert outcome.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert not other.worker.requests
+    outcomes = coordinator.registry.market.measurements(greedy.node_id).outcomes
+    assert (outcomes.weight, outcomes.sum) == (pytest.approx(1.0), 0.0)
+
+
+async def test_a_price_cap_the_client_never_set_is_explained(
+    client, coordinator: Coordinator, make_node: NodeFactory
+) -> None:
+    """No max_price in the request; the node first chosen dies mid-stream and leaves,
+    and the only node left is dearer than it. The resume may not cost more per token
+    than the hold covers, and the message says that cap is not the client's."""
+    only = await make_node(price_output=100_000)
+
+    async def a_dearer_node_joins_and_this_one_leaves() -> None:
+        await make_node(price_output=400_000)
+        coordinator.registry.drop(only.node_id, "test: left mid-request")
+
+    only.worker.behaviour = Behaviour(
+        deltas=["a", "b", "c"], fail_after=1, on_call=a_dearer_node_joins_and_this_one_leaves
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(client, chat_request(max_tokens=3))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details() or ""
+    assert "max_price_output_micro_usd_per_mtok=100000" in details
+    assert "highest price among the nodes first chosen" in details
