@@ -48,6 +48,12 @@ class DeliveredOutput:
         """Output token ids delivered so far (what a resumed attempt continues from)."""
         return list(self.merged(start, stop).token_ids)
 
+    def text_chars(self) -> int:
+        """Characters (code points) of text delivered so far; parses every message, so
+        for resumes only. Raises DecodeError if a forwarded delta was malformed."""
+        parse = inference_pb2.GenerateResponse.FromString
+        return sum(len(parse(message).delta.text) for message in self.messages)
+
 
 @dataclass(slots=True)
 class SegmentOutcome:

@@ -303,6 +303,7 @@ class Relay:
         resumed.segment_index = segment.segment_index
         try:
             token_ids = outcome.token_ids()
+            resumed.resume_text_chars = outcome.delivered.text_chars()
         except DecodeError as exc:
             raise NodeFailed(
                 "an earlier node sent malformed output, so the stream cannot be resumed; "

@@ -45,6 +45,7 @@ from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
 from marketplace.dispatch import DISPATCH_METADATA
 from marketplace.identity import Identity
 from marketplace.worker_session import serve_session
+from node import resume
 from node.engine.base import Delta, Engine, FinishReason, GenerationRequest
 from node.errors import CapacityExhausted, NodeError, RequestInvalid, ShuttingDown
 from node.receipts import sign_receipt
@@ -199,6 +200,24 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
             else:
                 del by_tag[tag]
 
+    def _engine_stream(
+        self, request: node_pb2.WorkerGenerateRequest, job: GenerationRequest
+    ) -> AsyncIterator[Delta]:
+        """The engine's deltas for ``job``; for a resumed request, with the text of the
+        resumed tokens the client lacks first (:mod:`node.resume`)."""
+        engine = self._engine
+        resumed = request.resume_token_ids
+        if not resumed:
+            return coalesced(engine.generate(job))
+        pending = (
+            resume.pending_text(engine, resumed, request.resume_text_chars)
+            if request.HasField("resume_text_chars")
+            else ""
+        )
+        if resume.ends_generation(engine, resumed):
+            return resume.finished(pending)
+        return resume.after_resume(coalesced(engine.generate(job)), pending, job.stop)
+
     async def _generate(
         self,
         request: node_pb2.WorkerGenerateRequest,
@@ -229,12 +248,13 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
             seed=sampling.seed,
             stop=sampling.stop,
         )
+        engine_stream = self._engine_stream(request, job)
         output_tokens = 0
         finish_reason = FinishReason.STOP
         response_cls = node_pb2.WorkerGenerateResponse
         delta_cls = common_pb2.TextDelta
         try:
-            async with aclosing(coalesced(engine.generate(job))) as stream:
+            async with aclosing(engine_stream) as stream:
                 async for delta in stream:
                     token_ids = delta.token_ids
                     if token_ids or delta.text:

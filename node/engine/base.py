@@ -163,6 +163,16 @@ class Engine(ABC):
     def render_prompt(self, prompt: str) -> list[int]:
         """Prompt token ids of raw text, as the model's tokenizer encodes it."""
 
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of output token ids, as the engine's own streamed text would have
+        it (special tokens left out)."""
+
+    @property
+    @abstractmethod
+    def end_token_ids(self) -> frozenset[int]:
+        """Token ids that end a generation (the model's end-of-sequence ids)."""
+
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         """The token ids the request's prompt becomes."""
         if request.prompt_token_ids is not None:

@@ -40,6 +40,9 @@ _WORDS = (
     "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
 )  # fmt: skip
 _VOCAB_SIZE = 256 + len(_WORDS)
+# The fake's end-of-sequence id: it never generates it, but a resumed request can end in
+# it (an earlier node's last token), as with a real model.
+_END_TOKEN_IDS = frozenset({0})
 
 
 class FakeEngine(Engine):
@@ -107,6 +110,18 @@ class FakeEngine(Engine):
 
     def render_prompt(self, prompt: str) -> list[int]:
         return list(prompt.encode())
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        words = (
+            " " + _WORDS[i - 256] if i >= 256 else bytes([i]).decode("latin-1")
+            for i in token_ids
+            if i not in _END_TOKEN_IDS  # special: no text, as a tokenizer skips them
+        )
+        return "".join(words)
+
+    @property
+    def end_token_ids(self) -> frozenset[int]:
+        return _END_TOKEN_IDS
 
     def load(self) -> EngineLoad:
         return EngineLoad(

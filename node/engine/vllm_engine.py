@@ -141,6 +141,7 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._tokenizer: Any = None
         self._vocab_size = 0
+        self._end_token_ids: frozenset[int] = frozenset()
         self._context_length = max_model_len
         self._snapshot = _SchedulerSnapshot()
         self._meter = TokenRateMeter()
@@ -191,6 +192,7 @@ class VllmEngine(Engine):
         self._tokenizer = self._llm.get_tokenizer()
         self._context_length = int(self._llm.model_config.max_model_len)
         self._vocab_size = int(self._llm.model_config.get_vocab_size())
+        self._end_token_ids = _end_token_ids(self._tokenizer, self._llm.model_config.hf_config)
         logger.info(
             "vLLM loaded %s in %.1f s (context %d tokens)",
             self._model_name,
@@ -279,6 +281,13 @@ class VllmEngine(Engine):
             raise RequestInvalid(f"chat: the model's chat template rejected it: {exc}") from exc
         return list(ids)
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    @property
+    def end_token_ids(self) -> frozenset[int]:
+        return self._end_token_ids
+
     def render_prompt(self, prompt: str) -> list[int]:
         return list(self._tokenizer.encode(prompt, add_special_tokens=False))
 
@@ -357,3 +366,18 @@ class VllmEngine(Engine):
             if not finished and not llm.errored:
                 with contextlib.suppress(Exception):
                     await llm.abort(engine_request_id)
+
+
+def _end_token_ids(tokenizer: Any, hf_config: Any) -> frozenset[int]:
+    """The model's end-of-sequence ids: the tokenizer's, and the model config's (an int or
+    a list), as vLLM stops on them."""
+    ids: set[int] = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(hf_config, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

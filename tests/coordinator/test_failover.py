@@ -47,6 +47,7 @@ async def test_mid_stream_failure_resumes_on_the_next_node(
     assert ids_of(deltas) == [1000, 1001, 2000, 2001, 2002]
     [resumed] = second.worker.requests
     assert list(resumed.resume_token_ids) == [1000, 1001]
+    assert resumed.resume_text_chars == 2  # "ab": the node sends their text if it is more
     assert resumed.segment_index == 1
     assert resumed.sampling.max_tokens == 3
     assert resumed.request_id == "req-7:1"

@@ -189,6 +189,38 @@ async def test_stop_strings_end_the_output(served: Served) -> None:
     assert text.startswith(stopped)
 
 
+async def test_a_resume_gets_the_text_vllm_held_back_for_a_stop_string(served: Served) -> None:
+    """vLLM streams a token's id at once but holds its text back while it could start a
+    stop string (here 9 characters, for a 10-character stop). A node dying then leaves
+    the client with token ids whose text it never got; the node resuming from them
+    (told how many characters the client has, as the coordinator does) sends that text
+    first, so the client's text is the resumed tokens' text in full."""
+    stop = "zzzzzzzzzz"
+    request = _chat(
+        "Tell a short story about a lighthouse keeper.", 40, request_id="it-held", stop=[stop]
+    )
+    deltas = [r.delta async for r in served.stub.Generate(request) if r.HasField("delta")]
+    cut = len(deltas) // 2
+    ids = [i for delta in deltas[:cut] for i in delta.token_ids]
+    delivered = "".join(delta.text for delta in deltas[:cut])
+    whole = served.engine.decode(ids)
+    assert len(delivered) < len(whole), "vLLM held no text back: nothing to test"
+    assert whole.startswith(delivered)
+
+    resumed = _chat(
+        "Tell a short story about a lighthouse keeper.",
+        40 - len(ids),
+        request_id="it-held:1",
+        stop=[stop],
+    )
+    resumed.resume_token_ids.extend(ids)
+    resumed.resume_text_chars = len(delivered)
+    resumed.segment_index = 1
+    text, new_ids, final = await _collect(served.stub.Generate(resumed))
+    assert (delivered + text).startswith(whole)
+    assert final.output_tokens == len(new_ids) > 0
+
+
 async def test_a_prompt_longer_than_the_context_is_refused(served: Served) -> None:
     long_prompt = "word " * 3000
     request = node_pb2.WorkerGenerateRequest(

@@ -95,7 +95,7 @@ class WorkerSessionResponse(_message.Message):
     def __init__(self, stream_id: _Optional[int] = ..., response: _Optional[_Union[WorkerGenerateResponse, _Mapping]] = ..., end: _Optional[_Union[WorkerSessionEnd, _Mapping]] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "resume_token_ids", "segment_index", "lease_id")
+    __slots__ = ("request_id", "model", "chat", "prompt", "sampling", "resume_token_ids", "segment_index", "lease_id", "resume_text_chars")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class WorkerGenerateRequest(_message.Message):
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     chat: _common_pb2.ChatInput
@@ -112,7 +113,8 @@ class WorkerGenerateRequest(_message.Message):
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     segment_index: int
     lease_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., segment_index: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    resume_text_chars: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.ChatInput, _Mapping]] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., segment_index: _Optional[int] = ..., lease_id: _Optional[str] = ..., resume_text_chars: _Optional[int] = ...) -> None: ...
 
 class WorkerFinal(_message.Message):
     __slots__ = ("finish_reason", "input_tokens", "output_tokens", "receipt")
