@@ -18,7 +18,11 @@ from coordinator.offers import MODEL_NAME_PATTERN, REGION_PATTERN
 from coordinator.settings import CoordinatorSettings
 from marketplace.ids import time_ordered_id
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# No ':' and at most 120 characters: a resumed segment's node request id is
+# "<request id>:<segment index>" (coordinator/outcome.py), which must never be another
+# request's id (receipts are keyed by it) and must fit the node's 128 characters.
+REQUEST_ID_CHARS_MAX = 120
+REQUEST_ID_PATTERN = re.compile(rf"^[A-Za-z0-9._-]{{1,{REQUEST_ID_CHARS_MAX}}}$")
 ROLES = frozenset({"system", "user", "assistant"})
 STOP_SEQUENCES_MAX = 8
 STOP_SEQUENCE_CHARS_MAX = 128
@@ -56,8 +60,8 @@ def validate_request(
     if request_id:
         if not REQUEST_ID_PATTERN.fullmatch(request_id):
             raise RequestInvalid(
-                f"request_id: {request_id[:40]!r} must be 1..128 characters of "
-                "[A-Za-z0-9._:-], or empty to let the coordinator assign one"
+                f"request_id: {request_id[:40]!r} must be 1..{REQUEST_ID_CHARS_MAX} characters "
+                "of [A-Za-z0-9._-], or empty to let the coordinator assign one"
             )
     else:
         request_id = time_ordered_id()  # keeps the ledger's indexes append-mostly

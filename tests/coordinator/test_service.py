@@ -64,9 +64,9 @@ async def test_relays_the_stream_and_ends_with_a_final(client, make_node: NodeFa
 
 async def test_client_request_id_and_default_max_tokens(client, make_node: NodeFactory) -> None:
     node = await make_node()
-    request = inference_pb2.GenerateRequest(request_id="req-1.a:b", model=MODEL, prompt="Once")
+    request = inference_pb2.GenerateRequest(request_id="req-1.a_b", model=MODEL, prompt="Once")
     _, final = deltas_and_final(await collect(client, request))
-    assert final.request_id == "req-1.a:b"
+    assert final.request_id == "req-1.a_b"
     assert node.worker.requests[0].prompt == "Once"
     assert node.worker.requests[0].sampling.max_tokens == 256
 
