@@ -843,6 +843,15 @@ def _sqlite_key_spend_sql(columns: int, rows: int) -> str:
 _LEASE_MUTABLE = ("periods_charged", "charged_micro_usd", "status", "ended_at_unix_ms")
 
 
+def in_flight_elsewhere(request_id: str) -> str:
+    """The refusal of a request id whose hold another coordinator placed."""
+    return (
+        f"request id {request_id!r} is in flight already through another coordinator; a "
+        "request id is used once: send a new one, or leave request_id empty and the "
+        "coordinator assigns one"
+    )
+
+
 def request_id_used(request_id: str) -> str:
     """The refusal of a request id that an earlier request used."""
     return (
@@ -977,6 +986,10 @@ def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
             known["amount"],
         )
     if existing is not None:
+        if known is not None and known["owner"] != op.owner:
+            # The same id sent to two coordinators at once: one hold, one payment, two
+            # requests served. The second to reach the journal is refused.
+            raise IdConflict(in_flight_elsewhere(op.request_id))
         if existing[_DEBIT] != op.account_id or existing[_AMOUNT] != op.amount:
             raise IdConflict(
                 f"request id {op.request_id!r} already has a different hold; use a new request id"
@@ -1082,6 +1095,8 @@ def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
             )
     client = batch.account(op.account_id)
     hold = batch.open_holds.get(rid)
+    if hold is not None and op.owner is not None and hold["owner"] != op.owner:
+        raise IdConflict(in_flight_elsewhere(rid))
     if hold is not None and hold["account_id"] != op.account_id:
         raise IdConflict(
             f"request {rid!r} holds money on account {hold['account_id']!r}, not {op.account_id!r}"

@@ -39,7 +39,12 @@ from mercato.v1 import market_pb2
 from marketplace.aio import cancel_and_wait
 from marketplace.identity import Identity
 from marketplace.ledger import api_keys, identifiers, money
-from marketplace.ledger.applier import DEPOSITS, now_unix_ms, request_id_used
+from marketplace.ledger.applier import (
+    DEPOSITS,
+    in_flight_elsewhere,
+    now_unix_ms,
+    request_id_used,
+)
 from marketplace.ledger.errors import (
     BadReceipt,
     IdConflict,
@@ -531,8 +536,10 @@ class Ledger:
             previous = await self._read(self.store.settlement, request_id)
             if previous is not None:
                 return await self._settled_before(previous)
-            rows = await self._read(self.store.open_holds)
-            row = next((r for r in rows if r["request_id"] == request_id), None)
+            rows = await self._read(self.store.open_holds, request_id=request_id)
+            row = rows[0] if rows else None
+            if row is not None and row["owner"] != self.settings.owner:
+                raise IdConflict(in_flight_elsewhere(request_id))
             if row is not None:
                 account_id, held, key_id = row["account_id"], row["amount"], row["api_key_id"]
             if account_id is None:
@@ -575,6 +582,7 @@ class Ledger:
             api_key_id=key_id,
             lease_id=lease_id,
             spend_limit_micro_usd=limit,
+            owner=self.settings.owner,
         )
         costs = [s.cost_micro_usd for s in segments]
         charges = money.cap_to_hold(held, costs)

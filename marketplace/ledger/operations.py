@@ -81,6 +81,9 @@ class Settle:
     # The key's spend limit: a charge made without its hold (the writer refused it, or
     # it expired) is also capped at what the limit has left. None: no limit.
     spend_limit_micro_usd: int | None = None
+    # The coordinator settling (its ledger owner): a hold another coordinator placed for
+    # the same request id is not this request's (IdConflict). None: not checked.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)

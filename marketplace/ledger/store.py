@@ -556,9 +556,15 @@ class LedgerStore:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def open_holds(
-        self, *, owner: str | None = None, expired_at_unix_ms: int | None = None
+        self,
+        *,
+        owner: str | None = None,
+        expired_at_unix_ms: int | None = None,
+        request_id: str | None = None,
     ) -> list[dict[str, Any]]:
         query = select(T_HOLDS).order_by(T_HOLDS.c.request_id)
+        if request_id is not None:
+            query = query.where(T_HOLDS.c.request_id == request_id)
         if owner is not None:
             query = query.where(T_HOLDS.c.owner == owner)
         if expired_at_unix_ms is not None:

@@ -283,6 +283,34 @@ async def test_a_keys_spend_limit_holds_across_coordinators(
     assert verify_ledger(store.engine).ok
 
 
+async def test_one_request_id_sent_to_two_coordinators_at_once_is_paid_for_once(
+    settings: LedgerSettings, store: LedgerStore, node: Identity
+) -> None:
+    """A client sends one request id to two coordinators in the same instant, so both
+    admit it from memory. Before, the second coordinator's hold (same id, account and
+    amount) was answered as a retry of the first, the two requests shared one hold, and
+    the second to settle got the first's record: one request served free, its provider
+    unpaid. Now the writer refuses the second hold (which stops that request) and its
+    settlement against the other's hold."""
+    async with two_coordinators(settings) as (a, b):
+        client = make_client(store)
+        key = store.issue_key(client, "twin")
+        at_a, at_b = await a.authenticate(key.secret_key), await b.authenticate(key.secret_key)
+        hold_a = await a.place_hold("twin", at_a, 5_000)
+        hold_b = await b.place_hold("twin", at_b, 5_000)
+        await hold_a.durable
+        with pytest.raises(IdConflict, match="in flight already through another coordinator"):
+            await hold_b.durable
+        signed, relayed = receipt_for(node, "twin-b", 1000, 100)
+        with pytest.raises(IdConflict, match="in flight already through another coordinator"):
+            await (await b.settle("twin", [signed], [relayed])).durable
+        signed, relayed = receipt_for(node, "twin", 1000, 200)
+        settled = await (await a.settle("twin", [signed], [relayed])).durable
+        assert settled.cost_micro_usd == 160  # A's own request: 1000 in, 200 out
+    assert store.settlement("twin")["cost_micro_usd"] == 160
+    assert verify_ledger(store.engine).ok
+
+
 async def test_a_request_refused_for_its_keys_limit_is_charged_no_further_than_the_limit(
     settings: LedgerSettings, store: LedgerStore, node: Identity
 ) -> None:
