@@ -956,10 +956,10 @@ class Ledger:
     async def lease_node(self, principal: Principal, lease_id: str) -> str:
         """The node a request under ``lease_id`` must go to, if the caller may use it."""
         lease = await self.lease(lease_id)
-        if lease is None:
+        if lease is None or lease.account_id != principal.account_id:
+            # Another account's lease is answered as if it did not exist (as AccountService
+            # does): whether a lease id is taken is not the caller's to learn.
             raise UnknownLease(f"lease {lease_id!r} does not exist")
-        if lease.account_id != principal.account_id:
-            raise PermissionDenied(f"lease {lease_id!r} belongs to another account")
         if lease.status != LeaseStatus.ACTIVE.value or now_unix_ms() >= lease.ends_at_unix_ms:
             raise LeaseNotActive(f"lease {lease_id!r} is {lease.status}; create a new lease")
         return lease.node_id
