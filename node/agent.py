@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 NODE_ID_METADATA = "x-mercato-node-id"
 SESSION_METADATA = "x-mercato-session"
 REGISTER_TIMEOUT_S = 10.0
+# A heartbeat session that lasted this long resets the backoff before registering again.
+HEALTHY_SESSION_S = 10.0
 LATE_RECEIPTS_PER_HEARTBEAT = 64
 
 OfferSigner = Callable[[int], market_pb2.SignedOffer]
@@ -118,12 +120,14 @@ class NodeAgent:
     async def run(self) -> None:
         """Register and heartbeat until cancelled."""
         backoff_s = self._backoff_initial_s
+        loop = asyncio.get_running_loop()
         async with grpc.aio.insecure_channel(self._address) as channel:
             stub = node_pb2_grpc.NodeControlServiceStub(channel)
             while True:
+                session_started_s: float | None = None
                 try:
                     response = await self._register(stub)
-                    backoff_s = self._backoff_initial_s
+                    session_started_s = loop.time()
                     await self._heartbeat(stub, response)
                     logger.warning("coordinator %s ended the heartbeat stream", self._address)
                 except asyncio.CancelledError:
@@ -139,6 +143,14 @@ class NodeAgent:
                 except Exception:
                     logger.exception("agent failure; registering again in %.1f s", backoff_s)
                 self.registered.clear()
+                if (
+                    session_started_s is not None
+                    and loop.time() - session_started_s >= HEALTHY_SESSION_S
+                ):
+                    # The session lived: this is a fresh failure, so retry soon. One that
+                    # dies as soon as it is registered (a coordinator refusing its
+                    # heartbeats) keeps backing off instead of registering 5 times a second.
+                    backoff_s = self._backoff_initial_s
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, self._backoff_max_s)
 

@@ -130,6 +130,30 @@ async def test_re_registers_when_the_stream_ends(tmp_path) -> None:  # type: ign
         await server.stop(0)
 
 
+async def test_a_session_that_dies_at_once_backs_off(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Register succeeds but every heartbeat stream ends at once (a coordinator that
+    refuses the session): the agent backs off as after a failed Register (0.05 s
+    doubling to 0.2 s here), rather than registering again every 0.05 s."""
+    control = RecordingControl()
+    control.end_streams_after = 0  # ends each stream after its first answer
+    server, port = await start_control(control)
+    agent = _agent(f"127.0.0.1:{port}", Identity.generate(), tmp_path)
+    agent.start()
+    try:
+        await _until(lambda: len(control.offers) >= 2)
+        started = asyncio.get_running_loop().time()
+        first = len(control.offers)
+        await asyncio.sleep(1.2)
+        registered = len(control.offers) - first
+        elapsed = asyncio.get_running_loop().time() - started
+        # At the cap, one Register per 0.2 s (plus its own round trips); without the
+        # backoff it was one per 0.05 s: 20 or more in this time.
+        assert registered <= elapsed / 0.2 + 2, registered
+    finally:
+        await agent.stop()
+        await server.stop(0)
+
+
 async def test_comes_back_after_the_coordinator_restarts(
     tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
