@@ -168,7 +168,9 @@ class InferenceServicer:
         if billing is not None and admission is not None:
             crash_if(self._settings, FaultPoint.EXIT_BEFORE_SETTLE)
             try:
-                charge = await billing.settle(admission, outcome.segments)
+                charge = await asyncio.shield(
+                    billing.settle_to_the_end(admission, outcome.segments)
+                )
             except CoordinatorError as exc:
                 await abort_with(context, exc)
             final.cost_micro_usd = charge.cost_micro_usd

@@ -614,6 +614,21 @@ class Billing:
         self._release_hold(admission)
         return Charge(0, [], refused_segments=refused, unreceipted_segments=missing)
 
+    def settle_to_the_end(
+        self, admission: Admission, parts: Sequence[ServedPart]
+    ) -> asyncio.Task[Charge]:
+        """``settle`` in a task of its own that runs to its end even if its caller is
+        cancelled (await it through ``asyncio.shield``): a client hanging up, or the
+        shutdown's cut, while the settlement of a finished stream is under way must not
+        leave the request unsettled, free to the client and unpaid to its nodes."""
+        task = asyncio.get_running_loop().create_task(
+            self.settle(admission, parts), name="billing-settle"
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_unawaited_failure)
+        return task
+
     def settle_in_background(self, admission: Admission, parts: Sequence[ServedPart]) -> None:
         """Settle (or release) a failed or cancelled request without blocking its handler,
         once the late receipts of its cut-off segments are in (``late_receipt_wait_s``)."""
@@ -775,3 +790,14 @@ def _output_ceiling(admission: Admission, part: ServedPart) -> int:
     if not admission.max_tokens:
         return 2**32 - 1  # unknown: a uint32 count is the only bound
     return max(admission.max_tokens - part.resumed_tokens, part.output_tokens)
+
+
+def _log_unawaited_failure(task: asyncio.Task[Charge]) -> None:
+    """Take the failure of a settlement whose caller may have been cancelled (so that
+    nobody awaits it); a refusal was logged by ``_settle`` already, anything else is a
+    bug and logged here."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, CoordinatorError):
+        log.error("request settlement failed", exc_info=error)

@@ -643,6 +643,49 @@ async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
         assert ledger.store.rejections("cut-1") == []
 
 
+async def test_a_client_hanging_up_during_the_settlement_still_pays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream is complete and its settlement under way when the client cancels (the
+    ledger is slow to answer: here a gate). The settlement runs to its end in a task of
+    its own; before, the cancellation ended it before the ledger had it, and the request
+    was free and its node unpaid until the hold expired."""
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, node):
+        assert coordinator.billing is not None
+        node.worker.final_receipt = node.signed_usage
+        ledger = coordinator.billing.ledger
+        issued = funded_client_key(ledger.store, "dave")
+        gate, entered = asyncio.Event(), asyncio.Event()
+        settle = ledger.settle
+
+        async def slow_settle(*args, **kwargs):  # type: ignore[no-untyped-def]
+            entered.set()
+            await gate.wait()
+            return await settle(*args, **kwargs)
+
+        monkeypatch.setattr(ledger, "settle", slow_settle)
+        request = inference_pb2.GenerateRequest(
+            request_id="hung-up",
+            model=fakes.MODEL,
+            prompt="Hi.",
+            sampling=common_pb2.SamplingParams(max_tokens=3),
+        )
+        async with grpc.aio.insecure_channel(coordinator.address) as channel:
+            call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+                request, metadata=(("authorization", f"Bearer {issued.secret_key}"),), timeout=30
+            )
+            async with asyncio.timeout(10):
+                await entered.wait()
+            call.cancel()
+            await asyncio.sleep(0.3)  # the cancellation reaches the handler
+        gate.set()
+        deadline = time.monotonic() + 10
+        while (row := ledger.store.settlement("hung-up")) is None:
+            assert time.monotonic() < deadline, "the request was never settled"
+            await asyncio.sleep(0.05)
+        assert row["output_tokens"] == 3 and row["cost_micro_usd"] > 0
+
+
 async def test_calls_without_a_valid_key_are_unauthenticated_and_reach_no_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
