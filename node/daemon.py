@@ -81,9 +81,14 @@ async def run_node(settings: NodeSettings) -> None:
 
 async def _run(settings: NodeSettings, stop: asyncio.Event) -> None:
     identity = Identity.load_or_create(settings.identity_path)
-    hardware = probe()
+    visible = probe()
+    hardware = visible.serving()  # what the offer sells
     logger.info(
-        "node %s: %d CPU cores, %d GPU(s)", identity.node_id, hardware.cpu_cores, len(hardware.gpus)
+        "node %s: %d CPU cores, %d GPU(s) visible, %d offered (the engine runs on one)",
+        identity.node_id,
+        visible.cpu_cores,
+        len(visible.gpus),
+        len(hardware.gpus),
     )
     ensure_port_free(settings.listen_host, settings.port)  # before minutes of loading
     model_path = None

@@ -1,7 +1,9 @@
 """What the node computes with: NVIDIA GPUs through NVML, else the CPU.
 
 The probe never fails: a machine without the NVIDIA driver (or without ``pynvml``) is a
-CPU node. Counts come from what this process may use (CPU affinity), not the whole host.
+CPU node. Counts come from what this process may use, not the whole host: CPU affinity,
+and the GPUs ``CUDA_VISIBLE_DEVICES`` leaves visible (NVML itself sees every GPU of the
+host, so two nodes sharing a host would otherwise each claim them all).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class HardwareInfo:
     def has_gpu(self) -> bool:
         return bool(self.gpus)
 
+    def serving(self) -> HardwareInfo:
+        """What the engine computes with, as offered: the first visible GPU (vLLM runs
+        on one GPU here; a lease is priced per GPU, so idle ones are not sold), or the
+        CPU."""
+        return HardwareInfo(self.cpu_cores, self.memory_bytes, self.cpu_model, self.gpus[:1])
+
     def to_proto(self) -> market_pb2.Hardware:
         return market_pb2.Hardware(
             accelerator=(
@@ -66,8 +74,32 @@ def probe() -> HardwareInfo:
     )
 
 
+def visible_gpu_indexes(count: int, uuids: list[str], visible: str | None) -> list[int]:
+    """Which of the host's ``count`` GPUs (NVML order, with their ``uuids``) a CUDA
+    process may use under ``CUDA_VISIBLE_DEVICES`` = ``visible``: all when unset; else
+    the listed indexes or UUIDs (a unique prefix will do), in the listed order, stopping
+    at the first entry that names no GPU, as CUDA does (so "" and "-1" hide every GPU).
+    MIG instances are not told apart: "MIG-..." entries stop the list."""
+    if visible is None:
+        return list(range(count))
+    chosen: list[int] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit() and int(entry) < count:
+            index = int(entry)
+        else:
+            matches = [i for i, uuid in enumerate(uuids) if entry and uuid.startswith(entry)]
+            if len(matches) != 1:
+                break
+            index = matches[0]
+        if index in chosen:
+            break
+        chosen.append(index)
+    return chosen
+
+
 def probe_nvidia_gpus() -> tuple[GpuInfo, ...]:
-    """The NVIDIA GPUs NVML sees; empty without the driver or the library."""
+    """The NVIDIA GPUs this process may use (NVML, filtered by ``CUDA_VISIBLE_DEVICES``);
+    empty without the driver or the library."""
     try:
         import pynvml
     except ImportError:
@@ -78,14 +110,18 @@ def probe_nvidia_gpus() -> tuple[GpuInfo, ...]:
         logger.debug("no NVIDIA driver (%s); this is a CPU node", exc)
         return ()
     try:
+        handles = [
+            pynvml.nvmlDeviceGetHandleByIndex(index) for index in range(pynvml.nvmlDeviceGetCount())
+        ]
+        uuids = [_text(pynvml.nvmlDeviceGetUUID(handle)) for handle in handles]
         gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            if isinstance(name, bytes):
-                name = name.decode(errors="replace")
+        for index in visible_gpu_indexes(
+            len(handles), uuids, os.environ.get("CUDA_VISIBLE_DEVICES")
+        ):
+            handle = handles[index]
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(GpuInfo(name=str(name), memory_bytes=int(memory.total)))
+            name = _text(pynvml.nvmlDeviceGetName(handle))
+            gpus.append(GpuInfo(name=name, memory_bytes=int(memory.total)))
         return tuple(gpus)
     except pynvml.NVMLError as exc:
         logger.warning("NVML is present but the GPU query failed (%s); treating as CPU", exc)
@@ -93,6 +129,10 @@ def probe_nvidia_gpus() -> tuple[GpuInfo, ...]:
     finally:
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def cpu_has_native_bf16(cpuinfo: Path = _CPUINFO) -> bool:

@@ -48,6 +48,8 @@ def test_gpus_reported_by_nvml_become_the_proto(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: index)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda handle: b"NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: Memory())
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: f"GPU-{handle}aa")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpus = hardware.probe_nvidia_gpus()
     assert gpus == (GpuInfo("NVIDIA H100 80GB HBM3", 80 * 2**30),) * 2
     proto = HardwareInfo(cpu_cores=16, memory_bytes=2**37, cpu_model="x", gpus=gpus).to_proto()
@@ -70,3 +72,46 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
     cpuinfo.write_text("model name\t: X\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
     assert hardware.cpu_has_native_bf16(cpuinfo)
     assert not hardware.cpu_has_native_bf16(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("visible", "indexes"),
+    [
+        (None, [0, 1, 2, 3]),
+        ("2", [2]),
+        ("3,1", [3, 1]),
+        ("GPU-2b", [2]),  # a unique UUID prefix
+        ("GPU-", []),  # names four: no GPU, as CUDA stops there
+        ("", []),
+        ("-1", []),
+        ("1,7,2", [1]),  # CUDA stops at the first entry that names no GPU
+        ("0,0", [0]),
+    ],
+)
+def test_cuda_visible_devices_limits_the_gpus(visible: str | None, indexes: list[int]) -> None:
+    """NVML sees every GPU of the host; a node given some of them (CUDA_VISIBLE_DEVICES)
+    must not offer the others."""
+    uuids = ["GPU-0a", "GPU-1a", "GPU-2b", "GPU-3c"]
+    assert hardware.visible_gpu_indexes(4, uuids, visible) == indexes
+
+
+def test_the_offer_sells_the_one_gpu_the_engine_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynvml
+
+    class Memory:
+        total = 80 * 2**30
+
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 4)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: index)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda handle: f"GPU {handle}")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: Memory())
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: f"GPU-{handle}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    visible = hardware.probe_nvidia_gpus()
+    assert [g.name for g in visible] == ["GPU 2", "GPU 3"]
+    info = HardwareInfo(cpu_cores=16, memory_bytes=2**37, cpu_model="x", gpus=visible)
+    assert [g.name for g in info.serving().to_proto().gpus] == ["GPU 2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert hardware.probe_nvidia_gpus() == ()  # a CPU node
