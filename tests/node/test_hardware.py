@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,10 @@ def test_absent_pynvml_module_means_a_cpu_node(monkeypatch: pytest.MonkeyPatch) 
     assert hardware.probe_nvidia_gpus() == ()
 
 
-def test_gpus_reported_by_nvml_become_the_proto(monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_nvml(
+    monkeypatch: pytest.MonkeyPatch, count: int, name: Callable[[int], str | bytes]
+) -> None:
+    """NVML reporting ``count`` GPUs of 80 GiB, the i-th named ``name(i)``, UUID GPU-<i>."""
     import pynvml
 
     class Memory:
@@ -44,11 +48,15 @@ def test_gpus_reported_by_nvml_become_the_proto(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
     monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 2)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: count)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: index)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda handle: b"NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", name)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: Memory())
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: f"GPU-{handle}aa")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: f"GPU-{handle}")
+
+
+def test_gpus_reported_by_nvml_become_the_proto(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_nvml(monkeypatch, 2, lambda handle: b"NVIDIA H100 80GB HBM3")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpus = hardware.probe_nvidia_gpus()
     assert gpus == (GpuInfo("NVIDIA H100 80GB HBM3", 80 * 2**30),) * 2
@@ -96,18 +104,7 @@ def test_cuda_visible_devices_limits_the_gpus(visible: str | None, indexes: list
 
 
 def test_the_offer_sells_the_one_gpu_the_engine_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pynvml
-
-    class Memory:
-        total = 80 * 2**30
-
-    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
-    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 4)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: index)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda handle: f"GPU {handle}")
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: Memory())
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda handle: f"GPU-{handle}")
+    fake_nvml(monkeypatch, 4, lambda handle: f"GPU {handle}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     visible = hardware.probe_nvidia_gpus()
     assert [g.name for g in visible] == ["GPU 2", "GPU 3"]
