@@ -25,17 +25,28 @@ from collections.abc import AsyncIterator, Sequence
 from node.engine import Delta, Engine, FinishReason
 
 _INCOMPLETE = "\ufffd"  # what decoding shows for a character whose bytes are cut off
+_CONTEXT_TOKENS = 8  # prompt tokens decoded with the resumed ones
 
 
-def pending_text(engine: Engine, resume_token_ids: Sequence[int], delivered_chars: int) -> str:
+def pending_text(
+    engine: Engine,
+    prompt_token_ids: Sequence[int],
+    resume_token_ids: Sequence[int],
+    delivered_chars: int,
+) -> str:
     """The text of ``resume_token_ids`` past the ``delivered_chars`` the client has.
 
-    A character whose bytes the resumed ids end in the middle of is left out: the engine
-    sends it whole with the token that completes it (it decodes the prompt's last tokens
-    with its output), as it would have without the resume.
+    The ids are decoded after the prompt's last few tokens, as the engine decodes its
+    output (a tokenizer that drops a leading space at the start of a text keeps it
+    there). A character whose bytes the resumed ids end in the middle of is left out: the
+    engine sends it whole with the token that completes it (it decodes the prompt's last
+    tokens with its output), as it would have without the resume.
     """
-    text = engine.decode(resume_token_ids).rstrip(_INCOMPLETE)
-    return text[delivered_chars:]
+    context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+    head = engine.decode(context)
+    whole = engine.decode(context + list(resume_token_ids))
+    text = whole[len(head) :] if whole.startswith(head) else engine.decode(resume_token_ids)
+    return text.rstrip(_INCOMPLETE)[delivered_chars:]
 
 
 def ends_generation(engine: Engine, resume_token_ids: Sequence[int]) -> bool:

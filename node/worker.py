@@ -209,8 +209,11 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         resumed = request.resume_token_ids
         if not resumed:
             return coalesced(engine.generate(job))
+        prompt = job.prompt_token_ids or ()  # the rendered prompt, resumed ids last
         pending = (
-            resume.pending_text(engine, resumed, request.resume_text_chars)
+            resume.pending_text(
+                engine, prompt[: len(prompt) - len(resumed)], resumed, request.resume_text_chars
+            )
             if request.HasField("resume_text_chars")
             else ""
         )

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from mercato.v1 import common_pb2, node_pb2
 
 from node.engine import Delta, FinishReason
-from node.resume import after_resume
+from node.resume import after_resume, pending_text
 
 from .conftest import MODEL, WorkerHarness, collect
 
@@ -78,6 +78,24 @@ async def test_the_engine_ending_first_still_delivers_the_pending_text() -> None
     assert [(x.text, x.finish_reason) for x in out] == [("tail", FinishReason.STOP)]
     out = await resumed(Engine(), "tail", ["STOP!"])
     assert [x.text for x in out] == ["tail"]
+
+
+def test_resumed_tokens_are_decoded_after_the_prompt_as_the_engine_decodes_them() -> None:
+    """A SentencePiece-style tokenizer drops the space a text starts with: " Hello" alone
+    decodes to "Hello", but the engine streamed it after the prompt, as " Hello". The
+    client has " Hello wo" of " Hello world": "rld" is what it lacks, not "ld"."""
+
+    words = {1: "ctx", 2: " Hello", 3: " world"}
+
+    class Tokenizer:
+        end_token_ids = frozenset()
+
+        def decode(self, ids: Sequence[int]) -> str:
+            return "".join(words[i] for i in ids).removeprefix(" ")
+
+    engine = Tokenizer()
+    assert pending_text(engine, [1], [2, 3], len(" Hello wo")) == "rld"  # type: ignore[arg-type]
+    assert pending_text(engine, [], [2, 3], len("Hello wo")) == "rld"  # type: ignore[arg-type]
 
 
 async def test_the_worker_sends_the_resumed_text_the_client_lacks(harness: WorkerHarness) -> None:
