@@ -76,9 +76,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -110,6 +110,7 @@ from marketplace.ledger import (
     parse_receipt,
     same_receipt,
 )
+from marketplace.ledger.applier import request_id_in_flight
 
 __all__ = [
     "Admission",
@@ -126,6 +127,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 AUTHORIZATION_METADATA = "authorization"
 FAULT_EXIT_CODE = 70  # what a process killed by a FaultPoint exits with
@@ -449,13 +451,7 @@ class Billing:
         )
         request_id = request.request_id
         if request_id in self._pending:
-            raise BillingRefused(
-                IdConflict(
-                    f"request id {request_id!r} is in flight already; a request id is used "
-                    "once: send a new one, or leave request_id empty and the coordinator "
-                    "assigns one"
-                )
-            )
+            raise BillingRefused(IdConflict(request_id_in_flight(request_id)))
         self._pending[request_id] = admission  # taken now: a concurrent twin is refused
         try:
             principal.require_client()
@@ -621,11 +617,7 @@ class Billing:
         cancelled (await it through ``asyncio.shield``): a client hanging up, or the
         shutdown's cut, while the settlement of a finished stream is under way must not
         leave the request unsettled, free to the client and unpaid to its nodes."""
-        task = asyncio.get_running_loop().create_task(
-            self.settle(admission, parts), name="billing-settle"
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task = self._keep(self.settle(admission, parts))
         task.add_done_callback(_log_unawaited_failure)
         return task
 
@@ -642,9 +634,14 @@ class Billing:
             except CoordinatorError as exc:
                 log.error("request %s: settlement failed: %s", admission.request_id, exc)
 
-        task = asyncio.get_running_loop().create_task(run(), name="billing-settle")
+        self._keep(run())
+
+    def _keep(self, settling: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A task of ``settling`` that ``close`` waits for."""
+        task = asyncio.get_running_loop().create_task(settling, name="billing-settle")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # ------------------------------------------------------------ late receipts
 

@@ -398,13 +398,11 @@ class Relay:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"sent nothing for {self._settings.stall_timeout_s} s mid-stream",
             )
-            verdict = self._verdict(failure, context)
-            self._count_failed(outcome, segment)
+            verdict = self._failed(failure, context, outcome, segment)
             raise _AttemptFailed(failure) from exc
         except (grpc.aio.AioRpcError, WorkerStreamError) as exc:
             failure = AttemptFailure(node_id, exc.code(), _clip(exc.details() or ""))
-            verdict = self._verdict(failure, context)
-            self._count_failed(outcome, segment)
+            verdict = self._failed(failure, context, outcome, segment)
             raise _AttemptFailed(failure) from exc
         except grpc.aio.UsageError as exc:
             # The node's channel was closed under the attempt: the node left or moved to
@@ -416,8 +414,7 @@ class Relay:
                 )
             ) from exc
         except _AttemptFailed as exc:
-            verdict = self._verdict(exc.failure, context)
-            self._count_failed(outcome, segment)
+            verdict = self._failed(exc.failure, context, outcome, segment)
             raise
         finally:
             if watch is not None:
@@ -440,6 +437,17 @@ class Relay:
         ):
             return DispatchOutcome.ABANDONED
         return DispatchOutcome.FAILURE
+
+    def _failed(
+        self,
+        failure: AttemptFailure,
+        context: grpc.aio.ServicerContext,
+        outcome: RelayOutcome,
+        segment: SegmentOutcome,
+    ) -> DispatchOutcome:
+        """Count what the failed attempt's segment relayed; the verdict on its node."""
+        self._count_failed(outcome, segment)
+        return self._verdict(failure, context)
 
     @staticmethod
     def _count_failed(outcome: RelayOutcome, segment: SegmentOutcome) -> None:
@@ -615,14 +623,13 @@ class Relay:
         explained = self._router.explain(reason)
         prefs = routed.request.preferences
         ceiling_input, ceiling_output = routed.price_ceiling
-        client_cap = {
-            Constraint.MAX_PRICE_INPUT: (prefs.max_price_input_micro_usd_per_mtok, ceiling_input),
-            Constraint.MAX_PRICE_OUTPUT: (
-                prefs.max_price_output_micro_usd_per_mtok,
-                ceiling_output,
-            ),
-        }.get(reason.constraint)
-        if client_cap is not None and (client_cap[0] is None or client_cap[0] > client_cap[1]):
+        if reason.constraint is Constraint.MAX_PRICE_INPUT:
+            client_cap, ceiling = prefs.max_price_input_micro_usd_per_mtok, ceiling_input
+        elif reason.constraint is Constraint.MAX_PRICE_OUTPUT:
+            client_cap, ceiling = prefs.max_price_output_micro_usd_per_mtok, ceiling_output
+        else:
+            return self._all_failed(request, failures, explained)
+        if client_cap is None or client_cap > ceiling:
             # The cap named is not the client's: later attempts may not cost more per
             # token than the first decision's nodes, whose price the hold was placed on.
             explained += (

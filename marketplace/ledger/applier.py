@@ -843,21 +843,22 @@ def _sqlite_key_spend_sql(columns: int, rows: int) -> str:
 _LEASE_MUTABLE = ("periods_charged", "charged_micro_usd", "status", "ended_at_unix_ms")
 
 
-def in_flight_elsewhere(request_id: str) -> str:
-    """The refusal of a request id whose hold another coordinator placed."""
-    return (
-        f"request id {request_id!r} is in flight already through another coordinator; a "
-        "request id is used once: send a new one, or leave request_id empty and the "
-        "coordinator assigns one"
-    )
+_USE_A_NEW_ID = (
+    "a request id is used once: send a new one, or leave request_id empty and the "
+    "coordinator assigns one"
+)
+
+
+def request_id_in_flight(request_id: str, *, elsewhere: bool = False) -> str:
+    """The refusal of a request id a running request holds: here, or (``elsewhere``) one
+    whose hold another coordinator placed."""
+    where = " through another coordinator" if elsewhere else ""
+    return f"request id {request_id!r} is in flight already{where}; {_USE_A_NEW_ID}"
 
 
 def request_id_used(request_id: str) -> str:
     """The refusal of a request id that an earlier request used."""
-    return (
-        f"request id {request_id!r} was used by an earlier request; a request id is used "
-        "once: send a new one, or leave request_id empty and the coordinator assigns one"
-    )
+    return f"request id {request_id!r} was used by an earlier request; {_USE_A_NEW_ID}"
 
 
 def hold_id(request_id: str) -> str:
@@ -989,7 +990,7 @@ def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
         if known is not None and known["owner"] != op.owner:
             # The same id sent to two coordinators at once: one hold, one payment, two
             # requests served. The second to reach the journal is refused.
-            raise IdConflict(in_flight_elsewhere(op.request_id))
+            raise IdConflict(request_id_in_flight(op.request_id, elsewhere=True))
         if existing[_DEBIT] != op.account_id or existing[_AMOUNT] != op.amount:
             raise IdConflict(
                 f"request id {op.request_id!r} already has a different hold; use a new request id"
@@ -1096,7 +1097,7 @@ def _settle(batch: _Batch, op: Settle) -> SettlementRecord:
     client = batch.account(op.account_id)
     hold = batch.open_holds.get(rid)
     if hold is not None and op.owner is not None and hold["owner"] != op.owner:
-        raise IdConflict(in_flight_elsewhere(rid))
+        raise IdConflict(request_id_in_flight(rid, elsewhere=True))
     if hold is not None and hold["account_id"] != op.account_id:
         raise IdConflict(
             f"request {rid!r} holds money on account {hold['account_id']!r}, not {op.account_id!r}"

@@ -41,8 +41,8 @@ from marketplace.identity import Identity
 from marketplace.ledger import api_keys, identifiers, money
 from marketplace.ledger.applier import (
     DEPOSITS,
-    in_flight_elsewhere,
     now_unix_ms,
+    request_id_in_flight,
     request_id_used,
 )
 from marketplace.ledger.errors import (
@@ -536,11 +536,9 @@ class Ledger:
             previous = await self._read(self.store.settlement, request_id)
             if previous is not None:
                 return await self._settled_before(previous)
-            rows = await self._read(self.store.open_holds, request_id=request_id)
-            row = rows[0] if rows else None
-            if row is not None and row["owner"] != self.settings.owner:
-                raise IdConflict(in_flight_elsewhere(request_id))
-            if row is not None:
+            for row in await self._read(self.store.open_holds, request_id=request_id):
+                if row["owner"] != self.settings.owner:
+                    raise IdConflict(request_id_in_flight(request_id, elsewhere=True))
                 account_id, held, key_id = row["account_id"], row["amount"], row["api_key_id"]
             if account_id is None:
                 raise UnknownHold(

@@ -422,10 +422,15 @@ def late_receipt(part: Part, node: Identity = NODE, **changes: int) -> market_pb
 
 
 async def settled(setup: Setup, request_id: str, timeout_s: float = 5.0) -> dict:
+    return await settled_in(setup.ledger, request_id, timeout_s)
+
+
+async def settled_in(ledger: Ledger, request_id: str, timeout_s: float = 5.0) -> dict:
+    """The settlement row of ``request_id`` once ``ledger`` has written it."""
     deadline = time.monotonic() + timeout_s
     while True:
-        await setup.ledger.flush()
-        row = setup.ledger.store.settlement(request_id)
+        await ledger.flush()
+        row = ledger.store.settlement(request_id)
         if row is not None:
             return row
         assert time.monotonic() < deadline, f"request {request_id} was never settled"
@@ -624,10 +629,7 @@ async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
                     break
             call.cancel()
 
-        deadline = time.monotonic() + 10
-        while (row := ledger.store.settlement("cut-1")) is None:
-            assert time.monotonic() < deadline, "the cancelled request was never settled"
-            await asyncio.sleep(0.05)
+        row = await settled_in(ledger, "cut-1", timeout_s=10)
         relayed = row["output_tokens"]
         assert received <= relayed < 40  # cut off mid-stream
         cost = math.ceil((7 * node.price_input + relayed * node.price_output) / 1_000_000)
@@ -679,10 +681,7 @@ async def test_a_client_hanging_up_during_the_settlement_still_pays(
             call.cancel()
             await asyncio.sleep(0.3)  # the cancellation reaches the handler
         gate.set()
-        deadline = time.monotonic() + 10
-        while (row := ledger.store.settlement("hung-up")) is None:
-            assert time.monotonic() < deadline, "the request was never settled"
-            await asyncio.sleep(0.05)
+        row = await settled_in(ledger, "hung-up", timeout_s=10)
         assert row["output_tokens"] == 3 and row["cost_micro_usd"] > 0
 
 
