@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -48,7 +48,7 @@ class HardwareInfo:
         """What the engine computes with, as offered: the first visible GPU (vLLM runs
         on one GPU here; a lease is priced per GPU, so idle ones are not sold), or the
         CPU."""
-        return HardwareInfo(self.cpu_cores, self.memory_bytes, self.cpu_model, self.gpus[:1])
+        return replace(self, gpus=self.gpus[:1])
 
     def to_proto(self) -> market_pb2.Hardware:
         return market_pb2.Hardware(

@@ -219,7 +219,10 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         )
         if resume.ends_generation(engine, resumed):
             return resume.finished(pending)
-        return resume.after_resume(coalesced(engine.generate(job)), pending, job.stop)
+        stream = coalesced(engine.generate(job))
+        if not pending:  # the client has all the resumed text: no seam to watch
+            return stream
+        return resume.after_resume(stream, pending, job.stop)
 
     async def _generate(
         self,
