@@ -440,9 +440,9 @@ class _Batch:
             ):
                 self.key_usage[key_id][0] = spent
             for key_id, owner, held in self.conn.execute(
-                select(T_HOLDS.c.api_key_id, T_HOLDS.c.owner, func.sum(T_HOLDS.c.amount))
-                .where(T_HOLDS.c.api_key_id.in_(chunk))
-                .group_by(T_HOLDS.c.api_key_id, T_HOLDS.c.owner)
+                select(T_HOLDS.c.limited_key_id, T_HOLDS.c.owner, func.sum(T_HOLDS.c.amount))
+                .where(T_HOLDS.c.limited_key_id.in_(chunk))
+                .group_by(T_HOLDS.c.limited_key_id, T_HOLDS.c.owner)
             ):
                 self.key_usage[key_id][1][owner] = int(held)
 
@@ -1022,10 +1022,11 @@ def _place_hold(batch: _Batch, op: PlaceHold) -> HoldResult:
         "transfer_id": tid,
         "request_id": op.request_id,
         "account_id": op.account_id,
-        "api_key_id": op.api_key_id,
+        "api_key_id": key_id,
         "amount": op.amount,
         "expires_at_unix_ms": op.expires_at_unix_ms,
         "owner": op.owner,
+        "limited_key_id": key_id if op.spend_limit_micro_usd is not None else None,
     }
     batch.open_holds[op.request_id] = row
     batch.new_holds[tid] = row

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -54,6 +54,10 @@ class LeaseStatus(enum.StrEnum):
     ACTIVE = "active"  # paid up front, node reserved
     ENDED = "ended"  # ended by the client or at its end time; the rest refunded
     FAILED = "failed"  # the node failed; the unused part refunded
+
+
+# The rows of ix_open_holds_limited_key_id.
+_LIMITED_KEY = "limited_key_id IS NOT NULL"
 
 
 def _big(nullable: bool = False) -> Column:
@@ -145,16 +149,28 @@ class OpenHold(SQLModel, table=True):
     """Pending holds not yet resolved (an index of the journal, for expiry and recovery)."""
 
     __tablename__ = "open_holds"
-    __table_args__ = {"sqlite_with_rowid": False}
+    __table_args__ = (
+        # Only the holds of keys with a spend limit: the writer reads a key's open holds
+        # to check that limit (applier._load_key_usage), and a key's limit is fixed when
+        # it is issued. Holds of other keys stay out of the index (migration 0005).
+        Index(
+            "ix_open_holds_limited_key_id",
+            "limited_key_id",
+            sqlite_where=text(_LIMITED_KEY),
+            postgresql_where=text(_LIMITED_KEY),
+        ),
+        {"sqlite_with_rowid": False},
+    )
 
     transfer_id: str = Field(primary_key=True, max_length=160)
     request_id: str = Field(max_length=128, unique=True)
     account_id: str = Field(max_length=128)
-    # Indexed: a key's spend limit counts its open holds (applier._load_key_usage).
-    api_key_id: str | None = Field(default=None, max_length=16, index=True)
+    api_key_id: str | None = Field(default=None, max_length=16)
     amount: int = Field(sa_column=_big())
     expires_at_unix_ms: int = Field(sa_column=_big())
     owner: str = Field(max_length=64)
+    # api_key_id when that key has a spend limit, else None (last: added by 0005).
+    limited_key_id: str | None = Field(default=None, max_length=16)
 
 
 class Settlement(SQLModel, table=True):

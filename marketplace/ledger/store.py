@@ -385,15 +385,20 @@ class LedgerStore:
         )
 
     def key_usage(self, key_id: str) -> tuple[int, int]:
-        """What counts toward the key's spend limit: (spent, held by its open holds)."""
+        """What counts toward the key's spend limit: (spent, held by its open holds).
+
+        A limited key's holds are read through the partial index on ``limited_key_id``;
+        another key's (only shown, never checked) by a scan of the open holds."""
         with self.engine.connect() as conn:
             spent = conn.execute(
                 select(T_KEY_SPEND.c.spent_micro_usd).where(T_KEY_SPEND.c.api_key_id == key_id)
             ).scalar_one_or_none()
+            limited = conn.execute(
+                select(T_KEYS.c.spend_limit_micro_usd).where(T_KEYS.c.id == key_id)
+            ).scalar_one_or_none()
+            column = T_HOLDS.c.limited_key_id if limited is not None else T_HOLDS.c.api_key_id
             held = conn.execute(
-                select(func.coalesce(func.sum(T_HOLDS.c.amount), 0)).where(
-                    T_HOLDS.c.api_key_id == key_id
-                )
+                select(func.coalesce(func.sum(T_HOLDS.c.amount), 0)).where(column == key_id)
             ).scalar_one()
         return int(spent or 0), int(held)
 

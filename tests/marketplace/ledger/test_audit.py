@@ -78,7 +78,7 @@ def test_migrations_build_the_schema_from_empty(database_url: str) -> None:
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0005"
         platform = conn.execute(text("SELECT id FROM accounts ORDER BY id")).scalars().all()
     assert platform == [
         "platform.clearing",
@@ -129,6 +129,56 @@ def test_key_spend_migration_fills_from_settlements(database_url: str) -> None:
     with engine.connect() as conn:
         spend = dict(conn.execute(text("SELECT api_key_id, spent_micro_usd FROM key_spend")).all())
     assert spend == {"k1": 42, "k2": 5}
+    engine.dispose()
+
+
+def test_limited_key_migration_indexes_only_the_holds_of_limited_keys(database_url: str) -> None:
+    """A database at 0004 with open holds: 0005 marks those of keys with a spend limit,
+    and reading a key's holds by that column uses the partial index."""
+    engine = create_ledger_engine(LedgerSettings(database_url=database_url))
+    migrate(engine, "0004")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO accounts (id, kind, name, node_id, must_not_overdraw, "
+                "created_at_unix_ms) VALUES ('a', 'client', 'alice', NULL, true, 1)"
+            )
+        )
+        for key_id, limit in (("limited", 500), ("open", None)):
+            conn.execute(
+                text(
+                    "INSERT INTO api_keys (id, account_id, name, secret_sha256, "
+                    "spend_limit_micro_usd, rate_limit_per_minute, created_at_unix_ms, "
+                    "revoked_at_unix_ms) VALUES (:k, 'a', :k, :h, :l, NULL, 1, NULL)"
+                ),
+                {"k": key_id, "h": key_id * 4, "l": limit},
+            )
+        for n, key_id in enumerate(("limited", "open", None, "limited")):
+            conn.execute(
+                text(
+                    "INSERT INTO open_holds (transfer_id, request_id, account_id, api_key_id, "
+                    "amount, expires_at_unix_ms, owner) VALUES (:t, :r, 'a', :k, 10, 1, 'o')"
+                ),
+                {"t": f"hold:r{n}", "r": f"r{n}", "k": key_id},
+            )
+    migrate(engine)
+    with engine.connect() as conn:
+        marked = conn.execute(
+            text("SELECT request_id, limited_key_id FROM open_holds ORDER BY request_id")
+        ).all()
+        assert [tuple(row) for row in marked] == [
+            ("r0", "limited"),
+            ("r1", None),
+            ("r2", None),
+            ("r3", "limited"),
+        ]
+        query = "SELECT SUM(amount) FROM open_holds WHERE limited_key_id IN ('limited', 'x')"
+        if engine.dialect.name == "sqlite":
+            plan = " ".join(str(row) for row in conn.execute(text(f"EXPLAIN QUERY PLAN {query}")))
+        else:
+            conn.execute(text("SET enable_seqscan = off"))  # a 4-row table is scanned else
+            plan = " ".join(str(row) for row in conn.execute(text(f"EXPLAIN {query}")))
+        assert "ix_open_holds_limited_key_id" in plan, plan
     engine.dispose()
 
 
