@@ -80,8 +80,9 @@ class SegmentOutcome:
     output_tokens: int = 0
     # The node's FinishReason; UNSPECIFIED while streaming or when the node died.
     finish_reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED
-    # The node's signed receipt from its WorkerFinal; None when it sent no final (it
-    # died, or the stream was cut off: then a live node sends its receipt late, on its
+    # The node's signed receipt from its WorkerFinal, or from the error it ended with
+    # after streaming output (its engine failed); None when it sent neither (it died,
+    # or the stream was cut off: then a live node sends its receipt late, on its
     # heartbeat stream, and billing matches it by worker_request_id).
     receipt: market_pb2.SignedReceipt | None = None
     # True once the node's final arrived (the segment ended normally).
@@ -156,13 +157,14 @@ class RelayOutcome:
 
     def derive_input_tokens(self) -> None:
         """Fill in input_tokens of segments whose node died before its final, from a
-        segment that reported it: prompt = reported - resumed tokens."""
+        segment that reported it: prompt = reported - resumed tokens. (A node that failed
+        with a receipt reported its own.)"""
         reported = next((s for s in self.segments if s.completed and s.input_tokens), None)
         if reported is None:
             return
         prompt_tokens = max(0, reported.input_tokens - reported.resumed_tokens)
         for segment in self.segments:
-            if not segment.completed:
+            if not segment.completed and segment.receipt is None:
                 segment.input_tokens = prompt_tokens + segment.resumed_tokens
                 segment.input_tokens_derived = True
 

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
-from mercato.v1 import common_pb2, inference_pb2, node_pb2
+from mercato.v1 import common_pb2, inference_pb2, market_pb2, node_pb2
 
 from coordinator.errors import (
     CoordinatorError,
@@ -116,6 +116,17 @@ class _AttemptFailed(Exception):
     def __init__(self, failure: AttemptFailure) -> None:
         super().__init__(str(failure))
         self.failure = failure
+
+
+def _keep_error_receipt(segment: SegmentOutcome, signed: market_pb2.SignedReceipt) -> None:
+    """Keep the receipt a node sent with its error for the output it streamed before
+    failing: billing checks it against the coordinator's own count of that output like a
+    final's receipt (a forged or miscounted one is refused there, not here)."""
+    segment.receipt = signed
+    try:
+        segment.input_tokens = market_pb2.UsageReceipt.FromString(signed.receipt).input_tokens
+    except DecodeError:
+        segment.input_tokens = 0  # unreadable: billing refuses and records it
 
 
 def _clip(text: str) -> str:
@@ -515,6 +526,8 @@ class Relay:
             self._final(request, node, response.final, segment, outcome)
             return True
         if kind == "error":
+            if response.HasField("error_receipt") and segment in outcome.segments:
+                _keep_error_receipt(segment, response.error_receipt)
             code = status_code(response.error.code)
             raise _AttemptFailed(AttemptFailure(node.node_id, code, _clip(response.error.message)))
         raise _AttemptFailed(

@@ -280,11 +280,18 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         except NodeError as exc:
             code = exc.status_code
             logger.warning("request %s failed: %s", request.request_id, exc)
-            yield response_cls(
+            failed = response_cls(
                 error=common_pb2.StreamError(
                     code=_ERROR_CODES.get(code, common_pb2.ERROR_CODE_INTERNAL), message=str(exc)
                 )
             )
+            if output_tokens:
+                # The output streamed before the failure is paid for: the coordinator
+                # resumes the rest elsewhere and bills this part on this receipt.
+                failed.error_receipt.CopyFrom(
+                    self._receipt(request, len(prompt_ids), output_tokens, started_at_unix_ms)
+                )
+            yield failed
             await context.abort(code, str(exc))
         receipt = self._receipt(request, len(prompt_ids), output_tokens, started_at_unix_ms)
         try:

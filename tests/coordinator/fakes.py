@@ -88,6 +88,9 @@ class Behaviour:
     hang: bool = False
     # Abort with UNAVAILABLE after this many deltas.
     fail_after: int | None = None
+    # With fail_after: first send a StreamError carrying the node's receipt for the
+    # deltas sent (a real node whose engine fails mid-stream); needs final_receipt.
+    fail_with_receipt: bool = False
     # Go silent after this many deltas (the call stays open; wait to be cancelled).
     hang_after: int | None = None
     # Send every delta even past sampling.max_tokens (a node that breaks the request).
@@ -148,6 +151,14 @@ class FakeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
                 deltas, finish_reason = deltas[:max_tokens], common_pb2.FINISH_REASON_LENGTH
             for index, text in enumerate(deltas):
                 if b.fail_after is not None and index == b.fail_after:
+                    if b.fail_with_receipt and self.final_receipt is not None:
+                        failed = node_pb2.WorkerGenerateResponse(
+                            error=common_pb2.StreamError(
+                                code=common_pb2.ERROR_CODE_UNAVAILABLE, message="engine failed"
+                            )
+                        )
+                        failed.error_receipt.CopyFrom(self.final_receipt(request, sent))
+                        yield failed
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "engine died")
                 if b.hang_after is not None and index == b.hang_after:
                     await asyncio.sleep(3600)

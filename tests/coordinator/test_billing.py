@@ -645,6 +645,67 @@ async def test_client_cancel_mid_stream_pays_for_the_relayed_tokens(
         assert ledger.store.rejections("cut-1") == []
 
 
+async def test_a_node_whose_engine_fails_mid_stream_is_paid_on_the_receipt_it_sends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its engine breaks after 2 tokens: the error carries its receipt for them, a second
+    node finishes the answer, and both are paid for what each produced."""
+    async with billed_coordinator_and_node(tmp_path, monkeypatch) as (coordinator, first):
+        second = fakes.FakeNode(coordinator.address, price_input=150_000, price_output=300_000)
+        await second.start()
+        try:
+            for node in (first, second):
+                node.worker.final_receipt = node.signed_usage
+            first.worker.behaviour = fakes.Behaviour(
+                deltas=["a", "b", "c", "d", "e"], fail_after=2, fail_with_receipt=True
+            )
+            # It counts one prompt token more (another template): each segment is billed
+            # on its own node's count.
+            second.worker.behaviour = fakes.Behaviour(
+                deltas=["C", "D", "E"], first_token_id=2000, input_tokens=8
+            )
+            assert coordinator.billing is not None
+            ledger = coordinator.billing.ledger
+            issued = funded_client_key(ledger.store, "erin")
+            request = inference_pb2.GenerateRequest(
+                request_id="engine-broke",
+                model=fakes.MODEL,
+                prompt="Spell it.",
+                sampling=common_pb2.SamplingParams(max_tokens=5),
+                routing=inference_pb2.RoutingPreferences(sort=inference_pb2.SORT_MODE_PRICE),
+            )
+            async with grpc.aio.insecure_channel(coordinator.address) as channel:
+                responses = [
+                    response
+                    async for response in inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+                        request,
+                        metadata=(("authorization", f"Bearer {issued.secret_key}"),),
+                        timeout=30,
+                    )
+                ]
+            assert "".join(r.delta.text for r in responses if r.HasField("delta")) == "abCDE"
+            final = responses[-1].final
+            assert [(s.node_id, s.output_tokens) for s in final.segments] == [
+                (first.node_id, 2),
+                (second.node_id, 3),
+            ]
+            row = await settled_in(ledger, "engine-broke")
+            first_cost = (7 * first.price_input + 2 * first.price_output) / 1_000_000
+            second_cost = (10 * second.price_input + 3 * second.price_output) / 1_000_000
+            assert row["output_tokens"] == 5
+            assert row["cost_micro_usd"] == math.ceil(first_cost) + math.ceil(second_cost)
+            receipts = ledger.store.receipts("engine-broke")
+            signers = {
+                verify_offline(r, [coordinator.identity.public_key]).node_id for r in receipts
+            }
+            assert signers == {first.node_id, second.node_id}
+            await ledger.flush()
+            assert ledger.store.account(first.node_id).posted_micro_usd > 0
+            assert ledger.store.rejections("engine-broke") == []
+        finally:
+            await second.stop()
+
+
 async def test_a_client_hanging_up_during_the_settlement_still_pays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -322,6 +322,32 @@ async def test_a_dead_engine_ends_the_stream_with_unavailable() -> None:
         await server.stop(0)
 
 
+async def test_an_engine_failing_mid_stream_signs_a_receipt_for_what_was_streamed() -> None:
+    """The output before the failure is paid for: the error carries the node's receipt."""
+    from .conftest import start_harness
+
+    harness, server = await start_harness(tokens_per_s=50)
+    try:
+        call = harness.stub.Generate(chat_request(max_tokens=100, request_id="dies-late"))
+        responses = [await call.read(), await call.read()]
+        harness.engine.kill()
+        with pytest.raises(grpc.aio.AioRpcError):
+            while (response := await call.read()) is not grpc.aio.EOF:
+                responses.append(response)
+        streamed = sum(len(r.delta.token_ids) for r in responses if r.HasField("delta"))
+        failed = [r for r in responses if r.HasField("error")]
+        assert streamed >= 2 and len(failed) == 1
+        signed = failed[0].error_receipt
+        assert verify(signed.node_public_key, RECEIPT_DOMAIN, signed.receipt, signed.node_signature)
+        receipt = market_pb2.UsageReceipt.FromString(signed.receipt)
+        assert receipt.request_id == "dies-late"
+        assert receipt.node_id == harness.identity.node_id
+        assert receipt.output_tokens == streamed and receipt.input_tokens > 0
+    finally:
+        await harness.channel.close()
+        await server.stop(0)
+
+
 async def test_health_and_reflection_are_served(harness: WorkerHarness) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -129,11 +129,13 @@ class WorkerFinal(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., receipt: _Optional[_Union[_market_pb2.SignedReceipt, _Mapping]] = ...) -> None: ...
 
 class WorkerGenerateResponse(_message.Message):
-    __slots__ = ("delta", "final", "error")
+    __slots__ = ("delta", "final", "error", "error_receipt")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RECEIPT_FIELD_NUMBER: _ClassVar[int]
     delta: _common_pb2.TextDelta
     final: WorkerFinal
     error: _common_pb2.StreamError
-    def __init__(self, delta: _Optional[_Union[_common_pb2.TextDelta, _Mapping]] = ..., final: _Optional[_Union[WorkerFinal, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ...) -> None: ...
+    error_receipt: _market_pb2.SignedReceipt
+    def __init__(self, delta: _Optional[_Union[_common_pb2.TextDelta, _Mapping]] = ..., final: _Optional[_Union[WorkerFinal, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ..., error_receipt: _Optional[_Union[_market_pb2.SignedReceipt, _Mapping]] = ...) -> None: ...
