@@ -230,16 +230,19 @@ class _Batch:
             elif self._catch_up(cache):
                 self.optimistic = True
                 cache.caught_up += 1
+                cache.key_usage.clear()
             else:
                 cache.clear()
                 cache.misses += 1
             self.accounts = cache.accounts
             self.provider_by_node = cache.provider_by_node
             self.open_holds = cache.open_holds
+            self.key_usage = cache.key_usage
         else:
             self.accounts = {}
             self.provider_by_node = {}
             self.open_holds = {}  # request id -> row
+            self.key_usage = {}
         self.dirty: set[str] = set()
         self.transfers: dict[str, Sequence[Any]] = {}  # id -> entry (columns of transfers)
         self.settlements: dict[str, SettlementRecord] = {}
@@ -254,9 +257,9 @@ class _Batch:
         self.closed_holds: list[str] = []
         self.new_settlements: list[tuple[Any, ...]] = []
         self.key_spend: dict[str, int] = {}  # API key id -> cost settled in this batch
-        # Keys whose spend limit this batch checks: key id -> [spent, {owner: open holds}],
-        # read in ``load`` and kept in step by every change the batch makes.
-        self.key_usage: dict[str, list[Any]] = {}
+        # Keys whose spend limit is checked (self.key_usage, set above): key id -> [spent,
+        # {owner: open holds}], read in ``load`` unless the writer's cache has it, and
+        # kept in step by every change.
         self.new_receipts: list[tuple[Any, ...]] = []
         self.new_rejections: list[dict[str, Any]] = []
         self.new_leases: list[dict[str, Any]] = []
@@ -429,7 +432,9 @@ class _Batch:
             self._load_key_usage(limited_keys)
 
     def _load_key_usage(self, key_ids: set[str]) -> None:
-        """Each key's recorded spend and its open holds by owner (every coordinator's)."""
+        """Each key's recorded spend and its open holds by owner (every coordinator's),
+        unless already known."""
+        key_ids = key_ids.difference(self.key_usage)
         for key_id in key_ids:
             self.key_usage[key_id] = [0, {}]
         for chunk in _chunks(key_ids):

@@ -7,7 +7,7 @@ and the state this writer knows — account balances, the provider account of ea
 the holds it saw open — is still the database's. When the head has moved on (another
 coordinator, the operator CLI), the entries written since name every account and every
 open hold that changed (a balance or a hold changes only by a journal entry): the batch
-forgets those and keeps the rest (``caught_up``). Either way the batch starts from that
+forgets those, and every limited key's usage, and keeps the rest (``caught_up``). Either way the batch starts from that
 state instead of reading it again, and skips the look-ups that only find earlier rows
 of a retried request (a settlement, a receipt, a hold transfer): if such a row exists
 after all, its unique key refuses the insert, the transaction rolls back, the memory is
@@ -23,6 +23,7 @@ from typing import Any, Final
 
 _ACCOUNTS_REMEMBERED_MAX = 200_000
 _HOLDS_REMEMBERED_MAX = 500_000
+_KEYS_REMEMBERED_MAX = 200_000
 
 
 # An account as batches see it: (kind, must_not_overdraw, node_id, debits_posted,
@@ -53,6 +54,10 @@ class WriterCache:
     accounts: dict[str, AccountState] = field(default_factory=dict)
     provider_by_node: dict[str, str] = field(default_factory=dict)
     open_holds: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> row
+    # Limited keys' usage, key id -> [spent, {owner: open holds}] (applier._Batch.key_usage).
+    # Forgotten whenever another writer wrote (its entries do not name the keys they
+    # charged), so it is kept only while this writer is the only one.
+    key_usage: dict[str, list[Any]] = field(default_factory=dict)
     pending_head: tuple[int, bytes] | None = None  # the head the open batch will commit
     hits: int = 0  # batches that started from memory
     caught_up: int = 0  # batches that started from memory less what others changed
@@ -69,6 +74,7 @@ class WriterCache:
         self.accounts.clear()
         self.provider_by_node.clear()
         self.open_holds.clear()
+        self.key_usage.clear()
         self.pending_head = None
 
     def committed(self) -> None:
@@ -80,5 +86,6 @@ class WriterCache:
         if (
             len(self.accounts) > _ACCOUNTS_REMEMBERED_MAX
             or len(self.open_holds) > _HOLDS_REMEMBERED_MAX
+            or len(self.key_usage) > _KEYS_REMEMBERED_MAX
         ):
             self.clear()  # bounded memory; the next batch reads what it needs

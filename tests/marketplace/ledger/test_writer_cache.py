@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from marketplace.ledger import (
     IdConflict,
     InsufficientBalance,
     LedgerStore,
     ReplayedReceipt,
+    SpendLimitExceeded,
     verify_ledger,
 )
 from marketplace.ledger.operations import (
@@ -152,6 +154,57 @@ async def test_what_another_writer_changed_is_forgotten_and_the_rest_kept(
     assert other in writer.cache.accounts
     assert store.account(client).available_micro_usd == 100
     assert store.account(other).available_micro_usd == 0
+    assert verify_ledger(store.engine).ok
+
+
+LIMIT = 1_000
+
+
+def _limited_hold(request_id: str, account_id: str, amount: int, owner: str = "t") -> PlaceHold:
+    return PlaceHold(request_id, account_id, amount, EXPIRES_MS, owner, "key-1", LIMIT)
+
+
+async def test_a_limited_keys_usage_is_remembered_between_batches(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    """A key's spend and open holds are read once; later batches keep them in step and
+    check the limit from memory, as they do balances."""
+    client = make_client(store, deposit=10_000)
+    await _batch(writer, _limited_hold("k1", client, 600))
+    settle = replace(_settle("k1", client, 500), api_key_id="key-1", spend_limit_micro_usd=LIMIT)
+    await _batch(writer, settle)  # spent 500, nothing held
+    statements: list[str] = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731  (conn, cursor, statement, ...)
+    event.listen(store.engine, "before_cursor_execute", listener)
+    try:
+        answers = await _batch(
+            writer, _limited_hold("k2", client, 600), _limited_hold("k3", client, 500)
+        )
+    finally:
+        event.remove(store.engine, "before_cursor_execute", listener)
+    assert isinstance(answers[0], SpendLimitExceeded)  # 500 + 600 > 1,000
+    assert answers[1] == HoldResult("k3", client, 500, created=True)
+    assert not [s for s in statements if "open_holds" in s and s.lstrip().startswith("SELECT")]
+    assert writer.cache.key_usage["key-1"][0] == 500
+    assert store.key_usage("key-1") == (500, 500)
+
+
+async def test_a_limited_keys_usage_is_read_again_after_another_writer(
+    store: LedgerStore, writer: GroupCommitWriter
+) -> None:
+    """Another coordinator's hold on the key counts against its limit here at once:
+    the first writer forgets the usage it remembered when the journal moved on."""
+    client = make_client(store, deposit=10_000)
+    assert (await _batch(writer, _limited_hold("a1", client, 300)))[0].created
+    second = GroupCommitWriter(store.engine)
+    second.start()
+    try:
+        assert (await _batch(second, _limited_hold("b1", client, 600, owner="u")))[0].created
+    finally:
+        await second.close()
+    [answer] = await _batch(writer, _limited_hold("a2", client, 300))
+    assert isinstance(answer, SpendLimitExceeded)  # 300 + 600 + 300 > 1,000
+    assert store.key_usage("key-1") == (0, 900)
     assert verify_ledger(store.engine).ok
 
 
