@@ -46,6 +46,7 @@ from marketplace.ledger import (
     UnknownLease,
 )
 from marketplace.ledger.errors import LeaseNotActive
+from marketplace.ledger.ledger import check_lease_hours
 
 __all__ = [
     "AccountServiceError",
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 PAGE_SIZE_DEFAULT = 50
 PAGE_SIZE_MAX = 500
 _ID_CHARS_MAX = 128
+_INT64_MAX = 2**63 - 1  # the database's BIGINT
 _T = TypeVar("_T")
 
 _KINDS = {
@@ -259,8 +261,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         async def work(principal: Principal) -> account_pb2.CreateLeaseResponse:
             principal.require_client()
             _check_id(request.node_id, "node_id")
-            if request.hours < 1:
-                raise InvalidInput("hours must be at least 1")
+            check_lease_hours(request.hours)  # (1..LEASE_HOURS_MAX, as the CLI)
             if request.lease_id:
                 _check_id(request.lease_id, "lease_id")
                 # A retry answers the lease made (its node may be offline since); a
@@ -416,10 +417,18 @@ def _encode_page_token(unix_ms: int, row_id: str) -> str:
 
 
 def _decode_page_token(token: str) -> tuple[int, str]:
+    """The (time, id) a page token names; InvalidInput for any token this service could
+    not have issued (a time outside a 64-bit integer would fail in the database)."""
     try:
         raw: Any = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         unix_ms, row_id = raw
-        if isinstance(unix_ms, int) and isinstance(row_id, str):
+        if (
+            isinstance(unix_ms, int)
+            and not isinstance(unix_ms, bool)
+            and 0 <= unix_ms <= _INT64_MAX
+            and isinstance(row_id, str)
+            and "\x00" not in row_id
+        ):
             return unix_ms, row_id
     except (binascii.Error, ValueError, TypeError):
         pass

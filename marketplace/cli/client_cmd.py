@@ -237,6 +237,8 @@ def _show_lease(title: str, lease: account_pb2.Lease) -> None:
 @lease_app.command("create")
 def lease_create(
     node_id: str = typer.Argument(..., help="Node to lease, as `mercato nodes` shows it."),
+    # max: marketplace.ledger.ledger.LEASE_HOURS_MAX (not imported: the ledger's modules
+    # take 0.4 s to import, and this command never opens the ledger).
     hours: int = typer.Option(..., min=1, max=24 * 366, help="How long, in whole hours."),
     max_price: int = typer.Option(
         0, min=0, help="Refuse if the node costs more per GPU-hour (micro-USD); 0: no cap."

@@ -196,12 +196,13 @@ def receipts_verify(
     json_output: bool = JsonOutput,
 ) -> None:
     """Check node signatures and coordinator countersignatures with the public keys only."""
+    from google.protobuf.message import DecodeError
     from mercato.v1 import market_pb2
 
     from marketplace.ledger.errors import BadReceipt, InvalidInput, LedgerError
     from marketplace.ledger.receipts import verify_offline
 
-    trusted = [bytes.fromhex(k) for k in coordinator_key] or None
+    trusted = [_coordinator_key(k, json_output) for k in coordinator_key] or None
     results: list[dict[str, Any]] = []
     try:
         if file is not None:
@@ -222,8 +223,15 @@ def receipts_verify(
             )
     except LedgerError as exc:
         _fail(exc.code, str(exc), json_output)
-    except (OSError, ValueError, KeyError) as exc:
-        _fail("invalid_argument", f"cannot read receipts file {file}: {exc}", json_output)
+    except KeyError as exc:
+        _fail("invalid_argument", _unreadable(file, f"a field is missing: {exc}"), json_output)
+    except (TypeError, AttributeError) as exc:
+        _fail("invalid_argument", _unreadable(file, f"not the expected shape ({exc})"), json_output)
+    except DecodeError as exc:
+        reason = f"a signed_receipt_b64 is not a signed receipt ({exc})"
+        _fail("invalid_argument", _unreadable(file, reason), json_output)
+    except (OSError, ValueError) as exc:
+        _fail("invalid_argument", _unreadable(file, str(exc)), json_output)
     for rid, signed in signed_list:
         try:
             usage = verify_offline(signed, trusted)
@@ -249,6 +257,30 @@ def receipts_verify(
     )
     if not ok:
         raise typer.Exit(1)
+
+
+def _coordinator_key(text: str, json_output: bool) -> bytes:
+    """A ``--coordinator-key``: an Ed25519 public key, 64 hex characters."""
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        _fail(
+            "invalid_argument",
+            f"--coordinator-key {text!r} is not a coordinator public key: give its 64 hex "
+            "characters, as the coordinator prints them in its ready line "
+            "(coordinator_public_key)",
+            json_output,
+        )
+    return key
+
+
+def _unreadable(file: Path | None, reason: str) -> str:
+    return (
+        f"cannot read receipts file {file}: {reason}; give the JSON that "
+        "'mercato receipts show <request id> --json' prints"
+    )
 
 
 def _fail(code: str, message: str, json_output: bool) -> None:

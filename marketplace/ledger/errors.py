@@ -4,7 +4,8 @@
 LedgerError                      INTERNAL           a bug or a broken invariant
 ├── InvalidInput                 INVALID_ARGUMENT   a field is malformed
 │   ├── InvalidAmount            INVALID_ARGUMENT   zero, negative or too large
-│   └── InvalidIdentifier        INVALID_ARGUMENT   an id with characters or length not allowed
+│   ├── InvalidIdentifier        INVALID_ARGUMENT   an id with characters or length not allowed
+│   └── InvalidLeaseHours        INVALID_ARGUMENT   a lease of 0 hours, or longer than 366 days
 ├── NotFound                     NOT_FOUND
 │   ├── UnknownAccount           NOT_FOUND
 │   ├── UnknownKey               NOT_FOUND          (operator commands; auth uses Unauthenticated)
@@ -62,6 +63,12 @@ class InvalidAmount(InvalidInput):
 
 class InvalidIdentifier(InvalidInput):
     code = "invalid_identifier"
+
+
+class InvalidLeaseHours(InvalidInput):
+    """A lease's ``hours`` out of 1..``LEASE_HOURS_MAX`` (``marketplace.ledger.ledger``)."""
+
+    code = "invalid_lease_hours"
 
 
 class NotFound(LedgerError):

@@ -10,7 +10,12 @@ log. While running, the log rotates into segments and a segment is deleted once 
 settlement in it is durable in the database.
 
 Record: 4-byte big-endian length, 4-byte CRC-32, then a JSON payload. A torn last record
-(length or checksum wrong) is one that was never acknowledged and is skipped.
+(length or checksum wrong) is one that was never acknowledged and is skipped. So is a
+tail of zero bytes (a length of 0: what a file system can leave at the end of a file
+after a power cut when ``intent_log_fsync`` is off), or a record that passes its checksum
+but does not decode: reading that segment stops there, with a warning, and start-up goes
+on. A write that fails or stops short (a full disk) is cut off the segment again and
+refused with :class:`LedgerUnavailable`, so no torn record sits before later ones.
 
 One process at a time writes a folder: it holds an exclusive ``flock`` on
 ``writer.lock`` in it (with its pid inside) while the log is open, and the kernel lets go
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import struct
 import zlib
@@ -32,8 +39,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from marketplace.ledger.errors import LedgerBusy
+from marketplace.ledger.errors import LedgerBusy, LedgerUnavailable
 from marketplace.ledger.operations import Settle, SettleSegment
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">II")
 _SEGMENT_BYTES_MAX = 4 * 1024 * 1024
@@ -96,12 +105,29 @@ class IntentLog:
         payload = encode_settle(op)
         record = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
         assert self._fd is not None
-        os.write(self._fd, record)
-        if self._fsync:
-            os.fsync(self._fd)
+        try:
+            _write_all(self._fd, record)
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._cut_back()
+            raise LedgerUnavailable(
+                f"could not write the settlement intent log {self._path(self._number)}: "
+                f"{exc.strerror or exc}; the request was not settled. Free disk space in "
+                f"{self.directory} (or check the disk)"
+            ) from exc
         self._size += len(record)
         self._outstanding[self._number] = self._outstanding.get(self._number, 0) + 1
         return self._number
+
+    def _cut_back(self) -> None:
+        """Drop the part of a record a failed write left, so the next record follows the
+        last whole one; if that fails too, the next record starts a new segment."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            self._size = _SEGMENT_BYTES_MAX  # rotates on the next append
 
     def done(self, number: int) -> None:
         """One record of segment ``number`` is durable in the database."""
@@ -155,18 +181,60 @@ def _lock_writer(directory: Path) -> int:
     return fd
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may stop short)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "the write wrote nothing")
+        view = view[written:]
+
+
 def read_segments(paths: list[Path]) -> list[Settle]:
-    """Every complete record in ``paths``, in order."""
+    """Every complete record in ``paths``, in order. A segment is read up to its first
+    record that is torn (cut short, a wrong checksum, a length of 0 as in a zero-filled
+    tail) or does not decode: that record was never acknowledged, nor any after it."""
     ops = []
     for path in paths:
         data = path.read_bytes()
         offset = 0
-        while offset + _HEADER.size <= len(data):
-            length, crc = _HEADER.unpack_from(data, offset)
-            start = offset + _HEADER.size
-            payload = data[start : start + length]
-            if len(payload) < length or zlib.crc32(payload) != crc:
-                break  # torn tail: never acknowledged
-            ops.append(decode_settle(payload))
-            offset = start + length
+        while offset < len(data):
+            torn = _torn(data, offset)
+            if torn is None:
+                length = _HEADER.unpack_from(data, offset)[0]
+                start = offset + _HEADER.size
+                try:
+                    ops.append(decode_settle(data[start : start + length]))
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    torn = f"a record that does not decode ({type(exc).__name__}: {exc})"
+                else:
+                    offset = start + length
+                    continue
+            log.warning(
+                "intent log %s: stopped reading at byte %d of %d, %s; the %d bytes from "
+                "there were never acknowledged and are skipped",
+                path,
+                offset,
+                len(data),
+                torn,
+                len(data) - offset,
+            )
+            break
     return ops
+
+
+def _torn(data: bytes, offset: int) -> str | None:
+    """Why the record at ``offset`` is torn, or None if it is whole and checks out."""
+    if offset + _HEADER.size > len(data):
+        return "a record header cut short"
+    length, crc = _HEADER.unpack_from(data, offset)
+    if length == 0:
+        return "a record of length 0 (a zero-filled tail)"
+    start = offset + _HEADER.size
+    payload = data[start : start + length]
+    if len(payload) < length:
+        return "a record cut short"
+    if zlib.crc32(payload) != crc:
+        return "a record whose checksum does not match"
+    return None

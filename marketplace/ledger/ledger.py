@@ -51,6 +51,7 @@ from marketplace.ledger.errors import (
     InsufficientBalance,
     InvalidInput,
     InvalidKey,
+    InvalidLeaseHours,
     LeaseNotActive,
     LedgerError,
     LedgerUnavailable,
@@ -96,6 +97,21 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _SETTLED_REMEMBERED = 100_000
 _LEASES_REMEMBERED = 10_000
+
+# The longest lease, in hours (366 days): what ``mercato lease create --hours`` and
+# AccountService.CreateLease accept. A longer one would end past what a timestamp can
+# show (year 9999), or far enough that it could never be checked.
+LEASE_HOURS_MAX = 24 * 366
+
+
+def check_lease_hours(hours: object) -> int:
+    """``hours`` if it is a whole number in 1..LEASE_HOURS_MAX, else InvalidLeaseHours."""
+    if isinstance(hours, bool) or not isinstance(hours, int) or not 1 <= hours <= LEASE_HOURS_MAX:
+        raise InvalidLeaseHours(
+            f"hours must be a whole number from 1 to {LEASE_HOURS_MAX} (366 days), got "
+            f"{hours!r}; lease fewer hours, and lease again when it ends"
+        )
+    return hours
 
 
 @dataclass(frozen=True)
@@ -505,7 +521,16 @@ class Ledger:
         Idempotent by ``request_id``: a retry answers the first settlement. The settlement
         is in the intent log before this returns, so a killed process loses nothing.
         A refused receipt raises a BadReceipt subclass and is recorded; the hold stays
-        until ``release_hold`` or its expiry.
+        until ``release_hold`` or its expiry, and a hold the writer refused or that
+        expired is still remembered, so settling the other segments again charges them
+        up to it.
+
+        ``account_id`` is used only when the ledger knows no hold for the request (none
+        in this process, none open in the database): a request that held nothing (a
+        lease, zero prices) costs nothing, and one whose hold this process has forgotten
+        (expired or refused, then pushed out of memory by many others) is charged what
+        its receipts cost, up to the balance there is (the writer's charge path; its
+        key's spend limit is then not known, and the charge is not counted toward it).
         """
         identifiers.check_id(request_id, "request id")
         known = self._settled.get(request_id)
@@ -520,7 +545,10 @@ class Ledger:
         held = hold.amount_micro_usd if hold is not None else 0
         key_id = hold.api_key_id if hold is not None else None
         limit = hold.spend_limit_micro_usd if hold is not None else None
-        unheld = self._unheld.pop(request_id, None) if hold is None else None
+        # Not taken out of _unheld before the receipts pass: a refused receipt raises,
+        # and the retry without it must still charge up to this hold (not nothing).
+        unheld = self._unheld.get(request_id) if hold is None else None
+        forgotten = False  # no hold known at all: charged up to what the receipts cost
         if hold is not None:
             account_id = hold.account_id
         elif unheld is not None:
@@ -536,7 +564,8 @@ class Ledger:
             previous = await self._read(self.store.settlement, request_id)
             if previous is not None:
                 return await self._settled_before(previous)
-            for row in await self._read(self.store.open_holds, request_id=request_id):
+            rows = await self._read(self.store.open_holds, request_id=request_id)
+            for row in rows:
                 if row["owner"] != self.settings.owner:
                     raise IdConflict(request_id_in_flight(request_id, elsewhere=True))
                 account_id, held, key_id = row["account_id"], row["amount"], row["api_key_id"]
@@ -544,6 +573,7 @@ class Ledger:
                 raise UnknownHold(
                     f"request {request_id} has no hold to settle against; place a hold first"
                 )
+            forgotten = not rows
         signed_out: list[market_pb2.SignedReceipt] = []
         segments: list[SettleSegment] = []
         for signed, segment in zip(receipts, relayed, strict=True):
@@ -569,6 +599,19 @@ class Ledger:
                     coordinator_signature=out.coordinator_signature,
                 )
             )
+        if forgotten:
+            # Held nothing (a lease, zero prices: every cost is 0), or its hold is out of
+            # memory: what the receipts cost, capped by the writer at the balance there is.
+            held = sum(s.cost_micro_usd for s in segments)
+            forgotten = held > 0  # (nothing to charge: answered at once, as with a hold)
+            if forgotten:
+                log.warning(
+                    "request %s settled without a known hold: charged up to what its "
+                    "receipts cost (%d micro-USD) and to the balance; not counted toward "
+                    "its key's spend limit",
+                    request_id,
+                    held,
+                )
         fee_bps = self.settings.platform_fee_bps
         op = Settle(
             request_id=request_id,
@@ -599,7 +642,9 @@ class Ledger:
             created=True,
         )
         assert self._intents is not None
-        segment_no = self._intents.append(op)
+        segment_no = self._intents.append(op)  # (refused: the hold is still known)
+        if unheld is not None:
+            self._unheld.pop(request_id, None)
         effects = ((account_id, held - cost),) if hold is not None else ()
         future = self._submit(op, effects)
         if hold is not None:
@@ -622,7 +667,7 @@ class Ledger:
                     usage[0] += f.result().cost_micro_usd
 
         future.add_done_callback(_durable)
-        if unheld is not None:  # what the writer found to charge, not what was promised
+        if unheld is not None or forgotten:  # what the writer charged, not what was promised
             with contextlib.suppress(LedgerUnavailable):  # (then the intent log settles it)
                 outcome = SettleOutcome(await future, signed_out, future)
                 self._settled[request_id] = outcome
@@ -793,8 +838,9 @@ class Ledger:
         lease_id: str | None = None,
         period_s: int = 3600,
     ) -> LeaseRecord:
-        """Lease a node for ``hours``: the whole price is taken up front (durable before
-        this returns), charged per elapsed period, the unused part refunded.
+        """Lease a node for ``hours`` (1..LEASE_HOURS_MAX, else InvalidLeaseHours): the
+        whole price is taken up front (durable before this returns), charged per elapsed
+        period, the unused part refunded.
 
         Idempotent by ``lease_id``: asked again for a lease that exists (or is being
         created), it answers that lease, before any balance or limit check, so a retry
@@ -809,7 +855,8 @@ class Ledger:
         identifiers.check_id(node_id, "node id")
         chosen = lease_id is not None  # by the caller: perhaps a retry
         lease_id = identifiers.check_id(lease_id or identifiers.new_id("lease"), "lease id")
-        for name, value in (("gpus", gpus), ("hours", hours), ("period_s", period_s)):
+        check_lease_hours(hours)
+        for name, value in (("gpus", gpus), ("period_s", period_s)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
         if 3600 % period_s:

@@ -5,6 +5,8 @@ paging and filters, leases, and the status codes of refusals."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from marketplace.ledger import (
     sign_receipt,
     verify_offline,
 )
+from marketplace.ledger.ledger import LEASE_HOURS_MAX
 from tests.postgres import fresh_schema
 
 NODE = Identity.from_seed(b"n" * 32)
@@ -451,3 +454,94 @@ async def test_without_market_prices_leases_are_unimplemented(
     finally:
         await server.stop(grace=None)
         await ledger.close()
+
+
+@pytest.mark.parametrize("hours", [LEASE_HOURS_MAX + 1, 2**32 - 1])
+async def test_a_lease_longer_than_the_maximum_is_refused_and_writes_nothing(
+    database_url: str, tmp_path: Path, hours: int
+) -> None:
+    """CreateLease's hours is a uint32: a gRPC caller (the CLI caps it) could lease a
+    cheap node for 2**32-1 hours, a lease ending after the year 9999, and every later
+    CreateLease for that node failed in the writer (its end cannot be formatted),
+    failing the whole batch with it. Now the service refuses it up front, naming the
+    maximum, the CLI's."""
+    ledger = Ledger(
+        LedgerSettings(database_url=database_url, intent_log_dir=tmp_path / "i"),
+        coordinator=COORDINATOR,
+    )
+    await ledger.start(sweep=False)
+    server = grpc.aio.server()
+    add_account_service(server, ledger, lease_terms=lambda node_id: LeaseTerms(1, 1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        account = ledger.store.create_account(AccountKind.CLIENT, "carol").id
+        ledger.store.deposit(account, 10**10)
+        key = ledger.store.issue_key(account).secret_key
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = account_pb2_grpc.AccountServiceStub(channel)
+            code, detail = await _refusal(
+                stub.CreateLease(
+                    account_pb2.CreateLeaseRequest(node_id=NODE.node_id, hours=hours),
+                    metadata=_auth(key),
+                )
+            )
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"from 1 to {LEASE_HOURS_MAX}" in detail and "lease fewer hours" in detail
+            await ledger.flush()
+            assert ledger.store.leases() == []
+            assert ledger.store.account(account).available_micro_usd == 10**10
+            # The longest lease allowed is made, and a second one on its node is refused
+            # with the time it ends.
+            ask = account_pb2.CreateLeaseRequest(node_id=NODE.node_id, hours=LEASE_HOURS_MAX)
+            lease = (await stub.CreateLease(ask, metadata=_auth(key))).lease
+            assert lease.periods_total == LEASE_HOURS_MAX
+            code, detail = await _refusal(stub.CreateLease(ask, metadata=_auth(key)))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and lease.lease_id in detail
+    finally:
+        await server.stop(grace=None)
+        await ledger.close()
+
+
+def _token(*position: object) -> str:
+    raw = json.dumps(list(position)).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        _token(2**63, "x"),
+        _token(2**70, "x"),
+        _token(-(2**63) - 1, "x"),
+        _token(-1, "x"),
+        _token(True, "x"),
+        _token(1, "a\x00b"),
+        _token(1, 2),
+        _token(1, "x", 3),
+        _token({"a": 1}),
+    ],
+)
+async def test_a_page_token_this_service_did_not_issue_is_invalid_argument(
+    setup: Setup, token: str
+) -> None:
+    """A token is decoded into the (time, id) the query starts after: a time beyond a
+    64-bit integer overflowed in the database driver (INTERNAL) before."""
+    alice = _auth(setup.alice_key)
+    for call in (
+        setup.stub.ListReceipts(account_pb2.ListReceiptsRequest(page_token=token), metadata=alice),
+        setup.stub.ListLeases(account_pb2.ListLeasesRequest(page_token=token), metadata=alice),
+    ):
+        code, detail = await _refusal(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token is not one this service issued" in detail
+
+
+async def test_a_page_token_at_the_int64_limit_is_accepted(setup: Setup) -> None:
+    alice = _auth(setup.alice_key)
+    token = _token(2**63 - 1, "x")
+    page = await setup.stub.ListReceipts(
+        account_pb2.ListReceiptsRequest(page_token=token), metadata=alice
+    )
+    assert list(page.receipts) == []
+    await setup.stub.ListLeases(account_pb2.ListLeasesRequest(page_token=token), metadata=alice)

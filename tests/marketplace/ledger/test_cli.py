@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from marketplace.cli.app import app
@@ -182,3 +183,60 @@ def test_receipts_verify_without_a_request_or_file_exits_1(database_url: str) ->
     """`receipts verify` with nothing to verify is an error (exit 1), not an empty success."""
     error = mercato(database_url, "receipts", "verify", ok=False)
     assert error["error"] == "invalid_argument" and "--file" in error["message"]
+
+
+def _one_line_error(args: list[str]) -> str:
+    """Run ``mercato`` expecting a refusal: exit 1, one line on stderr, no traceback;
+    and with --json, ``{"error", "message"}`` on stdout. Returns the message."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 1, result.output
+    error = json.loads(result.stdout.strip().splitlines()[-1])
+    assert error["error"] == "invalid_argument" and error["message"] == line[len("error: ") :]
+    return error["message"]
+
+
+@pytest.mark.parametrize("key", ["not-hex", "abc", "00" * 31, "00" * 33])
+def test_receipts_verify_with_a_bad_coordinator_key_is_one_line(tmp_path: Path, key: str) -> None:
+    """Before, a --coordinator-key that is not hex printed a traceback."""
+    receipts_file = tmp_path / "receipts.json"
+    receipts_file.write_text(json.dumps({"receipts": []}))
+    args = ["receipts", "verify", "--file", str(receipts_file), "--coordinator-key", key]
+    message = _one_line_error(args)
+    assert repr(key) in message and "64 hex characters" in message
+
+
+@pytest.mark.parametrize(
+    ("document", "says"),
+    [
+        ({"receipts": [{"request_id": "r", "signed_receipt_b64": "////"}]}, "not a signed"),
+        ({"receipts": [{"request_id": "r", "signed_receipt_b64": 5}]}, "shape"),
+        ({"receipts": ["r"]}, "shape"),
+        ({"receipts": 5}, "shape"),
+        ([], "shape"),
+        ("text", "shape"),
+        ({}, "missing"),
+    ],
+)
+def test_receipts_verify_with_a_file_that_is_not_receipts_is_one_line(
+    tmp_path: Path, document: object, says: str
+) -> None:
+    """Before, valid base64 that is not a protobuf (DecodeError) or JSON of another shape
+    (TypeError) printed a traceback."""
+    receipts_file = tmp_path / "receipts.json"
+    receipts_file.write_text(json.dumps(document))
+    message = _one_line_error(["receipts", "verify", "--file", str(receipts_file)])
+    assert str(receipts_file) in message and says in message
+    assert "mercato receipts show <request id> --json" in message
+
+
+def test_receipts_verify_with_a_file_that_is_not_json_is_one_line(tmp_path: Path) -> None:
+    receipts_file = tmp_path / "receipts.json"
+    receipts_file.write_bytes(b"\xff\xfe not json")
+    _one_line_error(["receipts", "verify", "--file", str(receipts_file)])
+    _one_line_error(["receipts", "verify", "--file", str(tmp_path / "missing.json")])
