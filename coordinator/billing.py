@@ -393,7 +393,12 @@ class Billing:
         return node_id in self._leased
 
     async def refresh_leases(self) -> None:
-        """Re-read the active leases; end those whose node left the market."""
+        """Re-read the active leases; end those whose node left the market.
+
+        A node counts once this coordinator has seen it, live or draining (registered
+        but out of the market: it is leaving); one never seen (after a restart, before
+        it registers again) keeps its lease. A node gone for ``lease_node_grace_s``
+        loses it."""
         try:
             leases = await self.ledger.active_leases()
         except LedgerError as exc:
@@ -407,7 +412,12 @@ class Billing:
             if node_id in live:
                 self._seen_live.add(node_id)
                 self._missing_since_s.pop(node_id, None)
-            elif node_id in self._seen_live and (
+                leased[node_id] = lease.lease_id
+                continue
+            if node_id in self._registry:
+                # Draining (leased just as it began to leave, say): seen, and leaving.
+                self._seen_live.add(node_id)
+            if node_id in self._seen_live and (
                 now_s - self._missing_since_s.setdefault(node_id, now_s)
                 >= self._settings.lease_node_grace_s
             ):

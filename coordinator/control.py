@@ -8,21 +8,27 @@ The coordinator measures the round trip too, for routing (RTT): every
 ``ping_interval_ms`` (the first right away) it sends a HeartbeatResponse with a fresh
 ``ping_id`` on the stream, and the node answers at once with a HeartbeatRequest whose
 ``pong_id`` is that id; the time between the two, on the coordinator's clock, goes to
-the market (:meth:`NodeRegistry.record_pong`). A pong is not answered. Only the latest
-few pings are remembered; an unknown pong id counts only as a sign of life.
+the market (:meth:`NodeRegistry.record_pong`). A pong is not answered. Ping ids are
+random 64-bit numbers, so a node cannot answer a ping before it has it (a pong sent
+ahead of its ping would fake a round trip near 0 ms). Only the latest few pings are
+remembered; an unknown pong id counts only as a sign of life.
 
 A heartbeat may carry late usage receipts (``late_receipts``): the node's signed
 receipts for worker calls the coordinator cut off before their final (client cancel,
 deadline). Each goes to billing (:meth:`coordinator.billing.Billing.accept_late_receipt`,
 which never blocks) before the heartbeat is answered, so the answer acknowledges them.
-Without billing they are ignored.
+Without billing they are ignored. A heartbeat with more than
+``LATE_RECEIPTS_PER_HEARTBEAT`` of them (what a node's agent sends at most,
+:mod:`marketplace.control`) is refused INVALID_ARGUMENT before any is looked at, and
+ends the node's session: each receipt costs a signature check on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -40,13 +46,14 @@ from coordinator.errors import (
 from coordinator.registry import NodeRegistry
 from coordinator.settings import CoordinatorSettings
 from marketplace.aio import cancel_and_wait
+from marketplace.control import LATE_RECEIPTS_PER_HEARTBEAT, NODE_ID_METADATA, SESSION_METADATA
 
 log = logging.getLogger(__name__)
 
-NODE_ID_METADATA = "x-mercato-node-id"
-SESSION_METADATA = "x-mercato-session"
 # Pings awaiting their pong, per stream; older ones are forgotten.
 PINGS_REMEMBERED = 8
+# How long a refused heartbeat stream waits for a ping being written before its status.
+_ABORT_WAIT_S = 1.0
 
 # Takes one late receipt from the heartbeat stream of a node: (node id, receipt).
 LateReceiptSink = Callable[[str, market_pb2.SignedReceipt], None]
@@ -122,6 +129,12 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
                         f"{last_sequence}); number heartbeats 0, 1, 2, ... on each stream"
                     )
                 last_sequence = heartbeat.sequence
+                if len(heartbeat.late_receipts) > LATE_RECEIPTS_PER_HEARTBEAT:
+                    raise HeartbeatInvalid(
+                        f"late_receipts: {len(heartbeat.late_receipts)} in one heartbeat, "
+                        f"more than {LATE_RECEIPTS_PER_HEARTBEAT}; send at most "
+                        f"{LATE_RECEIPTS_PER_HEARTBEAT} per heartbeat (the rest on the next)"
+                    )
                 if heartbeat.late_receipts:
                     self._take_late_receipts(node_id, heartbeat)
                 if heartbeat.pong_id:
@@ -137,6 +150,12 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
         except CoordinatorError as exc:
             reason = f"heartbeat refused: {exc}"
             self._registry.end_session(node_id, session_token, reason)
+            # Not while a ping is being written: grpc refuses a status while a write
+            # (the stream's first, with the initial metadata) is under way, and the
+            # stream then hangs until the node's deadline, the refusal unsaid.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_ABORT_WAIT_S):
+                    await write_lock.acquire()  # held to the end: nothing more is written
             await abort_with(context, exc)
         except asyncio.CancelledError:
             # grpc cancels the handler when the node's connection goes away.
@@ -168,7 +187,8 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
     ) -> None:
         """Send a ping now and every ping_interval_ms; remember when each left."""
         interval_s = self._settings.ping_interval_ms / 1000
-        for ping_id in itertools.count(1):
+        while True:
+            ping_id = _new_ping_id(pings)
             try:
                 async with write_lock:
                     pings[ping_id] = time.perf_counter()
@@ -179,3 +199,12 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServiceServicer):
             while len(pings) > PINGS_REMEMBERED:
                 del pings[next(iter(pings))]
             await asyncio.sleep(interval_s)
+
+
+def _new_ping_id(pings: dict[int, float]) -> int:
+    """A random ping id (uint64): none a node could guess, never 0 (no ping), and none of
+    the pings awaiting their pong."""
+    while True:
+        ping_id = secrets.randbits(64)
+        if ping_id and ping_id not in pings:
+            return ping_id

@@ -35,6 +35,7 @@ from coordinator.routing import LoadReport, Market, MarketSnapshot, NodeListing
 from coordinator.settings import CoordinatorSettings
 from coordinator.worker_session import WorkerLink
 from marketplace.aio import cancel_and_wait
+from marketplace.control import NODE_ID_METADATA
 from marketplace.dispatch import DISPATCH_METADATA, dispatch_tag
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,16 @@ class _Entry:
         self.offer = offer
         self.session_token = session_token
         self.last_seen_monotonic_s = now_s
-        # Every worker call carries the dispatch tag, so the node can say which are ours.
-        self.link = WorkerLink(channel, ((DISPATCH_METADATA, dispatch_tag(session_token)),))
+        # Every worker call carries the dispatch tag, so the node can say which are ours,
+        # and the node id of this offer, so a worker that is another node's refuses it
+        # (an offer may name any address; see marketplace.control).
+        self.link = WorkerLink(
+            channel,
+            (
+                (DISPATCH_METADATA, dispatch_tag(session_token)),
+                (NODE_ID_METADATA, offer.node_id),
+            ),
+        )
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -255,8 +264,9 @@ class NodeRegistry:
 
     def worker(self, node_id: str) -> WorkerLink | None:
         """A live node's link to its worker (channel, the metadata every call to it
-        carries: its session's dispatch tag, :mod:`marketplace.dispatch`; the session
-        stream requests go on); None if it is gone."""
+        carries: its session's dispatch tag, :mod:`marketplace.dispatch`, and its node
+        id, which the worker checks; the session stream requests go on); None if it is
+        gone."""
         entry = self._entries.get(node_id)
         return None if entry is None else entry.link
 

@@ -122,6 +122,7 @@ class Coordinator:
         from mercato.v1 import account_pb2
 
         from coordinator.account_service import LeaseTerms, add_account_service
+        from marketplace.ledger.errors import FailedPrecondition
 
         registry = self.registry
 
@@ -129,6 +130,13 @@ class Coordinator:
             offer = registry.offer(node_id)
             if offer is None or offer.price_micro_usd_per_gpu_hour <= 0:
                 return None
+            if node_id not in registry.market:
+                # Registered but out of the market: draining (its heartbeat said it is
+                # stopping). Leasing it would bill hours it will not serve.
+                raise FailedPrecondition(
+                    f"node {node_id} is draining or offline and takes no new lease; pick "
+                    "another node from ListNodes"
+                )
             return LeaseTerms(
                 price_micro_usd_per_gpu_hour=offer.price_micro_usd_per_gpu_hour,
                 gpus=max(1, offer.gpu_count),  # a CPU node counts as one

@@ -9,7 +9,9 @@ sends each generation as a message on the node session's long-lived ``Session`` 
 ``stream_id``.
 
 :class:`WorkerLink` holds a node session's channel, the metadata its calls carry (the
-dispatch tag), and that stream, opened on first use and again after it breaks.
+dispatch tag, and the node id, which the worker checks: a worker that is another node's
+refuses the stream and calls PERMISSION_DENIED), and that stream, opened on first use
+and again after it breaks.
 :meth:`WorkerLink.open` returns a :class:`SessionStream` that reads like a call: ``read()``
 gives each ``WorkerGenerateResponse`` as wire bytes (a delta's bytes are a valid
 ``GenerateResponse``, as on a call) or ``grpc.aio.EOF``, and raises

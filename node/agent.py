@@ -16,7 +16,8 @@ it goes only into the heartbeat metadata, never into a log line.
 
 Late usage receipts (from the worker, for calls cut off before their final; see
 ``node.receipts.ReceiptOutbox``) go out at once on an extra heartbeat with the load,
-at most ``LATE_RECEIPTS_PER_HEARTBEAT`` per heartbeat. The coordinator's answer to that
+at most ``LATE_RECEIPTS_PER_HEARTBEAT`` per heartbeat (:mod:`marketplace.control`; the
+coordinator refuses a heartbeat with more). The coordinator's answer to that
 heartbeat acknowledges them; those not acknowledged when a stream ends go back into the
 outbox for the next stream.
 """
@@ -34,17 +35,15 @@ import grpc.aio
 from mercato.v1 import market_pb2, node_pb2, node_pb2_grpc
 
 from marketplace.aio import cancel_and_wait
+from marketplace.control import LATE_RECEIPTS_PER_HEARTBEAT, NODE_ID_METADATA, SESSION_METADATA
 from marketplace.dispatch import dispatch_tag
 from node.receipts import ReceiptOutbox
 
 logger = logging.getLogger(__name__)
 
-NODE_ID_METADATA = "x-mercato-node-id"
-SESSION_METADATA = "x-mercato-session"
 REGISTER_TIMEOUT_S = 10.0
 # A heartbeat session that lasted this long resets the backoff before registering again.
 HEALTHY_SESSION_S = 10.0
-LATE_RECEIPTS_PER_HEARTBEAT = 64
 
 OfferSigner = Callable[[int], market_pb2.SignedOffer]
 LoadReader = Callable[[], node_pb2.NodeLoad]

@@ -42,6 +42,7 @@ import grpc
 import grpc.aio
 from mercato.v1 import common_pb2, market_pb2, node_pb2, node_pb2_grpc
 
+from marketplace.control import NODE_ID_METADATA
 from marketplace.dispatch import DISPATCH_METADATA
 from marketplace.identity import Identity
 from marketplace.worker_session import serve_session
@@ -76,6 +77,15 @@ def _dispatch_tag_of(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == DISPATCH_METADATA:
             return value[:64] if isinstance(value, str) else None
+    return None
+
+
+def _expected_node_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The node id the caller means to reach (``x-mercato-node-id``, set by a
+    coordinator: the node whose offer named this worker's address), if it said."""
+    for key, value in context.invocation_metadata() or ():
+        if key == NODE_ID_METADATA:
+            return value if isinstance(value, str) else repr(value)
     return None
 
 
@@ -139,6 +149,7 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         request: node_pb2.WorkerGenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[node_pb2.WorkerGenerateResponse]:
+        await self._check_node(context)
         error = self._refusal()
         if error is not None:
             await context.abort(error.status_code, str(error))
@@ -156,6 +167,7 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[node_pb2.WorkerSessionResponse]:
         """Many generations over one stream (see the proto): each as one Generate call."""
+        await self._check_node(context)  # before the stream is accepted
         tag = _dispatch_tag_of(context)
 
         def admit() -> tuple[grpc.StatusCode, str] | None:
@@ -169,6 +181,30 @@ class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
             request_iterator, context, self._generate, admit=admit, release=lambda: self._leave(tag)
         ):
             yield frame
+
+    async def _check_node(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse (PERMISSION_DENIED) a call meant for another node. A coordinator names
+        the node whose offer it dials (``x-mercato-node-id``); when that is not this
+        node, another node's offer names this worker's address, and serving the call
+        would do that node's requests under this node's receipts, which the coordinator
+        refuses (they name another node than the one it relayed to): unpaid work. A
+        call without the metadata (a direct caller, an older coordinator) is served."""
+        expected = _expected_node_of(context)
+        if expected is not None and expected != self._node_id:
+            logger.warning(
+                "refused a call from %s for node %s: that node's offer names this worker's "
+                "address (this is node %s)",
+                context.peer(),
+                expected[:80],
+                self._node_id,
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this worker serves node {self._node_id}, not node {expected[:80]} that "
+                f"the call is for: node {expected[:80]}'s offer names this worker's "
+                "address; each node must advertise its own worker's address "
+                "(--advertise-address)",
+            )
 
     def _refusal(self) -> NodeError | None:
         """Why a new request is refused now, if it is."""

@@ -11,6 +11,7 @@ from mercato.v1 import node_pb2
 from coordinator.errors import CapacityExhausted, HeartbeatInvalid, OfferInvalid, SessionInvalid
 from coordinator.registry import NodeRegistry
 from coordinator.routing import BreakerState, DispatchOutcome
+from marketplace.control import NODE_ID_METADATA
 from marketplace.dispatch import DISPATCH_METADATA, dispatch_tag
 from marketplace.identity import Identity
 
@@ -48,9 +49,10 @@ async def test_register_puts_the_node_in_the_snapshot(registry: NodeRegistry) ->
     assert registry.snapshot().version == snapshot.version  # unchanged
     worker = registry.worker(identity.node_id)
     assert worker is not None and worker.channel is not None
-    # Worker calls carry the session's dispatch tag, not the session token.
+    # Worker calls carry the session's dispatch tag, not the session token, and the node
+    # id the worker checks is its own.
     tag = dispatch_tag(registration.session_token)
-    assert worker.metadata == ((DISPATCH_METADATA, tag),)
+    assert worker.metadata == ((DISPATCH_METADATA, tag), (NODE_ID_METADATA, identity.node_id))
     assert registration.session_token not in tag
     offer = registry.offer(identity.node_id)
     assert offer is not None and offer.node_public_key == identity.public_key

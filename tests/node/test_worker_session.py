@@ -12,7 +12,9 @@ import grpc.aio
 import pytest
 from mercato.v1 import common_pb2, market_pb2, node_pb2
 
+from marketplace.control import NODE_ID_METADATA
 from marketplace.dispatch import DISPATCH_METADATA
+from marketplace.identity import Identity
 
 from .conftest import WorkerHarness, chat_request, start_harness
 
@@ -277,3 +279,33 @@ async def test_a_draining_worker_refuses_new_generations_and_lets_open_ones_run(
     await session.send(cancel(1))
     assert await harness.worker.wait_idle(10)
     assert [r.receipt for r in harness.late_receipts]  # the cut one's receipt went out
+
+
+async def test_a_stream_or_call_for_another_node_is_refused_permission_denied(
+    harness: WorkerHarness,
+) -> None:
+    """A coordinator names the node it dials (the offer's node id): a worker that is
+    another node refuses the Session stream before accepting it, and a Generate call,
+    naming both ids. Its own id, or none (a direct caller), is served."""
+    own = harness.identity.node_id
+    other = Identity.generate().node_id
+    session = Session(harness, metadata=((NODE_ID_METADATA, other),))
+    async with asyncio.timeout(5):
+        assert await session.call.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = await session.call.details()
+    assert own in details and other in details
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await harness.stub.Generate(
+            chat_request(max_tokens=2), metadata=((NODE_ID_METADATA, other),)
+        ).read()
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert own in (refused.value.details() or "") and other in (refused.value.details() or "")
+    assert harness.worker.in_flight == 0 and not harness.late_receipts
+
+    for metadata in (((NODE_ID_METADATA, own),), ()):
+        session = Session(harness, metadata=metadata)
+        await session.send(start(1, chat_request(max_tokens=2, request_id="s")))
+        await session.read_until(lambda: 1 in session.finals)  # noqa: B023 (awaited here)
+        await session.call.done_writing()
+        calls = harness.stub.Generate(chat_request(max_tokens=2), metadata=metadata)
+        assert [r async for r in calls][-1].final.output_tokens == 2
