@@ -149,7 +149,9 @@ class NodeControlService:
 
 
 class NodeWorkerServiceStub:
-    """Served by a node; the coordinator asks it to generate.
+    """Served by a node; the coordinator asks it to generate. A coordinator's calls carry
+    the metadata `x-mercato-node-id`: the node whose offer named this worker's address. A
+    worker that is another node refuses the call (PERMISSION_DENIED).
     """
 
     def __init__(self, channel):
@@ -171,7 +173,9 @@ class NodeWorkerServiceStub:
 
 
 class NodeWorkerServiceServicer:
-    """Served by a node; the coordinator asks it to generate.
+    """Served by a node; the coordinator asks it to generate. A coordinator's calls carry
+    the metadata `x-mercato-node-id`: the node whose offer named this worker's address. A
+    worker that is another node refuses the call (PERMISSION_DENIED).
     """
 
     def Generate(self, request, context):
@@ -219,7 +223,9 @@ def add_NodeWorkerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NodeWorkerService:
-    """Served by a node; the coordinator asks it to generate.
+    """Served by a node; the coordinator asks it to generate. A coordinator's calls carry
+    the metadata `x-mercato-node-id`: the node whose offer named this worker's address. A
+    worker that is another node refuses the call (PERMISSION_DENIED).
     """
 
     @staticmethod
