@@ -72,21 +72,25 @@ _ERROR_CODES = {
 LateReceiptSink = Callable[[market_pb2.SignedReceipt], None]
 
 
+def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | bytes | None:
+    """The call's first metadata value named ``name``, if it has one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value
+    return None
+
+
 def _dispatch_tag_of(context: grpc.aio.ServicerContext) -> str | None:
     """The call's dispatch tag (``x-mercato-dispatch``), if a coordinator set one."""
-    for key, value in context.invocation_metadata() or ():
-        if key == DISPATCH_METADATA:
-            return value[:64] if isinstance(value, str) else None
-    return None
+    value = _metadata_value(context, DISPATCH_METADATA)
+    return value[:64] if isinstance(value, str) else None
 
 
 def _expected_node_of(context: grpc.aio.ServicerContext) -> str | None:
     """The node id the caller means to reach (``x-mercato-node-id``, set by a
     coordinator: the node whose offer named this worker's address), if it said."""
-    for key, value in context.invocation_metadata() or ():
-        if key == NODE_ID_METADATA:
-            return value if isinstance(value, str) else repr(value)
-    return None
+    value = _metadata_value(context, NODE_ID_METADATA)
+    return value if isinstance(value, str) or value is None else repr(value)
 
 
 class NodeWorker(node_pb2_grpc.NodeWorkerServiceServicer):
