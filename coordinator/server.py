@@ -32,6 +32,7 @@ from coordinator.control import NodeControlServicer
 from coordinator.registry import NodeRegistry
 from coordinator.settings import CoordinatorSettings
 from marketplace.identity import Identity
+from marketplace.placement import format_cpus, parse_cpus, pin
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,12 @@ def _account_service_available() -> bool:
 
 
 def main(settings: CoordinatorSettings) -> None:
-    """Blocking entry point: run the coordinator on uvloop."""
+    """Blocking entry point: run the coordinator on uvloop (on ``settings.cpus`` when
+    set; pinned before gRPC starts its threads, which then inherit the CPUs).
+    Raises PlacementError when those CPUs cannot be used here."""
     import uvloop
 
+    if settings.cpus:
+        cpus = pin(parse_cpus(settings.cpus))
+        log.info("coordinator pinned to CPUs %s", format_cpus(cpus))
     uvloop.run(run_coordinator(settings))

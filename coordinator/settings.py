@@ -10,11 +10,12 @@ import enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coordinator.routing import BreakerPolicy, MarketConfig, RoutingConfig
 from marketplace.paths import default_home
+from marketplace.placement import CPU_LIST_CHARS_MAX, parse_cpus
 
 
 class FaultPoint(enum.Enum):
@@ -73,6 +74,13 @@ class CoordinatorSettings(BaseSettings):
         ge=100,
         le=600_000,
         description="A node silent for longer than this is dropped, milliseconds.",
+    )
+    cpus: str = Field(
+        default="",
+        max_length=CPU_LIST_CHARS_MAX,
+        description="CPUs the coordinator process runs on, as a CPU list (1, 0,2, 2-3; "
+        "Linux); empty: wherever the scheduler puts it. On a host shared with busy "
+        "processes, CPUs of its own keep its latency low (docs/operators.md).",
     )
     offer_max_age_s: int = Field(
         default=300,
@@ -295,6 +303,13 @@ class CoordinatorSettings(BaseSettings):
             home_path = Path(home).expanduser() if home else default_home()
             data = {**data, "identity_path": home_path / "coordinator" / "identity.key"}
         return data
+
+    @field_validator("cpus")
+    @classmethod
+    def _check_cpus(cls, value: str) -> str:
+        if value.strip():
+            parse_cpus(value)  # PlacementError is a ValueError: pydantic reports it
+        return value.strip()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> CoordinatorSettings:

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from marketplace.cli.processes import Service, mercato_command, start_service
+from marketplace.placement import format_cpus, pin
 
 __all__ = ["FAKE_MODEL", "FakeCluster", "fake_cluster", "load_average"]
 
@@ -37,11 +38,19 @@ class FakeCluster:
 
 @contextlib.contextmanager
 def fake_cluster(
-    *, tokens_per_s: float, max_concurrency: int, stream_interval_max: int | None = None
+    *,
+    tokens_per_s: float,
+    max_concurrency: int,
+    stream_interval_max: int | None = None,
+    coordinator_cpus: frozenset[int] | None = None,
+    node_cpus: frozenset[int] | None = None,
 ) -> Iterator[FakeCluster]:
     """Start a coordinator and a node whose fake engine streams ``tokens_per_s`` per
     request; stop both on exit. ``stream_interval_max`` sets the node's
-    ``MERCATO_NODE_STREAM_INTERVAL_MAX`` (None: whatever the environment says)."""
+    ``MERCATO_NODE_STREAM_INTERVAL_MAX`` (None: whatever the environment says).
+    ``coordinator_cpus`` / ``node_cpus``: the CPUs each runs on (None: any); the
+    coordinator pins itself (``--cpus``), the node is pinned once it is up, before it
+    serves a request."""
     node_env = {"MERCATO_NODE_FAKE_ENGINE_TOKENS_PER_S": str(tokens_per_s)}
     if stream_interval_max is not None:
         node_env["MERCATO_NODE_STREAM_INTERVAL_MAX"] = str(stream_interval_max)
@@ -53,7 +62,10 @@ def fake_cluster(
         coordinator = _start(
             stack,
             "coordinator",
-            ["coordinator", "start", "--home", str(home / "c"), "--port", "0"],
+            [
+                *("coordinator", "start", "--home", str(home / "c"), "--port", "0"),
+                *(("--cpus", format_cpus(coordinator_cpus)) if coordinator_cpus else ()),
+            ],
             "MERCATO_COORDINATOR_READY",
             home / "coordinator.log",
             {"MERCATO_COORDINATOR_BILLING_ENABLED": "false"},
@@ -71,6 +83,8 @@ def fake_cluster(
             home / "node.log",
             node_env,
         )
+        if node_cpus:
+            pin(node_cpus, node.pid)
         _wait_until_listed(address)
         yield FakeCluster(
             coordinator_address=address,

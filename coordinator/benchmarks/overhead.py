@@ -20,6 +20,18 @@ result is the median over rounds of the per-round difference routed - direct
 hops cost through grpc-python on this machine with no work in between, so
 ``added - floor_added`` is the coordinator's own share.
 
+Placement (``--placement``; the JSON says which ran, with each process's CPUs):
+
+* ``dedicated`` (the default on a machine with 2 CPUs or more): the coordinator and the
+  floor relay run on a CPU of their own (the highest-numbered one this process may use),
+  the node and this client on the others. A coordinator in production runs on its own
+  host, not beside the node and the client it serves; on a 2-CPU machine shared by all
+  three, the scheduler moves the relay's threads between CPUs and the other two evict
+  its caches between requests, and that doubled both the floor and the coordinator's
+  own share (docs/benchmarks.md).
+* ``shared``: every process wherever the scheduler puts it (the figures of the first
+  seventeen sessions).
+
 Targets (issue 3): added_ttft_ms_p50 <= 0.5, added_ttft_ms_p99 <= 2.0,
 added_itl_ms_p99 <= 0.5.
 
@@ -44,8 +56,9 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.benchmarks.fake_cluster import FAKE_MODEL, fake_cluster, load_average
+from marketplace.placement import format_cpus, pin
 
-__all__ = ["Measured", "measure", "plot", "run"]
+__all__ = ["Measured", "Placement", "measure", "plan_placement", "plot", "run"]
 
 TOKENS_PER_S = 1000.0
 NEW_TOKENS = 32
@@ -53,6 +66,7 @@ ROUNDS = 15
 REQUESTS_PER_ROUND = 40
 WARMUP_REQUESTS = 40
 PATHS = ("direct", "floor", "routed")
+PLACEMENTS = ("dedicated", "shared")
 TARGETS_MS = {"added_ttft_ms_p50": 0.5, "added_ttft_ms_p99": 2.0, "added_itl_ms_p99": 0.5}
 _DELTA_TAG = 0x0A  # field 1 (TextDelta) in both WorkerGenerateResponse and GenerateResponse
 _PROMPT = "Say something about the weather."
@@ -70,6 +84,49 @@ class Measured:
     # The coordinator's CPU time (user + system) while each path ran, summed over all
     # rounds: the OS counts it in 10 ms ticks, too coarse for one round of requests.
     coordinator_cpu_s: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PATHS})
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the benchmark's processes run: ``relay_cpus`` for the coordinator and the
+    floor relay, ``rest_cpus`` for the node and the client (None: anywhere)."""
+
+    name: str
+    relay_cpus: frozenset[int] | None = None
+    rest_cpus: frozenset[int] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON result's account of it."""
+        return {
+            "placement": self.name,
+            "relay_cpus": format_cpus(self.relay_cpus) if self.relay_cpus else "any",
+            "node_and_client_cpus": format_cpus(self.rest_cpus) if self.rest_cpus else "any",
+        }
+
+
+def plan_placement(name: str, available: frozenset[int]) -> Placement:
+    """``dedicated``: the highest of the ``available`` CPUs for the relays, the rest for
+    the node and the client; ``shared`` (or fewer than 2 CPUs): no pinning."""
+    if name not in PLACEMENTS:
+        raise ValueError(f"placement {name!r}: one of {', '.join(PLACEMENTS)}")
+    if name == "shared" or len(available) < 2:
+        return Placement("shared")
+    relay = frozenset({max(available)})
+    return Placement("dedicated", relay, available - relay)
+
+
+@contextlib.contextmanager
+def _pinned_here(cpus: frozenset[int] | None) -> Iterator[None]:
+    """This process (the client) on ``cpus`` until the block ends."""
+    if not cpus:
+        yield
+        return
+    before = frozenset(os.sched_getaffinity(0))
+    pin(cpus)
+    try:
+        yield
+    finally:
+        pin(before)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -186,16 +243,20 @@ async def _measure(
 
 
 @contextlib.contextmanager
-def _passthrough(node_address: str) -> Iterator[str]:
+def _passthrough(node_address: str, cpus: frozenset[int] | None) -> Iterator[str]:
     """Run the benchmark-only relay with no logic (``passthrough``) in front of the
-    node; yields its address."""
+    node, on ``cpus`` (None: anywhere); yields its address."""
     from coordinator.benchmarks.passthrough import READY_PREFIX
     from marketplace.cli.processes import start_service
 
     with tempfile.TemporaryDirectory(prefix="mercato-bench-") as folder:
         service = start_service(
             "passthrough",
-            [sys.executable, "-m", "coordinator.benchmarks.passthrough", "--node", node_address],
+            [
+                *(sys.executable, "-m", "coordinator.benchmarks.passthrough"),
+                *("--node", node_address),
+                *(("--cpus", format_cpus(cpus)) if cpus else ()),
+            ],
             READY_PREFIX,
             Path(folder) / "passthrough.log",
             timeout_s=60,
@@ -211,14 +272,22 @@ def _cpu_s(process: Any) -> float:
     return times.user + times.system
 
 
-def measure(rounds: int = ROUNDS) -> tuple[Measured, dict[str, Any]]:
+def measure(rounds: int = ROUNDS, placement: str = "dedicated") -> tuple[Measured, dict[str, Any]]:
     """Start the processes, run the rounds, stop them; the raw samples and the result."""
     import uvloop
 
+    available = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else ()
+    plan = plan_placement(placement, frozenset(available))
     load_before = load_average()
     with (
-        fake_cluster(tokens_per_s=TOKENS_PER_S, max_concurrency=8) as cluster,
-        _passthrough(cluster.node_address) as floor_address,
+        fake_cluster(
+            tokens_per_s=TOKENS_PER_S,
+            max_concurrency=8,
+            coordinator_cpus=plan.relay_cpus,
+            node_cpus=plan.rest_cpus,
+        ) as cluster,
+        _passthrough(cluster.node_address, plan.relay_cpus) as floor_address,
+        _pinned_here(plan.rest_cpus),  # last: the children above keep every CPU
     ):
         measured = uvloop.run(
             _measure(
@@ -255,6 +324,7 @@ def measure(rounds: int = ROUNDS) -> tuple[Measured, dict[str, Any]]:
         load_average_before=[round(x, 2) for x in load_before],
         load_average_after=[round(x, 2) for x in load_average()],
         cpu_count=os.cpu_count(),
+        **plan.describe(),
     )
     return measured, result
 
@@ -300,7 +370,9 @@ def _print_table(result: dict[str, Any], json_output: bool) -> None:
     Console(stderr=json_output).print(
         f"coordinator CPU per routed request ({NEW_TOKENS} deltas relayed): "
         f"{result['coordinator_cpu_us_per_request']} µs; load average {result['load_average_before']} -> {result['load_average_after']}, "
-        f"{result['cpu_count']} CPUs"
+        f"{result['cpu_count']} CPUs; placement {result['placement']}: coordinator and "
+        f"floor relay on CPUs {result['relay_cpus']}, node and client on CPUs "
+        f"{result['node_and_client_cpus']}"
     )
 
 
@@ -352,8 +424,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plot", type=Path, help="save the figure here (PNG)")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="dedicated",
+        help="dedicated: the relays on a CPU of their own (default); shared: no pinning",
+    )
     args = parser.parse_args()
-    measured, result = measure(args.rounds)
+    measured, result = measure(args.rounds, args.placement)
     _print_table(result, json_output=True)
     if args.plot:
         plot(measured, result, args.plot)

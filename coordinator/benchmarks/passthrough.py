@@ -32,6 +32,7 @@ import grpc.aio
 from mercato.v1 import inference_pb2, node_pb2
 
 from coordinator.worker_session import WorkerLink
+from marketplace.placement import parse_cpus, pin
 
 READY_PREFIX = "MERCATO_PASSTHROUGH_READY"
 _DELTA_TAG = 0x0A  # field 1: TextDelta, in both WorkerGenerateResponse and GenerateResponse
@@ -98,7 +99,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--node", required=True, help="the node's worker address, HOST:PORT")
+    parser.add_argument("--cpus", help="run on these CPUs only, as the coordinator's --cpus")
     args = parser.parse_args()
+    if args.cpus:
+        pin(parse_cpus(args.cpus))  # before gRPC starts its threads, as the coordinator
     uvloop.run(_serve(args.node))
 
 

@@ -30,6 +30,11 @@ def start(
     liveness_timeout_ms: int | None = typer.Option(
         None, "--liveness-timeout-ms", help="Drop a node silent this long (default 3000)."
     ),
+    cpus: str | None = typer.Option(
+        None,
+        "--cpus",
+        help="Run on these CPUs only, e.g. 1 or 2-3 (Linux). [default: any]",
+    ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> None:
     """Run a coordinator until Ctrl-C / SIGTERM. Prints MERCATO_COORDINATOR_READY {json}
@@ -39,6 +44,7 @@ def start(
     from coordinator.server import main
     from coordinator.settings import CoordinatorSettings
     from marketplace.ledger.errors import LedgerBusy
+    from marketplace.placement import PlacementError
 
     overrides: dict[str, Any] = {
         "listen_host": host,
@@ -46,6 +52,7 @@ def start(
         "home": home,
         "identity_path": identity_path,
         "liveness_timeout_ms": liveness_timeout_ms,
+        "cpus": cpus,
     }
     try:
         settings = CoordinatorSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -56,6 +63,7 @@ def start(
     )
     try:
         main(settings)
-    except (OSError, LedgerBusy) as exc:  # the port is taken; this coordinator already runs
+    # The port is taken; this coordinator already runs; its --cpus are not available here.
+    except (OSError, LedgerBusy, PlacementError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc

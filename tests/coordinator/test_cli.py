@@ -13,6 +13,7 @@ import grpc
 import pytest
 from mercato.v1 import inference_pb2, inference_pb2_grpc
 
+from tests.marketplace.test_placement import thread_cpus
 from tests.taken_port import assert_refused_in_one_line, start_on_a_taken_port
 
 
@@ -91,3 +92,64 @@ def test_a_second_coordinator_on_the_same_data_directory_is_refused(tmp_path: Pa
         for stream in (first.stdout, first.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="--cpus is Linux-only")
+def test_cpus_put_every_thread_of_the_coordinator_on_those_cpus(tmp_path: Path) -> None:
+    env = {**os.environ, "MERCATO_COORDINATOR_BILLING_ENABLED": "false"}
+    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
+    process = subprocess.Popen(
+        [*start, "--home", str(tmp_path), "--cpus", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        prefix, _, payload = process.stdout.readline().partition(" ")
+        assert prefix == "MERCATO_COORDINATOR_READY"
+        with grpc.insecure_channel(json.loads(payload)["address"]) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)  # it serves
+        threads = thread_cpus(process.pid)
+        assert len(threads) > 1  # gRPC's threads too, not only the main one
+        assert set(threads.values()) == {"0"}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="--cpus is Linux-only")
+def test_cpus_the_machine_lacks_are_one_line_and_exit_1(tmp_path: Path) -> None:
+    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
+    done = subprocess.run(
+        [*start, "--home", str(tmp_path), "--cpus", "4000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "error: CPU 4000 is not on this machine; it has CPUs 0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_malformed_cpu_list_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
+    done = subprocess.run(
+        [*start, "--home", str(tmp_path), "--cpus", "1-x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    flat = " ".join(done.stderr.replace("│", " ").split())
+    assert "cpus: Value error, '1-x' in '1-x': not a CPU number" in flat
+    assert "MERCATO_COORDINATOR_CPUS" in flat
+    assert not (tmp_path / "coordinator").exists()  # refused before the data directory

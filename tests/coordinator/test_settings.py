@@ -78,3 +78,10 @@ def test_out_of_range_environment_values_are_refused(
     monkeypatch.setenv(f"MERCATO_COORDINATOR_{variable}", value)
     with pytest.raises(ValidationError, match=variable.lower()):
         CoordinatorSettings()
+
+
+def test_cpus_are_a_cpu_list_or_empty() -> None:
+    assert CoordinatorSettings().cpus == ""
+    assert CoordinatorSettings(cpus=" 0,2-3 ").cpus == "0,2-3"
+    with pytest.raises(ValidationError, match="a range goes low-high"):
+        CoordinatorSettings(cpus="3-1")
