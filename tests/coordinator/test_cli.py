@@ -17,6 +17,16 @@ from tests.marketplace.test_placement import thread_cpus
 from tests.taken_port import assert_refused_in_one_line, start_on_a_taken_port
 
 
+def _end(process: subprocess.Popen[str]) -> None:
+    """Kill ``process`` if a failed check left it running; close its pipes."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
 def test_start_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "MERCATO_HOME": str(tmp_path / "ignored")}
     process = subprocess.Popen(
@@ -54,12 +64,7 @@ def test_start_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        _end(process)
 
 
 def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
@@ -86,12 +91,7 @@ def test_a_second_coordinator_on_the_same_data_directory_is_refused(tmp_path: Pa
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=30) == 0
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-        for stream in (first.stdout, first.stderr):
-            if stream is not None:
-                stream.close()
+        _end(first)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="--cpus is Linux-only")
@@ -118,36 +118,27 @@ def test_cpus_put_every_thread_of_the_coordinator_on_those_cpus(tmp_path: Path) 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        _end(process)
+
+
+def _start_on_cpus(home: Path, cpus: str) -> subprocess.CompletedProcess[str]:
+    """``mercato coordinator start --cpus CPUS``, expected to be refused (it returns)."""
+    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
+    return subprocess.run(
+        [*start, "--home", str(home), "--cpus", cpus], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="--cpus is Linux-only")
 def test_cpus_the_machine_lacks_are_one_line_and_exit_1(tmp_path: Path) -> None:
-    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
-    done = subprocess.run(
-        [*start, "--home", str(tmp_path), "--cpus", "4000"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _start_on_cpus(tmp_path, "4000")
     assert done.returncode == 1, done.stderr
     assert "error: CPU 4000 is not on this machine; it has CPUs 0" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_a_malformed_cpu_list_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
-    done = subprocess.run(
-        [*start, "--home", str(tmp_path), "--cpus", "1-x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _start_on_cpus(tmp_path, "1-x")
     assert done.returncode == 2, done.stderr
     flat = " ".join(done.stderr.replace("│", " ").split())
     assert "cpus: Value error, '1-x' in '1-x': not a CPU number" in flat
