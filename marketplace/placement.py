@@ -3,9 +3,10 @@
 The coordinator is a latency-bound relay: each request and each streamed token crosses
 its event loop and gRPC's threads, and each crossing is a thread wake-up. On a host it
 shares with other busy processes (a node, clients, a database), the scheduler moves
-those threads between CPUs and the other processes evict its caches between requests;
-on a 2-CPU machine that doubled the latency it adds to a request's first token
-(``mercato bench overhead``, docs/benchmarks.md). ``mercato coordinator start --cpus``
+those threads between CPUs and the other processes evict its caches between requests.
+On a 2-CPU machine shared with a node and a client, a CPU of its own halved what its
+two gRPC hops cost and cut the latency it adds to a request's first token from
+0.52-0.64 ms to 0.28-0.53 ms (``mercato bench overhead``, docs/benchmarks.md). ``mercato coordinator start --cpus``
 gives it CPUs of its own.
 
 A CPU list is written as Linux writes one (``taskset -c``, ``/proc/PID/status``):

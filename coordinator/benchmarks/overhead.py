@@ -27,8 +27,7 @@ Placement (``--placement``; the JSON says which ran, with each process's CPUs):
   the node and this client on the others. A coordinator in production runs on its own
   host, not beside the node and the client it serves; on a 2-CPU machine shared by all
   three, the scheduler moves the relay's threads between CPUs and the other two evict
-  its caches between requests, and that doubled both the floor and the coordinator's
-  own share (docs/benchmarks.md).
+  its caches between requests, and that doubled the floor (docs/benchmarks.md).
 * ``shared``: every process wherever the scheduler puts it (the figures of the first
   seventeen sessions).
 
