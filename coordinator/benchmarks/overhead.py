@@ -275,8 +275,8 @@ def measure(rounds: int = ROUNDS, placement: str = "dedicated") -> tuple[Measure
     """Start the processes, run the rounds, stop them; the raw samples and the result."""
     import uvloop
 
-    available = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else ()
-    plan = plan_placement(placement, frozenset(available))
+    on_linux = hasattr(os, "sched_getaffinity")
+    plan = plan_placement(placement, frozenset(os.sched_getaffinity(0) if on_linux else ()))
     load_before = load_average()
     with (
         fake_cluster(

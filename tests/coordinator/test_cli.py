@@ -16,6 +16,15 @@ from mercato.v1 import inference_pb2, inference_pb2_grpc
 from tests.marketplace.test_placement import thread_cpus
 from tests.taken_port import assert_refused_in_one_line, start_on_a_taken_port
 
+_START = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
+
+
+def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """A coordinator process whose output the test reads (text pipes)."""
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
 
 def _end(process: subprocess.Popen[str]) -> None:
     """Kill ``process`` if a failed check left it running; close its pipes."""
@@ -29,23 +38,7 @@ def _end(process: subprocess.Popen[str]) -> None:
 
 def test_start_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "MERCATO_HOME": str(tmp_path / "ignored")}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "marketplace.cli",
-            "coordinator",
-            "start",
-            "--port",
-            "0",
-            "--home",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    process = _spawn([*_START, "--home", str(tmp_path)], env)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
@@ -77,14 +70,11 @@ def test_a_second_coordinator_on_the_same_data_directory_is_refused(tmp_path: Pa
     recovery of a live coordinator (voiding its open holds), so it is refused."""
     env = {k: v for k, v in os.environ.items() if k != "MERCATO_DATABASE_URL"}  # SQLite
     env["MERCATO_HOME"] = str(tmp_path)
-    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
-    first = subprocess.Popen(
-        start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    first = _spawn(_START, env)
     try:
         assert first.stdout is not None
         assert first.stdout.readline().startswith("MERCATO_COORDINATOR_READY ")
-        second = subprocess.run(start, capture_output=True, text=True, timeout=60, env=env)
+        second = subprocess.run(_START, capture_output=True, text=True, timeout=60, env=env)
         assert second.returncode == 1, second.stderr
         assert f"error: another process (pid {first.pid}) is this ledger writer" in second.stderr
         assert "Traceback" not in second.stderr
@@ -97,14 +87,7 @@ def test_a_second_coordinator_on_the_same_data_directory_is_refused(tmp_path: Pa
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="--cpus is Linux-only")
 def test_cpus_put_every_thread_of_the_coordinator_on_those_cpus(tmp_path: Path) -> None:
     env = {**os.environ, "MERCATO_COORDINATOR_BILLING_ENABLED": "false"}
-    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
-    process = subprocess.Popen(
-        [*start, "--home", str(tmp_path), "--cpus", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    process = _spawn([*_START, "--home", str(tmp_path), "--cpus", "0"], env)
     try:
         assert process.stdout is not None
         prefix, _, payload = process.stdout.readline().partition(" ")
@@ -123,9 +106,8 @@ def test_cpus_put_every_thread_of_the_coordinator_on_those_cpus(tmp_path: Path) 
 
 def _start_on_cpus(home: Path, cpus: str) -> subprocess.CompletedProcess[str]:
     """``mercato coordinator start --cpus CPUS``, expected to be refused (it returns)."""
-    start = [sys.executable, "-m", "marketplace.cli", "coordinator", "start", "--port", "0"]
     return subprocess.run(
-        [*start, "--home", str(home), "--cpus", cpus], capture_output=True, text=True, timeout=60
+        [*_START, "--home", str(home), "--cpus", cpus], capture_output=True, text=True, timeout=60
     )
 
 
