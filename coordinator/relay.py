@@ -348,7 +348,9 @@ class Relay:
         ttft_s: float | None = None
         watch: _StallWatch | None = None
         try:
-            await self._connect(node_id, link.channel)
+            channel = link.channel
+            if channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
+                await self._connect(node_id, channel)
             started_s = time.perf_counter()
             call = await link.open(worker_request, remaining_s)
             read = call.read
@@ -369,7 +371,6 @@ class Relay:
             # (or, if the attempt ends with its first message, when it ends).
             ttft_s = None if message is eof else first_s - started_s
             append = delivered.messages.append
-            watch = _StallWatch(self._settings.stall_timeout_s)
             while True:
                 if message is eof:
                     raise _AttemptFailed(
@@ -394,9 +395,12 @@ class Relay:
                         verdict = DispatchOutcome.SUCCESS
                         return
                     yield delivered.messages[-1]
-                if ttft_s is not None:  # the first message is sent: now the bookkeeping
-                    market.record_first_token(node_id, ttft_s)
-                    ttft_s = None
+                if watch is None:  # the first message is sent: now the bookkeeping
+                    if ttft_s is not None:
+                        market.record_first_token(node_id, ttft_s)
+                        ttft_s = None
+                    # Watched from the first read after it (no read, no stall to catch).
+                    watch = _StallWatch(self._settings.stall_timeout_s)
                 watch.reads += 1
                 watch.waiting = True
                 message = await read()
@@ -466,7 +470,8 @@ class Relay:
             outcome.count_unreadable_as_zero(segment)
 
     async def _connect(self, node_id: str, channel: grpc.aio.Channel) -> None:
-        """Wait until the channel is connected, failing fast on a refused connection."""
+        """Wait until the channel is connected, failing fast on a refused connection (the
+        caller found it not READY)."""
         state = channel.get_state(try_to_connect=True)
         if state is grpc.ChannelConnectivity.READY:
             return

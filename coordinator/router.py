@@ -29,7 +29,6 @@ from coordinator.routing import (
     RoutingPreferences,
     route,
 )
-from coordinator.routing.request import estimate_input_tokens
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import ValidRequest
 
@@ -85,12 +84,10 @@ class Router:
     @staticmethod
     def route_request(request: ValidRequest) -> RouteRequest:
         """The routing descriptor of a checked request (prompt tokens estimated)."""
-        worker = request.worker_request
         return RouteRequest(
             model=request.model,
-            # The worker request has the same ``input`` oneof (chat | prompt).
-            input_tokens=estimate_input_tokens(worker),  # type: ignore[arg-type]
-            max_tokens=worker.sampling.max_tokens,
+            input_tokens=request.input_tokens_estimate,
+            max_tokens=request.max_tokens,
             preferences=_preferences(request),
         )
 

@@ -15,6 +15,7 @@ from mercato.v1 import common_pb2, inference_pb2, node_pb2
 
 from coordinator.errors import RequestInvalid
 from coordinator.offers import MODEL_NAME_PATTERN, REGION_PATTERN
+from coordinator.routing.request import estimate_chat_tokens, estimate_prompt_tokens
 from coordinator.settings import CoordinatorSettings
 from marketplace.ids import time_ordered_id
 
@@ -43,6 +44,11 @@ class ValidRequest:
     routing: inference_pb2.RoutingPreferences
     # The work for the first node (segment 0, nothing to resume); copy before changing.
     worker_request: node_pb2.WorkerGenerateRequest
+    # The prompt's tokens as routing estimates them (``estimate_input_tokens``), counted
+    # while the input was checked.
+    input_tokens_estimate: int
+    # ``worker_request.sampling.max_tokens``: the client's, or the default.
+    max_tokens: int
     # Nodes held by leases this request is not under (billing sets them): a hard
     # constraint kept apart from the client's ignore_nodes so a refusal names it.
     leased_nodes: frozenset[str] = frozenset()
@@ -72,8 +78,8 @@ def validate_request(
             f"model: {request.model[:40]!r} is not a model name; ListModels lists the models served"
         )
     worker = node_pb2.WorkerGenerateRequest(request_id=request_id, model=request.model)
-    _check_input(request, worker, settings)
-    _check_sampling(request, worker, settings)
+    input_tokens_estimate = _check_input(request, worker, settings)
+    max_tokens = _check_sampling(request, worker, settings)
     if request.HasField("routing"):
         _check_routing(request.routing)
     if request.lease_id:
@@ -87,6 +93,8 @@ def validate_request(
         model=request.model,
         routing=request.routing,
         worker_request=worker,
+        input_tokens_estimate=input_tokens_estimate,
+        max_tokens=max_tokens,
         id_assigned=id_assigned,
     )
 
@@ -95,7 +103,8 @@ def _check_input(
     request: inference_pb2.GenerateRequest,
     worker: node_pb2.WorkerGenerateRequest,
     settings: CoordinatorSettings,
-) -> None:
+) -> int:
+    """Check the input, copy it into ``worker``; the prompt's estimated tokens."""
     kind = request.WhichOneof("input")
     if kind is None:
         raise RequestInvalid("input: set either chat (a conversation) or prompt (raw text)")
@@ -108,7 +117,7 @@ def _check_input(
                 f"prompt: {len(request.prompt)} characters, more than the limit of {limit}"
             )
         worker.prompt = request.prompt
-        return
+        return estimate_prompt_tokens(len(request.prompt))
     messages = request.chat.messages
     if not messages:
         raise RequestInvalid("chat.messages: empty; send at least one message")
@@ -116,38 +125,43 @@ def _check_input(
         raise RequestInvalid(
             f"chat.messages: {len(messages)} messages, more than the limit of {settings.max_messages}"
         )
-    total = 0
+    lengths: list[int] = []
     for index, message in enumerate(messages):
         if message.role not in ROLES:
             raise RequestInvalid(
                 f"chat.messages[{index}].role: {message.role[:20]!r} is not one of "
                 "system, user, assistant"
             )
-        if not message.content:
+        length = len(message.content)
+        if not length:
             raise RequestInvalid(f"chat.messages[{index}].content: empty")
-        total += len(message.content)
+        lengths.append(length)
+    total = sum(lengths)
     if total > limit:
         raise RequestInvalid(
             f"chat.messages: {total} characters of content, more than the limit of {limit}"
         )
     worker.chat.CopyFrom(request.chat)
+    return estimate_chat_tokens(lengths)
 
 
 def _check_sampling(
     request: inference_pb2.GenerateRequest,
     worker: node_pb2.WorkerGenerateRequest,
     settings: CoordinatorSettings,
-) -> None:
+) -> int:
+    """Check the sampling parameters, copy them into ``worker``; its max_tokens."""
     sampling = request.sampling
     out: common_pb2.SamplingParams = worker.sampling
     out.CopyFrom(sampling)
     if sampling.HasField("max_tokens"):
-        if not 1 <= sampling.max_tokens <= settings.max_tokens_limit:
+        max_tokens = sampling.max_tokens
+        if not 1 <= max_tokens <= settings.max_tokens_limit:
             raise RequestInvalid(
-                f"sampling.max_tokens: {sampling.max_tokens} is outside 1..{settings.max_tokens_limit}"
+                f"sampling.max_tokens: {max_tokens} is outside 1..{settings.max_tokens_limit}"
             )
     else:
-        out.max_tokens = settings.default_max_tokens
+        max_tokens = out.max_tokens = settings.default_max_tokens
     if sampling.HasField("temperature") and not (
         math.isfinite(sampling.temperature) and 0 <= sampling.temperature <= TEMPERATURE_MAX
     ):
@@ -169,6 +183,7 @@ def _check_sampling(
                 f"sampling.stop[{index}]: {len(stop)} characters; each stop string has "
                 f"1..{STOP_SEQUENCE_CHARS_MAX}"
             )
+    return max_tokens
 
 
 def _check_routing(routing: inference_pb2.RoutingPreferences) -> None:

@@ -38,12 +38,35 @@ def uuid7(unix_ms: int | None = None) -> uuid.UUID:
     return uuid.UUID(int=_uuid7_int(ms))
 
 
+# Random tails (the last 80 bits, version and variant set, as text) made in batches: one
+# ``urandom`` call and one formatting loop per batch instead of per id.
+_TAILS_PER_BATCH = 256
+_tails: list[str] = []
+# A child process must not hand out its parent's tails (two processes, equal ids).
+os.register_at_fork(after_in_child=_tails.clear)
+
+
+def _refill_tails() -> None:
+    raw = os.urandom(10 * _TAILS_PER_BATCH)
+    batch = []
+    for start in range(0, len(raw), 10):
+        text = f"{int.from_bytes(raw[start : start + 10], 'big') & _RANDOM_MASK | _VERSION_VARIANT:020x}"
+        batch.append(f"{text[:4]}-{text[4:8]}-{text[8:]}")
+    _tails.extend(batch)
+
+
 def time_ordered_id() -> str:
     """A new request id: a version 7 UUID in its usual text form (sorts by time).
 
-    Formatted without building a ``uuid.UUID``: this runs on every request before it is
-    dispatched, and the ``uuid`` module's checks and conversions cost as much as the rest
-    of the request's validation.
+    Formatted without building a ``uuid.UUID``, from a random tail made ahead in a batch:
+    this runs on every request before it is dispatched, where each distinct step costs
+    several microseconds with cold caches (an ``urandom`` call, a 128-bit integer's
+    formatting), as much as the rest of the request's validation.
     """
-    text = f"{_uuid7_int(time.time_ns() // 1_000_000):032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    try:
+        tail = _tails.pop()
+    except IndexError:  # empty: the first id, or every 256th (a list's pop is atomic)
+        _refill_tails()
+        tail = _tails.pop()
+    head = f"{time.time_ns() // 1_000_000:012x}"
+    return f"{head[:8]}-{head[8:]}-{tail}"

@@ -79,7 +79,12 @@ class Eligibility:
 
     def __init__(self, request: RouteRequest, now_s: float) -> None:
         prefs = request.preferences
-        self.skip = request.exclude | prefs.ignore_nodes | prefs.leased_nodes
+        skip = request.exclude  # most requests: all three empty, no set built
+        if prefs.ignore_nodes:
+            skip = skip | prefs.ignore_nodes
+        if prefs.leased_nodes:
+            skip = skip | prefs.leased_nodes
+        self.skip = skip
         self.only = prefs.only_nodes
         self.max_price_input = (
             math.inf

@@ -37,7 +37,8 @@ class RoutedCandidate(NamedTuple):
     # Input and output price of the node for the request's model, micro-USD per Mtok.
     price_input_micro_usd_per_mtok: int
     price_output_micro_usd_per_mtok: int
-    # The policy's score (lower is better; comparable only within one decision).
+    # The policy's score (lower is better; comparable only within one decision; 0.0 when
+    # the decision had a sole eligible node, which is not scored).
     score: float
 
     @property
@@ -109,6 +110,17 @@ def route(
     rows = gathered.rows
     if not rows:
         return RoutingDecision((), diagnose(snapshot, request, now), policy.name, 0, True)
+    if len(rows) == 1:
+        # One eligible node: nothing to rank it against or to spread load over, so it is
+        # the pick, unscored (scores only compare the candidates of one decision).
+        view, price_input, price_output = rows[0]
+        return RoutingDecision(
+            (RoutedCandidate(view, price_input, price_output, 0.0),),
+            None,
+            policy.name,
+            1,
+            gathered.exact,
+        )
     views = [row[0] for row in rows]
     prices_input = [row[1] for row in rows]
     prices_output = [row[2] for row in rows]

@@ -12,7 +12,14 @@ from coordinator.routing.sort_mode import SortMode
 if TYPE_CHECKING:
     from mercato.v1 import inference_pb2
 
-__all__ = ["DEFAULT_MAX_TOKENS", "RouteRequest", "RoutingPreferences", "estimate_input_tokens"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "RouteRequest",
+    "RoutingPreferences",
+    "estimate_chat_tokens",
+    "estimate_input_tokens",
+    "estimate_prompt_tokens",
+]
 
 # mercato.v1.SamplingParams.max_tokens when unset (common.proto).
 DEFAULT_MAX_TOKENS = 256
@@ -169,10 +176,20 @@ def estimate_input_tokens(message: inference_pb2.GenerateRequest) -> int:
     """
     which = message.WhichOneof("input")
     if which == "prompt":
-        return -(-len(message.prompt) // _CHARACTERS_PER_TOKEN)
+        return estimate_prompt_tokens(len(message.prompt))
     if which == "chat":
-        total = 0
-        for turn in message.chat.messages:
-            total += -(-len(turn.content) // _CHARACTERS_PER_TOKEN) + _TOKENS_PER_CHAT_MESSAGE
-        return total
+        return estimate_chat_tokens([len(turn.content) for turn in message.chat.messages])
     return 0
+
+
+def estimate_prompt_tokens(characters: int) -> int:
+    """:func:`estimate_input_tokens` of a raw prompt of ``characters``."""
+    return -(-characters // _CHARACTERS_PER_TOKEN)
+
+
+def estimate_chat_tokens(content_characters: Iterable[int]) -> int:
+    """:func:`estimate_input_tokens` of a chat whose messages' contents have these lengths."""
+    return sum(
+        -(-characters // _CHARACTERS_PER_TOKEN) + _TOKENS_PER_CHAT_MESSAGE
+        for characters in content_characters
+    )

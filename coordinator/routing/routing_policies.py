@@ -101,7 +101,10 @@ def policy_names() -> tuple[str, ...]:
 
 def policy_for(sort: SortMode) -> ScoringPolicy:
     """The policy of a sort mode."""
-    return get_policy(sort.value)
+    # ``_value_``: the member's value without the ``value`` property's call (every
+    # routing decision comes here).
+    policy = _POLICIES.get(sort._value_)
+    return get_policy(sort.value) if policy is None else policy
 
 
 # ------------------------------------------------------------------------- estimates

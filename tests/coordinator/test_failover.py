@@ -553,16 +553,22 @@ async def test_a_channel_closed_under_an_attempt_fails_over(
     assert not first.worker.requests
 
 
-async def test_a_node_that_goes_silent_mid_stream_is_resumed_elsewhere(tmp_path: Path) -> None:
-    """The node's engine hangs after two tokens while its call stays open: after
+@pytest.mark.parametrize("hang_after", [1, 2])
+async def test_a_node_that_goes_silent_mid_stream_is_resumed_elsewhere(
+    tmp_path: Path, hang_after: int
+) -> None:
+    """The node's engine hangs after one or two tokens while its call stays open: after
     ``stall_timeout_s`` without a message the stream resumes on the next node, and the
-    silent node's call is cancelled and counted as its failure."""
+    silent node's call is cancelled and counted as its failure. (The watch starts once
+    the first token is sent: a hang right after it is caught too.)"""
     coordinator = Coordinator(fast_settings(tmp_path, stall_timeout_s=0.3))
     await coordinator.start()
     first = FakeNode(coordinator.address, price_output=100_000)
     second = FakeNode(coordinator.address, price_output=400_000)
-    first.worker.behaviour = Behaviour(deltas=["a", "b", "c", "d", "e"], hang_after=2)
-    second.worker.behaviour = Behaviour(deltas=["C", "D", "E"], first_token_id=2000)
+    first.worker.behaviour = Behaviour(deltas=["a", "b", "c", "d", "e"], hang_after=hang_after)
+    second.worker.behaviour = Behaviour(
+        deltas=["B", "C", "D", "E"][hang_after - 1 :], first_token_id=2000
+    )
     try:
         for node in (first, second):
             await node.start()
@@ -570,10 +576,10 @@ async def test_a_node_that_goes_silent_mid_stream_is_resumed_elsewhere(tmp_path:
         async with grpc.aio.insecure_channel(coordinator.address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             deltas, final = deltas_and_final(await collect(stub, chat_request(max_tokens=5)))
-        assert text_of(deltas) == "abCDE"
+        assert text_of(deltas) == "abcde"[:hang_after] + "BCDE"[hang_after - 1 :]
         assert [(s.node_id, s.output_tokens) for s in final.segments] == [
-            (first.node_id, 2),
-            (second.node_id, 3),
+            (first.node_id, hang_after),
+            (second.node_id, 5 - hang_after),
         ]
         async with asyncio.timeout(5):
             await first.worker.cancelled.wait()

@@ -8,6 +8,7 @@ import pytest
 from mercato.v1 import common_pb2, inference_pb2
 
 from coordinator.errors import RequestInvalid
+from coordinator.routing.request import estimate_input_tokens
 from coordinator.settings import CoordinatorSettings
 from coordinator.validation import validate_request
 
@@ -129,3 +130,15 @@ def test_lease_goes_to_the_node() -> None:
     assert validate_request(request(lease_id="l-1"), SETTINGS).worker_request.lease_id == "l-1"
     with pytest.raises(RequestInvalid, match=r"^lease_id"):
         validate_request(request(lease_id="l" * 129), SETTINGS)
+
+
+def test_the_routing_estimates_are_counted_while_checking() -> None:
+    chatted = request(chat=chat(("system", "be brief"), ("user", "x" * 41)))
+    valid = validate_request(chatted, SETTINGS)
+    assert valid.input_tokens_estimate == estimate_input_tokens(chatted) == (2 + 4) + (11 + 4)
+    assert valid.max_tokens == valid.worker_request.sampling.max_tokens == 20  # the default
+    prompted = request(prompt="y" * 9)
+    prompted.sampling.max_tokens = 7
+    valid = validate_request(prompted, SETTINGS)
+    assert valid.input_tokens_estimate == estimate_input_tokens(prompted) == 3
+    assert valid.max_tokens == valid.worker_request.sampling.max_tokens == 7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 
@@ -49,3 +50,21 @@ def test_ids_are_unique_and_parse_back() -> None:
 def test_out_of_range_time_is_refused(unix_ms: int) -> None:
     with pytest.raises(ValueError, match="48 bits"):
         uuid7(unix_ms)
+
+
+def test_a_forked_child_does_not_reuse_its_parents_random_tails() -> None:
+    time_ordered_id()  # the parent holds a batch of tails now
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, then out without the test runner's cleanup
+        os.write(write_end, time_ordered_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        child = pipe.read()
+    parent = time_ordered_id()
+    # The random part (the last 20 hex digits, as text after the second '-'); the parent's
+    # next tail would be the child's first without the fork hook.
+    assert child.split("-", 2)[2] != parent.split("-", 2)[2]
+    assert uuid.UUID(child).version == 7

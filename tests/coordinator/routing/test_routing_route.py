@@ -383,3 +383,25 @@ def test_again_moves_delivered_tokens_into_the_prompt() -> None:
     assert again.exclude == frozenset({"a"})
     assert again.preferences.max_price_input_micro_usd_per_mtok == 150
     assert again.preferences.max_price_output_micro_usd_per_mtok == 250
+
+
+@pytest.mark.parametrize("sort", list(SortMode))
+def test_a_sole_eligible_node_is_the_pick_unscored(sort: SortMode) -> None:
+    market, _ = build(
+        [
+            NodeSpec(listing("here", region="eu-west")),
+            NodeSpec(listing("elsewhere", region="us-east")),
+            NodeSpec(listing("full", region="eu-west", max_concurrency=1), running=1),
+        ]
+    )
+    decision = route(
+        market.snapshot(), request(sort, regions=frozenset({"eu-west"})), random.Random(0)
+    )
+    assert [(c.node_id, c.score) for c in decision.candidates] == [("here", 0.0)]
+    assert decision.considered == 1 and decision.exact
+    assert decision.policy == sort.value
+    # With a second eligible node both are scored by the policy again.
+    two = route(market.snapshot(), request(sort), random.Random(0))
+    assert {c.node_id for c in two.candidates} == {"here", "elsewhere"}
+    assert two.considered == 2
+    assert all(c.score > 0 for c in two.candidates)
