@@ -189,7 +189,7 @@ def estimate_prompt_tokens(characters: int) -> int:
 
 def estimate_chat_tokens(content_characters: Iterable[int]) -> int:
     """:func:`estimate_input_tokens` of a chat whose messages' contents have these lengths."""
-    return sum(
-        -(-characters // _CHARACTERS_PER_TOKEN) + _TOKENS_PER_CHAT_MESSAGE
-        for characters in content_characters
-    )
+    total = 0
+    for characters in content_characters:
+        total += -(-characters // _CHARACTERS_PER_TOKEN) + _TOKENS_PER_CHAT_MESSAGE
+    return total
