@@ -349,8 +349,9 @@ class Relay:
         watch: _StallWatch | None = None
         try:
             channel = link.channel
-            if channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.READY:
-                await self._connect(node_id, channel)
+            state = channel.get_state(try_to_connect=True)
+            if state is not grpc.ChannelConnectivity.READY:
+                await self._connect(node_id, channel, state)
             started_s = time.perf_counter()
             call = await link.open(worker_request, remaining_s)
             read = call.read
@@ -469,12 +470,11 @@ class Relay:
         if segment in outcome.segments:
             outcome.count_unreadable_as_zero(segment)
 
-    async def _connect(self, node_id: str, channel: grpc.aio.Channel) -> None:
-        """Wait until the channel is connected, failing fast on a refused connection (the
-        caller found it not READY)."""
-        state = channel.get_state(try_to_connect=True)
-        if state is grpc.ChannelConnectivity.READY:
-            return
+    async def _connect(
+        self, node_id: str, channel: grpc.aio.Channel, state: grpc.ChannelConnectivity
+    ) -> None:
+        """Wait until the channel, last seen in ``state`` (not READY), is connected,
+        failing fast on a refused connection."""
 
         async def ready() -> None:
             nonlocal state
